@@ -1,0 +1,35 @@
+"""bitcompile: a torch.compile backend that turns PyTorch models into ternary (1.58-bit) models.
+
+Quantization-aware training is one line::
+
+    model = torch.compile(model, backend="bitcpm", options={"group_size": 128})
+
+and :func:`explain` shows what the compiler did to each layer.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import torch
+
+from bitcompile.config import TernaryConfig, TernaryConfigError
+from bitcompile.inspect.report import ExplainReport, explain
+
+try:
+    __version__ = version("bitcompile")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["ExplainReport", "TernaryConfig", "TernaryConfigError", "compile", "explain", "__version__"]
+
+
+def compile(model: torch.nn.Module, config: TernaryConfig | None = None, **torch_compile_kwargs: Any):
+    """``torch.compile(model, backend="bitcpm")`` with a :class:`TernaryConfig` built in Python.
+
+    Extra keyword arguments (``dynamic=True``, ``fullgraph=True`` ...) go to ``torch.compile``.
+    """
+    from bitcompile.backend import backend_for
+
+    return torch.compile(model, backend=backend_for(config or TernaryConfig()), **torch_compile_kwargs)

@@ -1,0 +1,112 @@
+"""The ``bitcpm`` torch.compile backend.
+
+``torch.compile(model, backend="bitcpm", options={...})`` finds this module through the
+``torch_dynamo_backends`` entry point in pyproject.toml, so users never import it. (It is
+deliberately *not* decorated with ``register_backend``: the entry-point loader registers it,
+and a second registration raises "duplicate name" in a fresh process.)
+
+Per Dynamo graph: parse options → discover candidate layers → rewrite the approved ones
+into ``bitcpm::ternary_linear`` → hand the graph to the inner compiler (inductor by
+default), where our ops stay opaque extern calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+
+import bitcompile.runtime.ops  # noqa: F401  (registers torch.ops.bitcpm.*)
+from bitcompile.config import TernaryConfig
+from bitcompile.kernels import resolve_target
+from bitcompile.passes.discover import LayerDecision, discover
+from bitcompile.passes.ternary_rewrite import ternary_rewrite
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class CompiledGraph:
+    """What the backend did to one Dynamo graph (the explain report is built from these)."""
+
+    compile_id: str
+    graph_break_reason: str | None
+    before: str
+    after: str
+    layers: list[LayerDecision]
+    kernel: str
+
+
+_observers: list[Callable[[CompiledGraph], None]] = []
+
+
+@contextlib.contextmanager
+def observe_compilations(callback: Callable[[CompiledGraph], None]) -> Iterator[None]:
+    """Call ``callback`` with a :class:`CompiledGraph` for every graph compiled in this block."""
+    _observers.append(callback)
+    try:
+        yield
+    finally:
+        _observers.remove(callback)
+
+
+def _graph_break_reason(gm: torch.fx.GraphModule) -> str | None:
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if reason is None or not getattr(reason, "graph_break", False):
+        return None
+    return str(reason.reason)
+
+
+def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], inner: str, mode: str | None):
+    if inner == "eager":
+        return gm.forward
+    if inner == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = list_mode_options(mode) if mode not in (None, "default") else {}
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def compile_graph(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    config: TernaryConfig,
+    mode: str | None = None,
+) -> Callable[..., Any]:
+    """Rewrite one Dynamo graph for ``config`` and compile it with ``config.inner``."""
+    kernel = resolve_target(config.target)
+    before = gm.code
+    decisions = discover(gm, example_inputs, config)
+    replaced = ternary_rewrite(gm, decisions, config, kernel)
+    log.info("bitcpm: rewrote %d of %d linear-like layers", replaced, len(decisions))
+    compile_id = str(torch._guards.CompileContext.current_compile_id() or "")
+    record = CompiledGraph(compile_id, _graph_break_reason(gm), before, gm.code, decisions, kernel)
+    for callback in list(_observers):
+        callback(record)
+    return _inner_compile(gm, example_inputs, config.inner, mode)
+
+
+def bitcpm(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> Callable[..., Any]:
+    """The ``backend="bitcpm"`` entry point: ``options`` are parsed into a :class:`TernaryConfig`."""
+    return compile_graph(gm, example_inputs, TernaryConfig.from_options(options), mode=mode)
+
+
+def backend_for(config: TernaryConfig) -> Callable[..., Any]:
+    """A backend callable bound to ``config`` (what :func:`bitcompile.compile` passes to torch.compile)."""
+    return functools.partial(compile_graph, config=config)

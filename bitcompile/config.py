@@ -1,0 +1,123 @@
+"""User-facing options of the ``bitcpm`` backend, validated once into a frozen config.
+
+``torch.compile(model, backend="bitcpm", options={...})`` hands its ``options`` dict to
+:meth:`TernaryConfig.from_options`; Python users build :class:`TernaryConfig` directly.
+Every mistake raises :class:`TernaryConfigError` naming the key, the value and what is
+allowed, because a typo in a training job's options must never be silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+from bitcompile.kernels.groups import PER_ROW, PER_TENSOR
+
+GroupSize = int | Literal["tensor"]
+
+TARGETS = ("auto", "reference", "cpu", "cann")
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+ACTIVATION_MODES = ("int8", None)
+
+
+class TernaryConfigError(ValueError):
+    """An option of the bitcpm backend has a bad name or value."""
+
+
+def _bad(key: str, value: Any, allowed: str) -> TernaryConfigError:
+    return TernaryConfigError(f"bitcpm option {key!r}={value!r} is invalid: expected {allowed}")
+
+
+def _as_patterns(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Iterable) and all(isinstance(p, str) for p in value):
+        return tuple(value)
+    raise _bad(key, value, "a glob pattern string or a list of them, e.g. ['lm_head', '*.router']")
+
+
+@dataclasses.dataclass(frozen=True)
+class TernaryConfig:
+    """How the ``bitcpm`` backend quantizes a model.
+
+    Args:
+        group_size: ``-1`` one weight scale per output row (default, BitCPM-CANN's setting),
+            ``"tensor"`` one scale per weight matrix (BitNet b1.58), or a positive group
+            length along the input dimension (32, 64, 128 ...).
+        activations: ``"int8"`` per-token absmax int8 activations (W1.58A8), or ``None``
+            for weight-only ternary quantization.
+        exclude: glob patterns on module paths (``"lm_head"``, ``"*.router"``) kept float.
+        include: if non-empty, only module paths matching one of these are rewritten.
+        min_features: layers with ``in_features`` or ``out_features`` below this stay float.
+        target: kernels to run: ``"auto"``, ``"reference"`` (pure PyTorch), ``"cpu"`` or
+            ``"cann"`` (Ascend through torch_npu).
+        inner: compiler for the rest of the graph: ``"inductor"``, ``"aot_eager"``, ``"eager"``.
+
+    Example::
+
+        >>> cfg = TernaryConfig.from_options({"group_size": 128, "exclude": "lm_head"})
+        >>> cfg.group_size, cfg.exclude
+        (128, ('lm_head',))
+    """
+
+    group_size: GroupSize = -1
+    activations: Literal["int8"] | None = "int8"
+    exclude: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+    min_features: int = 0
+    target: str = "auto"
+    inner: str = "inductor"
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        gs = self.group_size
+        if gs != "tensor" and (isinstance(gs, bool) or not isinstance(gs, int) or (gs <= 0 and gs != -1)):
+            raise _bad("group_size", gs, "-1 (per output row), 'tensor', or a positive int such as 32, 64, 128")
+        if self.activations not in ACTIVATION_MODES:
+            raise _bad("activations", self.activations, "'int8' or None (weight-only)")
+        object.__setattr__(self, "exclude", _as_patterns("exclude", self.exclude))
+        object.__setattr__(self, "include", _as_patterns("include", self.include))
+        if isinstance(self.min_features, bool) or not isinstance(self.min_features, int) or self.min_features < 0:
+            raise _bad("min_features", self.min_features, "a non-negative int")
+        if self.target not in TARGETS:
+            raise _bad("target", self.target, f"one of {', '.join(TARGETS)}")
+        if self.inner not in INNER_COMPILERS:
+            raise _bad("inner", self.inner, f"one of {', '.join(INNER_COMPILERS)}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | TernaryConfig | None) -> TernaryConfig:
+        """Parse the ``options`` dict of ``torch.compile``; unknown keys are errors."""
+        if options is None:
+            return cls()
+        if isinstance(options, TernaryConfig):
+            return options
+        if not isinstance(options, Mapping):
+            raise TernaryConfigError(f"bitcpm options must be a dict, got {type(options).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"version"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            key = unknown[0]
+            raise TernaryConfigError(
+                f"unknown bitcpm option {key!r}={options[key]!r}; allowed options: {', '.join(sorted(known))}"
+            )
+        return cls(**dict(options))
+
+    def to_options(self) -> dict[str, Any]:
+        """The inverse of :meth:`from_options` (JSON-friendly)."""
+        out = dataclasses.asdict(self)
+        out.pop("version")
+        out["exclude"], out["include"] = list(self.exclude), list(self.include)
+        return out
+
+    @property
+    def group_code(self) -> int:
+        """The integer encoding the ops take: -1 per row, 0 per tensor, g > 0 groups of g."""
+        return PER_TENSOR if self.group_size == "tensor" else int(self.group_size)
+
+    @property
+    def quantize_activations(self) -> bool:
+        return self.activations == "int8"
+
+
+assert PER_ROW == -1  # the public default above relies on this encoding

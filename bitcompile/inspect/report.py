@@ -1,0 +1,200 @@
+"""``bitcompile.explain``: what the compiler would do to a model, without training it.
+
+The report has one row per candidate layer per graph, totals, the graphs and graph breaks
+Dynamo produced, and each graph's code before and after the rewrite.
+``report.to_json()`` follows the versioned schema documented in docs/report_schema.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from bitcompile.backend import CompiledGraph, backend_for, observe_compilations
+from bitcompile.config import TernaryConfig
+from bitcompile.passes.discover import LayerDecision
+
+SCHEMA_VERSION = 1
+
+INFERENCE_NOTE = (
+    "model.eval() + torch.no_grad() through the same compiled model runs the same ternary "
+    "op (forward only), so inference also sees ternary weights."
+)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclasses.dataclass
+class GraphReport:
+    """One Dynamo graph: its layers and its code before/after the rewrite."""
+
+    index: int
+    compile_id: str
+    graph_break_reason: str | None
+    before: str
+    after: str
+    layers: list[LayerDecision]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "compile_id": self.compile_id,
+            "graph_break_reason": self.graph_break_reason,
+            "layers": [layer.to_json() for layer in self.layers],
+            "code_before": self.before,
+            "code_after": self.after,
+        }
+
+
+@dataclasses.dataclass
+class ExplainReport:
+    """What ``bitcpm`` did to each layer of a model. ``str(report)`` is a readable table."""
+
+    config: TernaryConfig
+    kernel: str
+    graphs: list[GraphReport]
+
+    @property
+    def layers(self) -> list[LayerDecision]:
+        return [layer for graph in self.graphs for layer in graph.layers]
+
+    @property
+    def rewritten(self) -> list[LayerDecision]:
+        return [layer for layer in self.layers if layer.rewritten]
+
+    @property
+    def skipped(self) -> list[LayerDecision]:
+        return [layer for layer in self.layers if not layer.rewritten]
+
+    @property
+    def graph_count(self) -> int:
+        return len(self.graphs)
+
+    @property
+    def graph_break_count(self) -> int:
+        return max(len(self.graphs) - 1, 0)
+
+    @property
+    def graph_break_reasons(self) -> list[str]:
+        return [g.graph_break_reason for g in self.graphs if g.graph_break_reason]
+
+    def totals(self) -> dict[str, Any]:
+        rewritten = self.rewritten
+        fp = sum(layer.fp_bytes for layer in rewritten)
+        packed = sum(layer.packed_bytes for layer in rewritten)
+        return {
+            "layers": len(self.layers),
+            "rewritten": len(rewritten),
+            "skipped": len(self.layers) - len(rewritten),
+            "rewritten_parameters": sum(layer.out_features * layer.in_features for layer in rewritten),
+            "rewritten_fp_bytes": fp,
+            "rewritten_packed_bytes": packed,
+            "weight_memory_ratio": (fp / packed) if packed else None,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as plain data (schema version :data:`SCHEMA_VERSION`, see docs/report_schema.md)."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "config": self.config.to_options(),
+            "kernel": self.kernel,
+            "graph_count": self.graph_count,
+            "graph_break_count": self.graph_break_count,
+            "graph_break_reasons": self.graph_break_reasons,
+            "inference": INFERENCE_NOTE,
+            "totals": self.totals(),
+            "graphs": [g.to_json() for g in self.graphs],
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``report.json``, ``report.txt`` and each graph's code before/after into ``directory``."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(self.to_json(), indent=2))
+        (out / "report.txt").write_text(str(self))
+        for graph in self.graphs:
+            (out / f"graph_{graph.index}_before.py").write_text(graph.before)
+            (out / f"graph_{graph.index}_after.py").write_text(graph.after)
+        return out
+
+    def render(self, console: Console) -> None:
+        """Print the per-layer table and totals to a rich console."""
+        table = Table(title=f"bitcpm: {len(self.layers)} candidate layers in {self.graph_count} graph(s)")
+        for column in ("graph", "layer", "shape (out x in)", "decision", "reason", "fp -> packed"):
+            table.add_column(column, overflow="fold")
+        for graph in self.graphs:
+            for layer in graph.layers:
+                sizes = (
+                    f"{_human_bytes(layer.fp_bytes)} -> {_human_bytes(layer.packed_bytes)}" if layer.rewritten else "-"
+                )
+                table.add_row(
+                    str(graph.index),
+                    layer.name,
+                    f"{layer.out_features} x {layer.in_features}",
+                    "[green]ternary[/green]" if layer.rewritten else "[yellow]kept float[/yellow]",
+                    layer.reason,
+                    sizes,
+                )
+        if not self.layers:
+            console.print("No linear layers found: nothing was rewritten.")
+        else:
+            console.print(table)
+        t = self.totals()
+        ratio = f"{t['weight_memory_ratio']:.1f}x smaller" if t["weight_memory_ratio"] else "n/a"
+        console.print(
+            f"rewritten {t['rewritten']} / skipped {t['skipped']} layers; "
+            f"{t['rewritten_parameters']:,} ternary parameters; weights "
+            f"{_human_bytes(t['rewritten_fp_bytes'])} -> {_human_bytes(t['rewritten_packed_bytes'])} ({ratio})"
+        )
+        console.print(f"graphs: {self.graph_count}, graph breaks: {self.graph_break_count}")
+        for reason in self.graph_break_reasons:
+            console.print(f"  break: {reason}")
+        console.print(f"kernels: {self.kernel}; {INFERENCE_NOTE}")
+
+    def __str__(self) -> str:
+        buffer = io.StringIO()
+        self.render(Console(file=buffer, width=140, force_terminal=False, color_system=None))
+        return buffer.getvalue()
+
+
+def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> ExplainReport:
+    """Capture ``model`` with Dynamo, run the bitcpm passes, and report what they decided.
+
+    ``options`` are the same as ``torch.compile(..., options=...)`` (``group_size=128``,
+    ``exclude=["lm_head"]`` ...). Nothing is trained and the model is not changed. Like
+    ``torch._dynamo.explain``, this resets Dynamo's caches before and after capturing, so
+    already-compiled models recompile on their next call.
+    """
+    config = TernaryConfig.from_options(options)
+    records: dict[str, CompiledGraph] = {}
+
+    def keep(record: CompiledGraph) -> None:
+        # Keyed by compile id: Dynamo may call the backend twice for one frame (dynamic shapes).
+        records[record.compile_id or str(len(records))] = record
+
+    torch._dynamo.reset()
+    try:
+        with observe_compilations(keep), torch.no_grad():
+            capture = dataclasses.replace(config, inner="eager")
+            torch.compile(model, backend=backend_for(capture), dynamic=False)(*example_inputs)
+    finally:
+        torch._dynamo.reset()
+    graphs = [
+        GraphReport(i, r.compile_id, r.graph_break_reason, r.before, r.after, r.layers)
+        for i, r in enumerate(records.values())
+    ]
+    kernel = next(iter(records.values())).kernel if records else "reference"
+    return ExplainReport(config=config, kernel=kernel, graphs=graphs)

@@ -1,0 +1,132 @@
+"""Pure-PyTorch ternary kernels: the executable form of DESIGN.md §3.
+
+Every faster kernel (C, CANN) is tested against these functions, so they favour being
+obviously right over being fast: scales in fp32, integer dot products accumulated exactly
+(fp32 is exact for ``K * 127 < 2**24``; beyond that we accumulate in fp64), group partial
+sums scaled before they are added.
+
+Shapes: weight ``(N, K)``, activations flattened to ``(M, K)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bitcompile.kernels.groups import EPS, PER_TENSOR, check_group_code, expand_scales
+
+# Largest K for which an fp32 sum of K products of magnitude <= 127 stays an exact integer.
+_FP32_EXACT_K = (1 << 24) // 127
+
+
+def quantize_weight(weight: Tensor, group_code: int) -> tuple[Tensor, Tensor]:
+    """Absmean ternary quantization: ``codes`` int8 in {-1, 0, 1} ``(N, K)``, ``scales`` fp32 ``(N, n_groups)``."""
+    check_group_code(group_code)
+    w = weight.detach().float()
+    n, k = w.shape
+    absw = w.abs()
+    if group_code == PER_TENSOR:
+        scales = absw.mean().clamp_min(EPS).expand(n, 1).contiguous()
+    elif group_code < 0:
+        scales = absw.mean(dim=1, keepdim=True).clamp_min(EPS)
+    else:
+        full = (k // group_code) * group_code
+        parts = []
+        if full:
+            parts.append(absw[:, :full].reshape(n, full // group_code, group_code).mean(dim=2))
+        if full < k:
+            parts.append(absw[:, full:].mean(dim=1, keepdim=True))
+        scales = torch.cat(parts, dim=1).clamp_min(EPS)
+    codes = torch.clamp(torch.round(w / expand_scales(scales, k, group_code)), -1, 1).to(torch.int8)
+    return codes, scales
+
+
+def dequantize_weight(codes: Tensor, scales: Tensor, group_code: int) -> Tensor:
+    """``W_q = codes * scales`` as an fp32 ``(N, K)`` matrix."""
+    return codes.float() * expand_scales(scales, codes.shape[1], group_code)
+
+
+def quantize_activations(x2d: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token absmax int8: ``codes`` int8 ``(M, K)``, ``scales`` fp32 ``(M,)``."""
+    x = x2d.detach().float()
+    scales = x.abs().amax(dim=1).clamp_min(EPS) / 127 if x.shape[1] else x.new_full((x.shape[0],), EPS / 127)
+    codes = torch.clamp(torch.round(x / scales[:, None]), -128, 127).to(torch.int8)
+    return codes, scales
+
+
+def _exact_int_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b.T`` of small integers, exactly, as fp32 (fp64 accumulate when K is huge)."""
+    k = a.shape[-1]
+    acc_dtype = torch.float32 if k <= _FP32_EXACT_K else torch.float64
+    return (a.to(acc_dtype) @ b.to(acc_dtype).transpose(-1, -2)).float()
+
+
+def _grouped_dot(x_codes: Tensor, w_codes: Tensor, w_scales: Tensor, group_code: int) -> Tensor:
+    """``sum_g (x_g @ w_g^T) * s_w[:, g]`` with exact per-group integer partial sums, fp32 ``(M, N)``."""
+    m, k = x_codes.shape
+    if group_code <= 0:
+        return _exact_int_matmul(x_codes, w_codes) * w_scales[:, 0]
+    n = w_codes.shape[0]
+    out = x_codes.new_zeros((m, n), dtype=torch.float32)
+    full = (k // group_code) * group_code
+    if full:
+        groups = full // group_code
+        xg = x_codes[:, :full].reshape(m, groups, group_code).transpose(0, 1)  # (G, M, g)
+        wg = w_codes[:, :full].reshape(n, groups, group_code).transpose(0, 1)  # (G, N, g)
+        partial = _exact_int_matmul(xg, wg)  # (G, M, N), exact integers
+        out += (partial * w_scales[:, :groups].t()[:, None, :]).sum(dim=0)
+    if full < k:
+        out += _exact_int_matmul(x_codes[:, full:], w_codes[:, full:]) * w_scales[:, -1]
+    return out
+
+
+def int8_ternary_matmul(
+    x_codes: Tensor,
+    x_scales: Tensor,
+    w_codes: Tensor,
+    w_scales: Tensor,
+    group_code: int,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """W1.58A8 forward: ``y = (q_x @ q_w^T) * s_x[:, None] * s_w (+ bias)`` in ``out_dtype``."""
+    y = _grouped_dot(x_codes, w_codes, w_scales, group_code) * x_scales[:, None]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def float_ternary_matmul(
+    x2d: Tensor, w_codes: Tensor, w_scales: Tensor, group_code: int, bias: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    """Weight-only forward: ``y = x @ W_q^T (+ bias)`` computed in fp32, returned in ``out_dtype``."""
+    y = x2d.float() @ dequantize_weight(w_codes, w_scales, group_code).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def ternary_linear_backward(
+    grad_out: Tensor,
+    saved_x: Tensor,
+    x_scales: Tensor | None,
+    w_codes: Tensor,
+    w_scales: Tensor,
+    group_code: int,
+    need_grad_input: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Straight-through backward from what the forward saved, all fp32 ``(M, *)``.
+
+    ``saved_x`` is the int8 activation codes (with ``x_scales``) or, weight-only, the
+    activations themselves (``x_scales`` is None).
+    """
+    g = grad_out.float()
+    grad_input = g @ dequantize_weight(w_codes, w_scales, group_code) if need_grad_input else None
+    grad_weight = None
+    if need_grad_weight:
+        x = saved_x.float() * x_scales[:, None] if x_scales is not None else saved_x.float()
+        grad_weight = g.t() @ x
+    grad_bias = g.sum(dim=0) if need_grad_bias else None
+    return grad_input, grad_weight, grad_bias

@@ -1,0 +1,258 @@
+"""Find linear-like calls in a Dynamo graph and decide, per layer, whether to ternarize it.
+
+Candidates are ``F.linear`` (``torch._C._nn.linear``) and ``matmul`` / ``mm`` / ``addmm``
+/ ``@`` where one operand is a 2-D tensor from outside the graph (a parameter, or a
+buffer that we then decline). Matmuls of two activations (attention scores) are not
+layers and are not candidates. Each candidate gets a :class:`LayerDecision` with a reason
+the user can act on; the rewrite pass only consumes decisions, never re-derives them.
+
+The pass reads the graph only, so running it twice on one frame (Dynamo does under
+``dynamic=True``) gives the same answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import operator
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from bitcompile.config import TernaryConfig
+from bitcompile.kernels.groups import describe, num_groups
+from bitcompile.passes.names import calling_module, placeholder_path
+
+Layout = Literal["out_in", "in_out", "left"]
+"""How the weight meets the activation: ``x @ W.T`` (nn.Linear), ``x @ W`` (Conv1D-style), ``W @ x``."""
+
+_LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
+_MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.mm, torch.ops.aten.mm.default, torch.ops.aten.matmul.default}
+_ADDMM_FUNCTIONS = {torch.addmm, torch.ops.aten.addmm.default}
+_MATMUL_METHODS = {"matmul", "mm", "__matmul__"}
+_TRANSPOSE_METHODS = {"t"}
+_TRANSPOSE_FUNCTIONS = {torch.t, torch.ops.aten.t.default}
+_EMBEDDING_FUNCTIONS = {F.embedding, torch.ops.aten.embedding.default}
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearSite:
+    """Where a linear-like call sits in the graph and which argument is what."""
+
+    node: torch.fx.Node
+    kind: str  # "linear", "matmul" or "addmm"
+    activation: torch.fx.Node
+    weight: torch.fx.Node  # the node holding the stored tensor (placeholder / get_attr)
+    bias: Any  # fx node, None, or (addmm) the added term
+    layout: Layout
+
+
+@dataclasses.dataclass
+class LayerDecision:
+    """One candidate layer and what the compiler did with it."""
+
+    name: str
+    weight_name: str
+    kind: str
+    layout: str
+    out_features: int
+    in_features: int
+    dtype: str
+    rewritten: bool
+    reason: str
+    group_size: int | str
+    fp_bytes: int
+    packed_bytes: int
+    site: LinearSite | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        row = dataclasses.asdict(self)
+        row.pop("site")
+        return row
+
+
+def _arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _stored_tensor(node: Any, example_by_placeholder: dict[torch.fx.Node, Any]) -> Any:
+    """The real tensor behind a graph input / attribute, or None for activations and literals."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    if node.op == "placeholder":
+        return example_by_placeholder.get(node)
+    if node.op == "get_attr":
+        obj: Any = node.graph.owning_module
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part, None)
+        return obj
+    return None
+
+
+def _strip_transpose(node: Any) -> tuple[Any, bool]:
+    """``w.t()`` → (w, True); anything else → (node, False)."""
+    if isinstance(node, torch.fx.Node) and len(node.args) == 1:
+        if (node.op == "call_method" and node.target in _TRANSPOSE_METHODS) or (
+            node.op == "call_function" and node.target in _TRANSPOSE_FUNCTIONS
+        ):
+            return node.args[0], True
+    return node, False
+
+
+def _find_site(node: torch.fx.Node, stored: dict[torch.fx.Node, Any]) -> LinearSite | None:
+    def is_stored_2d(n: Any) -> bool:
+        t = _stored_tensor(_strip_transpose(n)[0], stored)
+        return isinstance(t, torch.Tensor) and t.dim() == 2
+
+    target = node.target
+    if node.op == "call_function" and target in _LINEAR_FUNCTIONS:
+        x, w, b = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        inner, transposed = _strip_transpose(w)
+        return LinearSite(node, "linear", x, inner, b, "in_out" if transposed else "out_in")
+    is_matmul = (node.op == "call_function" and target in _MATMUL_FUNCTIONS) or (
+        node.op == "call_method" and target in _MATMUL_METHODS
+    )
+    if is_matmul and len(node.args) == 2:
+        a, b = node.args
+        if is_stored_2d(b):
+            inner, transposed = _strip_transpose(b)
+            return LinearSite(node, "matmul", a, inner, None, "out_in" if transposed else "in_out")
+        if is_stored_2d(a) and not is_stored_2d(b):
+            inner, transposed = _strip_transpose(a)
+            return LinearSite(node, "matmul", b, inner, None, "in_out" if transposed else "left")
+        return None
+    if node.op == "call_function" and target in _ADDMM_FUNCTIONS and len(node.args) >= 3:
+        added, x, w = node.args[:3]
+        if is_stored_2d(w):
+            inner, transposed = _strip_transpose(w)
+            return LinearSite(node, "addmm", x, inner, added, "out_in" if transposed else "in_out")
+    return None
+
+
+def _matches(path: str, patterns: Sequence[str]) -> str | None:
+    """First pattern matching the full path or a dotted suffix of it (``"down_proj"`` matches ``a.down_proj``)."""
+    for pattern in patterns:
+        if fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, "*." + pattern):
+            return pattern
+    return None
+
+
+def _val(node: Any) -> Any:
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
+
+
+def _other_readers(site: LinearSite) -> list[torch.fx.Node]:
+    """Nodes other than this call that read the weight (transposes feeding this call don't count)."""
+    readers = []
+    for user in site.weight.users:
+        if user is site.node:
+            continue
+        if site.node in user.users and _strip_transpose(user)[0] is site.weight and len(user.users) == 1:
+            continue
+        readers.append(user)
+    return readers
+
+
+def _describe_reader(user: torch.fx.Node) -> str:
+    where = calling_module(user)
+    place = f" at {where[0]}" if where and where[0] else ""
+    if user.op == "call_function" and user.target in _EMBEDDING_FUNCTIONS:
+        return f"an embedding{place}"
+    if user.target in _LINEAR_FUNCTIONS | _MATMUL_FUNCTIONS | _ADDMM_FUNCTIONS | _MATMUL_METHODS:
+        return f"another linear layer{place}"
+    name = getattr(user.target, "__name__", str(user.target))
+    return f"{name}{place}"
+
+
+def _layer_name(site: LinearSite, weight_path: str) -> str:
+    module = calling_module(site.node)
+    if module is None or not module[0]:
+        return weight_path.removesuffix(".weight") if weight_path else site.node.name
+    module_path = module[0]
+    if weight_path.startswith(module_path + "."):
+        return weight_path.removesuffix(".weight")  # the module's own (or a child's) weight
+    return module_path  # the weight lives elsewhere: a tied or borrowed parameter
+
+
+def _skip_reason(
+    site: LinearSite, weight: Any, weight_path: str, name: str, config: TernaryConfig
+) -> str | None:
+    if weight is None:
+        return "weight is an activation computed in the graph, not a parameter"
+    if not isinstance(weight, nn.Parameter):
+        return "weight is a buffer or constant tensor, not an nn.Parameter"
+    if weight.dim() != 2:
+        return f"weight is {weight.dim()}-D, only 2-D weights are ternarized"
+    if not weight.is_floating_point():
+        return f"weight dtype {weight.dtype} is not floating point"
+    x = _val(site.activation)
+    if isinstance(x, torch.Tensor) and not x.is_floating_point():
+        return f"input dtype {x.dtype} is not floating point"
+    if site.kind == "addmm" and (_arg(site.node, 3, "beta", 1) != 1 or _arg(site.node, 4, "alpha", 1) != 1):
+        return "addmm with beta/alpha other than 1"
+    if (pattern := _matches(name, config.exclude)) is not None:
+        return f"excluded by pattern {pattern!r}"
+    if config.include and _matches(name, config.include) is None:
+        return f"not matched by include patterns {list(config.include)}"
+    if readers := _other_readers(site):
+        return "weight is shared with " + ", ".join(sorted({_describe_reader(u) for u in readers}))
+    if weight_path and weight_path.removesuffix(".weight") != name:
+        return f"weight is tied to parameter {weight_path} of another module"
+    out_features, in_features = _out_in(weight.shape, site.layout)
+    if min(out_features, in_features) < config.min_features:
+        return f"smaller than min_features={config.min_features} ({out_features}x{in_features})"
+    return None
+
+
+def _out_in(shape: Sequence[int], layout: Layout) -> tuple[int, int]:
+    return (shape[0], shape[1]) if layout in ("out_in", "left") else (shape[1], shape[0])
+
+
+def packed_nbytes(out_features: int, in_features: int, group_code: int) -> int:
+    """Bytes of 2-bit codes plus fp32 scales (one for a per-tensor scale)."""
+    scales = 1 if group_code == 0 else out_features * num_groups(in_features, group_code)
+    return out_features * -(-in_features // 4) + 4 * scales
+
+
+def discover(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: TernaryConfig) -> list[LayerDecision]:
+    """Every linear-like candidate in ``gm`` with its decision, in graph order."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    stored = dict(zip(placeholders, example_inputs))
+    decisions = []
+    for node in gm.graph.nodes:
+        site = _find_site(node, stored)
+        if site is None:
+            continue
+        weight = _stored_tensor(site.weight, stored)
+        weight_path = (placeholder_path(site.weight) if site.weight.op == "placeholder" else str(site.weight.target)) or ""
+        name = _layer_name(site, weight_path)
+        reason = _skip_reason(site, weight, weight_path, name, config)
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else (0, 0)
+        out_features, in_features = _out_in(shape, site.layout)
+        itemsize = weight.element_size() if isinstance(weight, torch.Tensor) else 0
+        mode = describe(config.group_code)
+        acts = "int8 activations" if config.quantize_activations else "weight-only"
+        decisions.append(
+            LayerDecision(
+                name=name,
+                weight_name=weight_path or site.weight.name,
+                kind=site.kind,
+                layout=site.layout,
+                out_features=out_features,
+                in_features=in_features,
+                dtype=str(weight.dtype).removeprefix("torch.") if isinstance(weight, torch.Tensor) else "activation",
+                rewritten=reason is None,
+                reason=reason or f"ternary weights ({mode} scales), {acts}",
+                group_size=config.group_size,
+                fp_bytes=out_features * in_features * itemsize,
+                packed_bytes=packed_nbytes(out_features, in_features, config.group_code) if reason is None else 0,
+                site=site,
+            )
+        )
+    return decisions

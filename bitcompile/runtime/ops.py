@@ -1,0 +1,187 @@
+"""The ``bitcpm::`` custom ops the rewrite passes emit, with fake impls and autograd.
+
+``bitcpm::ternary_linear`` returns the output *and* what the backward needs (int8
+activation codes and scales, ternary weight codes and scales), so AOTAutograd saves
+exactly those between forward and backward: never a full-precision copy of the weight,
+and never the float activations when activations are quantized. Its gradient is one
+fused op, ``bitcpm::ternary_linear_backward``, which skips the matmuls autograd does not
+need. The ops call into a kernel module chosen by name (``kernel`` argument), which keeps
+the op → kernel seam in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from bitcompile.kernels import get_kernel
+from bitcompile.kernels.groups import check_group_code, num_groups
+
+
+def _empty(like: Tensor, dtype: torch.dtype) -> Tensor:
+    return like.new_empty((0,), dtype=dtype)
+
+
+def _check_shapes(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"bitcpm::ternary_linear: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"bitcpm::ternary_linear: input's last dim {tuple(x.shape)[-1:]} does not match "
+            f"weight in_features {weight.shape[1]} (weight shape {tuple(weight.shape)})"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"bitcpm::ternary_linear: bias shape {tuple(bias.shape)} does not match out_features {weight.shape[0]}"
+        )
+    if not x.is_floating_point() or not weight.is_floating_point():
+        raise TypeError(
+            f"bitcpm::ternary_linear: input and weight must be floating point, got {x.dtype} and {weight.dtype}"
+        )
+
+
+@torch.library.custom_op("bitcpm::ternary_linear", mutates_args=())
+def ternary_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    group_size: int,
+    quantize_activations: bool,
+    kernel: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Ternary linear layer ``y = x @ ternary(W)^T + b`` (DESIGN.md §3).
+
+    Args:
+        x (Tensor): ``(..., K)`` activations, fp32 or bf16.
+        weight (Tensor): ``(N, K)`` latent full-precision weight.
+        bias (Tensor, optional): ``(N,)``.
+        group_size (int): -1 per output row, 0 per tensor, ``g > 0`` groups of ``g`` along K.
+        quantize_activations (bool): per-token absmax int8 activations (W1.58A8) when True.
+        kernel (str): kernel module that computes it, e.g. ``"reference"``.
+
+    Returns:
+        ``(y, x_codes, x_scales, w_codes, w_scales)``: ``y`` has x's dtype and shape
+        ``(..., N)``; the others are what the backward uses (``x_codes``/``x_scales`` are
+        empty when activations are not quantized).
+    """
+    _check_shapes(x, weight, bias)
+    check_group_code(group_size)
+    impl = get_kernel(kernel)
+    x2d = x.reshape(-1, x.shape[-1])
+    w_codes, w_scales = impl.quantize_weight(weight, group_size)
+    if quantize_activations:
+        x_codes, x_scales = impl.quantize_activations(x2d)
+        y2d = impl.int8_ternary_matmul(x_codes, x_scales, w_codes, w_scales, group_size, bias, x.dtype)
+    else:
+        x_codes, x_scales = _empty(x, torch.int8), _empty(x, torch.float32)
+        y2d = impl.float_ternary_matmul(x2d, w_codes, w_scales, group_size, bias, x.dtype)
+    return y2d.reshape(*x.shape[:-1], weight.shape[0]), x_codes, x_scales, w_codes, w_scales
+
+
+@ternary_linear.register_fake
+def _ternary_linear_fake(x, weight, bias, group_size, quantize_activations, kernel):
+    _check_shapes(x, weight, bias)
+    n, k = weight.shape
+    m = math.prod(x.shape[:-1])
+    y = x.new_empty((*x.shape[:-1], n))
+    if quantize_activations:
+        x_codes, x_scales = x.new_empty((m, k), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)
+    else:
+        x_codes, x_scales = _empty(x, torch.int8), _empty(x, torch.float32)
+    w_codes = weight.new_empty((n, k), dtype=torch.int8)
+    w_scales = weight.new_empty((n, num_groups(k, group_size)), dtype=torch.float32)
+    return y, x_codes, x_scales, w_codes, w_scales
+
+
+@torch.library.custom_op("bitcpm::ternary_linear_backward", mutates_args=())
+def ternary_linear_backward(
+    grad_out: Tensor,
+    saved_x: Tensor,
+    x_scales: Optional[Tensor],
+    w_codes: Tensor,
+    w_scales: Tensor,
+    group_size: int,
+    input_dtype: torch.dtype,
+    weight_dtype: torch.dtype,
+    need_grad_input: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+    kernel: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused straight-through backward of :func:`ternary_linear` on 2-D ``grad_out (M, N)``.
+
+    ``grad_input = grad_out @ W_q``, ``grad_weight = grad_out^T @ (x_codes * x_scales)`` (or
+    ``@ x`` weight-only), ``grad_bias = grad_out.sum(0)``. A gradient that is not needed is
+    returned as an empty tensor and its matmul is skipped.
+    """
+    gi, gw, gb = get_kernel(kernel).ternary_linear_backward(
+        grad_out, saved_x, x_scales, w_codes, w_scales, group_size, need_grad_input, need_grad_weight, need_grad_bias
+    )
+    return (
+        gi.to(input_dtype) if gi is not None else _empty(grad_out, input_dtype),
+        gw.to(weight_dtype) if gw is not None else _empty(grad_out, weight_dtype),
+        gb.to(grad_out.dtype) if gb is not None else _empty(grad_out, grad_out.dtype),
+    )
+
+
+@ternary_linear_backward.register_fake
+def _ternary_linear_backward_fake(
+    grad_out, saved_x, x_scales, w_codes, w_scales, group_size, input_dtype, weight_dtype,
+    need_grad_input, need_grad_weight, need_grad_bias, kernel,
+):  # fmt: skip
+    m, n = grad_out.shape
+    k = w_codes.shape[1]
+    gi = grad_out.new_empty((m, k), dtype=input_dtype) if need_grad_input else _empty(grad_out, input_dtype)
+    gw = grad_out.new_empty((n, k), dtype=weight_dtype) if need_grad_weight else _empty(grad_out, weight_dtype)
+    gb = grad_out.new_empty((n,)) if need_grad_bias else _empty(grad_out, grad_out.dtype)
+    return gi, gw, gb
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, group_size, quantize_activations, kernel = inputs
+    _, x_codes, x_scales, w_codes, w_scales = output
+    if quantize_activations:
+        ctx.save_for_backward(x_codes, x_scales, w_codes, w_scales)
+    else:
+        ctx.save_for_backward(x, None, w_codes, w_scales)
+    ctx.x_shape = x.shape
+    ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.group_size, ctx.kernel = group_size, kernel
+
+
+def _backward(ctx, grad_y, *_grads_of_saved_outputs):
+    saved_x, x_scales, w_codes, w_scales = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    n, k = w_codes.shape
+    grad_2d = grad_y.reshape(-1, n)
+    gi, gw, gb = torch.ops.bitcpm.ternary_linear_backward(
+        grad_2d, saved_x.reshape(-1, k), x_scales, w_codes, w_scales, ctx.group_size,
+        ctx.x_dtype, ctx.w_dtype, need_x, need_w, need_b and ctx.bias_dtype is not None, ctx.kernel,
+    )  # fmt: skip
+    return (
+        gi.reshape(ctx.x_shape) if need_x else None,
+        gw if need_w else None,
+        gb.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None,
+        None,
+        None,
+        None,
+    )
+
+
+ternary_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def ternary_linear_output(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    group_size: int = -1,
+    quantize_activations: bool = True,
+    kernel: str = "reference",
+) -> Tensor:
+    """Convenience wrapper: only the output of ``bitcpm::ternary_linear``."""
+    return torch.ops.bitcpm.ternary_linear(x, weight, bias, group_size, quantize_activations, kernel)[0]

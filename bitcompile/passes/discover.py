@@ -70,9 +70,7 @@ class LayerDecision:
     site: LinearSite | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        row = dataclasses.asdict(self)
-        row.pop("site")
-        return row
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "site"}
 
 
 def _arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:

@@ -1,0 +1,1 @@
+"""Data the demo and tests train on, generated so nothing is downloaded."""

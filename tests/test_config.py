@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+import bitcompile
+from bitcompile import TernaryConfig, TernaryConfigError
+
+
+def test_defaults():
+    cfg = TernaryConfig()
+    assert (cfg.group_size, cfg.activations, cfg.target, cfg.inner) == (-1, "int8", "auto", "inductor")
+    assert cfg.group_code == -1 and cfg.quantize_activations
+
+
+def test_from_options_parses_and_is_frozen():
+    cfg = TernaryConfig.from_options(
+        {"group_size": "tensor", "activations": None, "exclude": "lm_head", "include": ["*.mlp.*"], "min_features": 8}
+    )
+    assert cfg.group_code == 0 and not cfg.quantize_activations
+    assert cfg.exclude == ("lm_head",) and cfg.include == ("*.mlp.*",)
+    with pytest.raises(Exception):
+        cfg.group_size = 32  # frozen
+    assert TernaryConfig.from_options(cfg.to_options()) == cfg
+
+
+@pytest.mark.parametrize(
+    "options, fragments",
+    [
+        ({"group_sise": 32}, ["'group_sise'", "32", "group_size"]),
+        ({"group_size": 0}, ["'group_size'", "0", "-1", "'tensor'"]),
+        ({"group_size": -4}, ["'group_size'", "-4"]),
+        ({"group_size": "row"}, ["'group_size'", "'row'"]),
+        ({"group_size": True}, ["'group_size'", "True"]),
+        ({"activations": "int4"}, ["'activations'", "'int4'", "'int8'"]),
+        ({"target": "gpu"}, ["'target'", "'gpu'", "cann"]),
+        ({"inner": "tvm"}, ["'inner'", "'tvm'", "inductor"]),
+        ({"min_features": -1}, ["'min_features'", "-1"]),
+        ({"exclude": 3}, ["'exclude'", "3"]),
+    ],
+)
+def test_bad_options_name_key_value_and_allowed(options, fragments):
+    with pytest.raises(TernaryConfigError) as info:
+        TernaryConfig.from_options(options)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_bad_option_through_torch_compile_raises_before_running():
+    model = torch.nn.Linear(8, 8)
+    compiled = torch.compile(model, backend="bitcpm", options={"group_size": 0})
+    with pytest.raises(Exception, match="group_size"):
+        compiled(torch.randn(2, 8))
+    with pytest.raises(Exception, match="unknown bitcpm option 'groups'"):
+        torch.compile(torch.nn.Linear(8, 8), backend="bitcpm", options={"groups": 1})(torch.randn(2, 8))
+
+
+def test_python_api_compile_with_config():
+    model = torch.nn.Linear(16, 8)
+    compiled = bitcompile.compile(model, TernaryConfig(group_size=8, inner="eager"))
+    assert compiled(torch.randn(3, 16)).shape == (3, 8)

@@ -127,6 +127,7 @@ def test_dotted_path_parsing():
     assert dotted_path("L['self'].model.layers.3.mlp.down_proj") == "model.layers.3.mlp.down_proj"
     assert dotted_path("L['self'].blocks[2].attn") == "blocks.2.attn"
     assert dotted_path("L['self']") == ""
+    assert dotted_path("L['args'][0]._modules['model']._parameters['w']") == "model.w"
 
 
 def test_no_linear_layers_is_fine_and_reported():

@@ -12,7 +12,8 @@ import re
 
 import torch.fx
 
-_ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\]")
+# The compiled module itself: L['self'], or L['args'][0] when its forward is wrapped in *args.
+_ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\](?:\[\d+\])?")
 _TOKEN = re.compile(
     r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]"  # ._modules['x']
     r"|\.([A-Za-z0-9_]+)"  # .attr or .3 (module stack paths)

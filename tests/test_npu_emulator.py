@@ -1,0 +1,368 @@
+"""The CPU emulator of the torch_npu 2.14 operators bitcompile emits (issue 6).
+
+Numerics are checked against tests/reference_impl.py (DESIGN.md §3 written independently)
+and against bit patterns worked out by hand from the documented encodings; error cases are
+checked both eagerly and under FakeTensorMode (what torch.compile sees).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import reference_impl as ref
+from bitcompile.kernels import npu_emulator as emu
+from bitcompile.kernels import reference as kref
+
+PROVIDER = emu.ensure_npu_ops()
+npu = torch.ops.npu
+
+# The schemas as documented in the shared notes (reference/cann_npu.md §1), copied by hand.
+DOCUMENTED = {
+    "npu_quant_matmul": "npu_quant_matmul(Tensor x1, Tensor x2, Tensor scale, *, Tensor? offset=None, "
+    "Tensor? pertoken_scale=None, Tensor? bias=None, int? output_dtype=None, int? x1_dtype=None, "
+    "int? x2_dtype=None, int? pertoken_scale_dtype=None, int? scale_dtype=None, "
+    "int[]? group_sizes=None, Tensor? y_scale=None) -> Tensor",
+    "npu_weight_quant_batchmatmul": "npu_weight_quant_batchmatmul(Tensor x, Tensor weight, Tensor antiquant_scale, "
+    "Tensor? antiquant_offset=None, Tensor? quant_scale=None, Tensor? quant_offset=None, Tensor? bias=None, "
+    "int antiquant_group_size=0, int inner_precise=0, int? weight_dtype=None) -> Tensor",
+    "npu_dynamic_quant": "npu_dynamic_quant(Tensor input, *, Tensor? smooth_scales=None, Tensor? group_index=None, "
+    'int? dst_type=None, str quant_mode="pertoken", float dst_type_max=0.0) -> (Tensor, Tensor)',
+    "npu_trans_quant_param": "npu_trans_quant_param(Tensor scale, Tensor? offset=None, int? round_mode=0) -> Tensor",
+    "npu_convert_weight_to_int4pack": "npu_convert_weight_to_int4pack(Tensor weight, int inner_k_tiles=0) -> Tensor",
+    "npu_format_cast": "npu_format_cast(Tensor self, int acl_format, *, int? customize_dtype=None, "
+    "int? input_dtype=None) -> Tensor",
+}
+
+
+def _ternary(n, k, group_size, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    q, s = ref.ternary_codes(w, group_size)
+    return w.to(dtype), q.to(torch.int8), s
+
+
+def _both_modes(fn):
+    """Run ``fn`` eagerly and on fake tensors; both must raise the same error type and text."""
+    errors = []
+    for fake in (False, True):
+        with pytest.raises((RuntimeError, NotImplementedError)) as info:
+            if fake:
+                with FakeTensorMode(allow_non_fake_inputs=True):
+                    fn()
+            else:
+                fn()
+        errors.append(info.value)
+    assert type(errors[0]) is type(errors[1])
+    return str(errors[0])
+
+
+def test_emulator_is_the_provider_here():
+    assert PROVIDER == "emulator"  # torch_npu cannot be installed on these machines
+    assert "torch_npu" not in sys.modules
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED))
+def test_schema_strings_match_documented(name):
+    schema = getattr(npu, name).default._schema
+    assert str(schema) == "npu::" + DOCUMENTED[name]
+    assert emu.SCHEMAS[name] == DOCUMENTED[name]
+
+
+def test_dtype_arguments_accept_dtype_and_enum():
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    q, s = npu.npu_dynamic_quant(x)
+    w = torch.randint(-1, 2, (32, 16), dtype=torch.int8)
+    ws = torch.rand(16) + 0.5
+    a = npu.npu_quant_matmul(q, w, ws, pertoken_scale=s, output_dtype=torch.bfloat16)
+    b = npu.npu_quant_matmul(q, w, ws, pertoken_scale=s, output_dtype=15)
+    assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b)
+    q8a, _ = npu.npu_dynamic_quant(x, dst_type=torch.int8)
+    q8b, _ = npu.npu_dynamic_quant(x, dst_type=1)
+    assert torch.equal(q8a, q8b) and torch.equal(q8a, q)
+    assert emu.as_dtype(15, "d") is torch.bfloat16 and emu.as_dtype(torch.float16, "d") is torch.float16
+    with pytest.raises(NotImplementedError, match="int4"):
+        emu.as_dtype(285, "output_dtype")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(7, 33), (2, 5, 96), (1, 1)])
+def test_dynamic_quant_matches_reference(dtype, shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype) * 3
+    q, s = npu.npu_dynamic_quant(x)
+    assert q.dtype == torch.int8 and q.shape == x.shape and s.dtype == torch.float32 and s.shape == x.shape[:-1]
+    codes, scales = ref.activation_codes(x.reshape(-1, shape[-1]))
+    assert torch.equal(q.reshape(-1, shape[-1]).long(), codes)
+    assert torch.equal(s.reshape(-1), scales)
+
+
+def test_dynamic_quant_zero_row_and_int4_output():
+    x = torch.zeros(2, 16, dtype=torch.bfloat16)
+    x[1, 3] = -2.0
+    q, s = npu.npu_dynamic_quant(x)
+    assert s[0].item() == 1.0 and torch.all(q[0] == 0)  # the golden replaces a zero row's scale by 1
+    assert q[1, 3].item() == -127
+    q4, s4 = npu.npu_dynamic_quant(x, dst_type=torch.quint4x2)
+    assert q4.dtype == torch.int32 and q4.shape == (2, 2)
+    assert emu.unpack_int4(q4)[1, 3].item() == -7 and s4[1].item() == pytest.approx(2 / 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k,n", [(5, 64, 48), (3, 37, 20), (1, 130, 7)])
+@pytest.mark.parametrize("group_size", [-1, "tensor"])
+def test_quant_matmul_per_row_a8_matches_reference(dtype, m, k, n, group_size):
+    """npu_dynamic_quant + npu_quant_matmul == DESIGN §3 W1.58A8 up to the output's rounding."""
+    w, q_w, s_w = _ternary(n, k, group_size)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(2)).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    q, s = npu.npu_dynamic_quant(x)
+    scale = s_w[:1, 0] if group_size == "tensor" else s_w[:, 0]
+    y = npu.npu_quant_matmul(q, q_w.t(), scale, pertoken_scale=s, bias=bias, output_dtype=dtype)
+    assert y.dtype == dtype and y.shape == (m, n)
+    expected = ref.ternary_linear_forward(x.float(), w.float(), bias.float(), group_size, "int8")
+    tol = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -10
+    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    # same order of fp32 operations as bitcompile's reference kernel: bitwise equal
+    kernel = kref.int8_ternary_matmul(q, s, q_w, s_w, 0 if group_size == "tensor" else -1, bias, dtype)
+    assert torch.equal(y, kernel)
+
+
+def test_quant_matmul_integer_accumulation_is_exact():
+    k = 4096  # every product is +-127*127: the fp32 sum would already be inexact past 2**24
+    x = torch.full((2, k), 127, dtype=torch.int8)
+    w = torch.full((k, 3), 127, dtype=torch.int8)
+    out = npu.npu_quant_matmul(x, w, torch.ones(3), output_dtype=torch.int32)
+    assert out.dtype == torch.int32 and torch.all(out == 127 * 127 * k)
+    bias = torch.tensor([1, -2, 3], dtype=torch.int32)
+    out = npu.npu_quant_matmul(x, w, torch.ones(3), bias=bias, output_dtype=torch.int32)
+    assert out[0].tolist() == [127 * 127 * k + 1, 127 * 127 * k - 2, 127 * 127 * k + 3]
+
+
+def test_quant_matmul_transposition_from_strides_and_batch():
+    q_w = torch.randint(-1, 2, (24, 40), dtype=torch.int8)  # (N, K) as nn.Linear stores it
+    x = torch.randint(-128, 128, (3, 6, 40), dtype=torch.int8)
+    scale = torch.rand(24) + 0.5
+    transposed = npu.npu_quant_matmul(x, q_w.t(), scale, output_dtype=torch.bfloat16)
+    contiguous = npu.npu_quant_matmul(x, q_w.t().contiguous(), scale, output_dtype=torch.bfloat16)
+    assert emu.is_transposed(q_w.t()) and not emu.is_transposed(q_w.t().contiguous())
+    assert transposed.shape == (3, 6, 24) and torch.equal(transposed, contiguous)
+    strided = torch.randint(-1, 2, (40, 48), dtype=torch.int8)[:, ::2]
+    msg = _both_modes(lambda: npu.npu_quant_matmul(x, strided, scale, output_dtype=torch.bfloat16))
+    assert "contiguous or a transpose" in msg
+
+
+def test_quant_matmul_int4_inputs():
+    a = torch.randint(-8, 8, (4, 64), dtype=torch.int32)
+    b = torch.randint(-8, 8, (64, 16), dtype=torch.int32)
+    x1 = npu.npu_convert_weight_to_int4pack(a)
+    x2 = npu.npu_convert_weight_to_int4pack(b)
+    out = npu.npu_quant_matmul(x1, x2, torch.ones(1), pertoken_scale=torch.ones(4), output_dtype=torch.float16)
+    assert out.shape == (4, 16)
+    torch.testing.assert_close(out.double(), (a.double() @ b.double()).half().double())
+
+
+def test_int4pack_order_and_round_trip():
+    w = torch.tensor([[1, 2, 3, 4, 5, 6, 7, -8], [-1, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.int32)
+    packed = npu.npu_convert_weight_to_int4pack(w)
+    assert packed.dtype == torch.int32 and packed.shape == (2, 1)
+    assert packed[0, 0].item() == 0x87654321 - (1 << 32)  # low nibble first; bit 31 is the sign
+    assert packed[1, 0].item() == 0xF
+    r = torch.randint(-8, 8, (9, 48), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(emu.unpack_int4(npu.npu_convert_weight_to_int4pack(r)).int(), r)
+    assert "values must lie in [-8, 7]" in _eager_error(lambda: npu.npu_convert_weight_to_int4pack(r * 2))
+    assert "divisible by 8" in _both_modes(lambda: npu.npu_convert_weight_to_int4pack(r[:, :12].contiguous()))
+
+
+def _eager_error(fn):
+    with pytest.raises(RuntimeError) as info:
+        fn()
+    return str(info.value)
+
+
+def test_trans_quant_param_encoding_and_precision_loss():
+    one = npu.npu_trans_quant_param(torch.tensor([1.0]))
+    assert one.dtype == torch.int64 and one.item() == 0x3F800000 | (1 << 46)
+    scales = torch.rand(10000, generator=torch.Generator().manual_seed(4)) * 1e-2 + 1e-6
+    words = npu.npu_trans_quant_param(scales)
+    decoded, offset = emu.decode_quant_param(words)
+    rel = ((decoded.double() - scales.double()) / scales.double()).abs()
+    assert torch.all(decoded <= scales) and torch.all(offset == 0)  # truncation, never rounding up
+    assert rel.max().item() < 2 ** -10 and rel.max().item() > 2 ** -11  # FP19: 10 mantissa bits kept
+    off = npu.npu_trans_quant_param(torch.tensor([0.5, 0.5, 0.5]), torch.tensor([3.4, -300.0, 255.6]))
+    _, decoded_off = emu.decode_quant_param(off)
+    assert decoded_off.tolist() == [3.0, -256.0, 255.0]
+    assert npu.npu_trans_quant_param(torch.rand(1, 6)).shape == (1, 6)
+    assert "(1, ) and (1, n)" in _both_modes(lambda: npu.npu_trans_quant_param(torch.rand(2, 6)))
+    assert "round_mode" in _both_modes(lambda: npu.npu_trans_quant_param(torch.rand(4), round_mode=1))
+
+
+def test_fp16_output_uses_truncated_scale():
+    """int64 scales and (in eager torch_npu) fp32 scales without pertoken go through FP19."""
+    x = torch.randint(-128, 128, (4, 64), dtype=torch.int8)
+    w = torch.randint(-1, 2, (64, 8), dtype=torch.int8)
+    scale = torch.rand(8) * 1e-3 + 1e-4
+    truncated, _ = emu.decode_quant_param(emu.encode_quant_param(scale))
+    expected = ((x.double() @ w.double()).float() * truncated).half()
+    via_int64 = npu.npu_quant_matmul(x, w, npu.npu_trans_quant_param(scale), output_dtype=torch.float16)
+    via_fp32 = npu.npu_quant_matmul(x, w, scale, output_dtype=torch.float16)
+    assert torch.equal(via_int64, expected) and torch.equal(via_fp32, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k,n,g", [(64, 16, 32), (80, 24, 32), (256, 40, 64), (96, 8, 0)])
+@pytest.mark.parametrize("int4", [True, False])
+def test_weight_quant_batchmatmul_per_group_matches_reference(dtype, k, n, g, int4):
+    group_size = g if g else -1
+    w, q_w, s_w = _ternary(n, k, group_size, seed=k + n)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(5)).to(dtype)
+    bias = torch.randn(n)
+    w_kn = q_w.t().contiguous()
+    weight = npu.npu_convert_weight_to_int4pack(w_kn.int()) if int4 else w_kn
+    scale = s_w.t().contiguous().to(dtype) if g else s_w[:, 0].to(dtype)
+    y = npu.npu_weight_quant_batchmatmul(
+        x, weight, scale, bias=bias.to(torch.float16 if dtype == torch.float16 else torch.float32), antiquant_group_size=g
+    )
+    assert y.dtype == dtype and y.shape == (5, n)
+    expected = ref.ternary_linear_forward(x.float(), w.float(), bias.to(dtype).float(), group_size, None)
+    # scales are rounded to x's dtype (8 or 11 significant bits), then the output is rounded
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -9
+    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+def test_weight_quant_batchmatmul_transposed_int8_weight():
+    _, q_w, s_w = _ternary(16, 64, -1)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    a = npu.npu_weight_quant_batchmatmul(x, q_w.t(), s_w[:, 0].bfloat16())
+    b = npu.npu_weight_quant_batchmatmul(x, q_w.t().contiguous(), s_w[:, 0].bfloat16())
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("pertoken_2d", "pertoken_scale dim num must be 1"),
+        ("k_too_large", "must not exceed 65535"),
+        ("bf16_bias_fp16_out", "unsupported dtype combination"),
+        ("pertoken_int8_out", "unsupported dtype combination"),
+        ("scale_2d", "the scale dim num must be 1"),
+        ("k_mismatch", "k dim of x1 and x2 need be same"),
+        ("batch_broadcast", "broadcast"),
+    ],
+)
+def test_quant_matmul_constraint_violations(case, match):
+    q = torch.zeros(4, 32, dtype=torch.int8)
+    w = torch.zeros(32, 8, dtype=torch.int8)
+    s, ps = torch.ones(8), torch.ones(4)
+    calls = {
+        "pertoken_2d": lambda: npu.npu_quant_matmul(q, w, s, pertoken_scale=ps[:, None], output_dtype=15),
+        "k_too_large": lambda: npu.npu_quant_matmul(
+            torch.zeros(1, 65536, dtype=torch.int8), torch.zeros(65536, 8, dtype=torch.int8), s, output_dtype=15
+        ),
+        "bf16_bias_fp16_out": lambda: npu.npu_quant_matmul(
+            q, w, s, pertoken_scale=ps, bias=torch.zeros(8, dtype=torch.bfloat16), output_dtype=torch.float16
+        ),
+        "pertoken_int8_out": lambda: npu.npu_quant_matmul(q, w, s, pertoken_scale=ps),
+        "scale_2d": lambda: npu.npu_quant_matmul(q, w, s[None], output_dtype=15),
+        "k_mismatch": lambda: npu.npu_quant_matmul(q, torch.zeros(31, 8, dtype=torch.int8), s, output_dtype=15),
+        "batch_broadcast": lambda: npu.npu_quant_matmul(
+            torch.zeros(2, 4, 32, dtype=torch.int8), torch.zeros(3, 32, 8, dtype=torch.int8), s, output_dtype=15
+        ),
+    }
+    assert match in _both_modes(calls[case])
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("x_3d", "x must be 2-D"),
+        ("x_fp32", "x dtype must be float16 or bfloat16"),
+        ("group_48", "multiple of 32"),
+        ("group_shape", "per-group antiquant_scale must be"),
+        ("scale_dtype", "must equal x dtype"),
+        ("bias_bf16", "bias must be float32 for bfloat16 x"),
+        ("n_too_large", "must lie in [1, 65535]"),
+    ],
+)
+def test_weight_quant_batchmatmul_constraint_violations(case, match):
+    x = torch.zeros(4, 96, dtype=torch.bfloat16)
+    w = torch.zeros(96, 16, dtype=torch.int8)
+    s = torch.ones(16, dtype=torch.bfloat16)
+    calls = {
+        "x_3d": lambda: npu.npu_weight_quant_batchmatmul(x[None], w, s),
+        "x_fp32": lambda: npu.npu_weight_quant_batchmatmul(x.float(), w, s.float()),
+        "group_48": lambda: npu.npu_weight_quant_batchmatmul(
+            x, w, torch.ones(2, 16, dtype=torch.bfloat16), antiquant_group_size=48
+        ),
+        "group_shape": lambda: npu.npu_weight_quant_batchmatmul(
+            x, w, torch.ones(2, 16, dtype=torch.bfloat16), antiquant_group_size=32
+        ),
+        "scale_dtype": lambda: npu.npu_weight_quant_batchmatmul(x, w, s.float()),
+        "bias_bf16": lambda: npu.npu_weight_quant_batchmatmul(x, w, s, bias=torch.zeros(16, dtype=torch.bfloat16)),
+        "n_too_large": lambda: npu.npu_weight_quant_batchmatmul(
+            x, torch.zeros(96, 65536, dtype=torch.int8), torch.ones(65536, dtype=torch.bfloat16)
+        ),
+    }
+    assert match in _both_modes(calls[case])
+
+
+def test_dynamic_quant_constraint_violations():
+    assert "float16 or bfloat16" in _both_modes(lambda: npu.npu_dynamic_quant(torch.zeros(2, 8)))
+    assert "divisible by 8" in _both_modes(
+        lambda: npu.npu_dynamic_quant(torch.zeros(2, 12, dtype=torch.float16), dst_type=torch.quint4x2)
+    )
+    assert "not modelled" in _both_modes(
+        lambda: npu.npu_dynamic_quant(torch.zeros(2, 8, dtype=torch.float16), quant_mode="pertensor")
+    )
+
+
+def test_format_cast_preserves_values():
+    w = torch.randint(-1, 2, (64, 32), dtype=torch.int8)
+    nz = npu.npu_format_cast(w, emu.ACL_FORMAT_FRACTAL_NZ)
+    assert torch.equal(nz, w) and nz.data_ptr() != w.data_ptr()
+    assert "acl_format=7" in _both_modes(lambda: npu.npu_format_cast(w, 7))
+
+
+def test_npu_ops_trace_into_compiled_graphs():
+    def f(x, w_kn, s_w, bias):
+        q, s = torch.ops.npu.npu_dynamic_quant(x)
+        return torch.ops.npu.npu_quant_matmul(q, w_kn, s_w, pertoken_scale=s, bias=bias, output_dtype=torch.bfloat16)
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        from torch._dynamo.backends.common import aot_autograd
+        from functorch.compile import make_boxed_func
+
+        def fw(g, _):
+            graphs.append(g)
+            return make_boxed_func(g.forward)
+
+        return aot_autograd(fw_compiler=fw)(gm, example_inputs)
+
+    x = torch.randn(6, 64, dtype=torch.bfloat16)
+    q_w = torch.randint(-1, 2, (24, 64), dtype=torch.int8)
+    args = (x, q_w.t(), torch.rand(24) + 0.5, torch.randn(24))
+    torch._dynamo.reset()
+    out = torch.compile(f, backend=backend, fullgraph=True)(*args)
+    assert torch.equal(out, f(*args))
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert torch.ops.npu.npu_dynamic_quant.default in targets
+    (mm,) = [n for n in graphs[0].graph.nodes if n.target == torch.ops.npu.npu_quant_matmul.default]
+    assert mm.kwargs["output_dtype"] == 15  # after AOT the dtype is torch_npu's int enum
+
+
+def test_probe_survives_a_broken_torch_npu(tmp_path, monkeypatch):
+    """A torch_npu that fails to import (no CANN) is detected in a subprocess, not imported here."""
+    pkg = tmp_path / "torch_npu"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise ImportError('libhccl.so: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    assert emu._torch_npu_works() is False
+    assert "torch_npu" not in sys.modules
+    (pkg / "__init__.py").write_text("WORKS = True\n")
+    assert emu._torch_npu_works() is True
+    assert "torch_npu" not in sys.modules

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from types import ModuleType
+from typing import Any
 
-KERNEL_NAMES = ("reference",)
+import torch
+
+KERNEL_NAMES = ("reference", "cann")
 
 
 def get_kernel(name: str) -> ModuleType:
@@ -13,17 +17,23 @@ def get_kernel(name: str) -> ModuleType:
         from bitcompile.kernels import reference
 
         return reference
+    if name == "cann":
+        # torch_npu, or its CPU emulator when torch_npu is absent; imported only when asked for.
+        from bitcompile.kernels import cann
+
+        return cann
     raise ValueError(f"unknown bitcpm kernel {name!r}; available: {', '.join(KERNEL_NAMES)}")
 
 
-def resolve_target(target: str) -> str:
-    """Map a config ``target`` to the kernel name the ops run on CPU tensors."""
+def _on_npu(example_inputs: Iterable[Any]) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.device.type == "npu" for t in example_inputs)
+
+
+def resolve_target(target: str, example_inputs: Iterable[Any] = ()) -> str:
+    """Map a config ``target`` to the kernel name the ops run on (``"auto"`` picks cann for npu inputs)."""
+    if target == "cann" or (target == "auto" and _on_npu(example_inputs)):
+        return "cann"
     if target in ("auto", "reference", "cpu"):
         # The fast C kernels are not built yet; "cpu" and "auto" run the reference kernels.
         return "reference"
-    if target == "cann":
-        raise NotImplementedError(
-            "target='cann' (Ascend lowering through torch_npu) is not implemented in this version of bitcompile; "
-            "use target='auto', 'cpu' or 'reference'"
-        )
     raise ValueError(f"unknown bitcpm target {target!r}")

@@ -1,0 +1,140 @@
+"""Kernels for ``target="cann"``: the ``bitcpm`` op's math through ``torch.ops.npu.*``.
+
+The same functions run against the real torch_npu on an Ascend NPU and against
+:mod:`bitcompile.kernels.npu_emulator` on CPU (importing this module calls
+:func:`~bitcompile.kernels.npu_emulator.ensure_npu_ops`). DESIGN.md §5 maps the numerics:
+
+* W1.58A8 with one weight scale per row (or per tensor): ``npu_dynamic_quant`` on the
+  flattened ``(M, K)`` activations, then ``npu_quant_matmul(q_x, q_w (K, N), s_w (N,),
+  pertoken_scale=s_x (M,), bias, output_dtype=bf16 | fp16)``; int32 accumulation is exact.
+* Per-group weight scales (g a multiple of 32) or weight-only: ``npu_weight_quant_batchmatmul``
+  with the int8 codes ``(K, N)`` (int4-packed at pack time for inference) and
+  ``antiquant_scale`` ``(ceil(K/g), N)``. With int8 activations the activations are
+  quantized by ``npu_dynamic_quant`` and dequantized first, so the model sees the same
+  activation quantization it was trained with.
+
+The Ascend quantized matmuls take fp16/bf16 activations and produce fp16/bf16: an fp32 model
+is computed in bf16 and cast back. Weight quantization and the fused STE backward are
+bitcompile's own pure-PyTorch code (the npu ops are inference-only and have no autograd).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bitcompile.kernels import reference
+from bitcompile.kernels.groups import PER_TENSOR
+from bitcompile.kernels.npu_emulator import MAX_LAST_DIM, ensure_npu_ops
+
+PROVIDER = ensure_npu_ops()
+
+_HALF = (torch.float16, torch.bfloat16)
+
+quantize_weight = reference.quantize_weight
+dequantize_weight = reference.dequantize_weight
+# The fused straight-through backward stays ours: torch_npu's quantized ops have no autograd.
+ternary_linear_backward = reference.ternary_linear_backward
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The activation dtype the Ascend kernels run in: fp16/bf16 as given, anything else bf16."""
+    return dtype if dtype in _HALF else torch.bfloat16
+
+
+def unsupported_reason(
+    in_features: int, out_features: int, group_code: int, dtype: torch.dtype
+) -> str | None:
+    """Why a layer cannot use the torch_npu quantized kernels (None when it can)."""
+    if in_features > MAX_LAST_DIM or out_features > MAX_LAST_DIM:
+        return f"{out_features}x{in_features} exceeds the {MAX_LAST_DIM} last-dim limit of the torch_npu quantized matmuls"
+    if dtype not in (torch.float32, *_HALF):
+        return f"input dtype {str(dtype).removeprefix('torch.')} has no torch_npu quantized matmul"
+    if 0 < group_code < in_features and group_code % 32:
+        return f"group size {group_code} is not a multiple of 32 (npu_weight_quant_batchmatmul antiquant_group_size)"
+    return None
+
+
+def uses_quant_matmul(n_groups: int, quantize_activations: bool) -> bool:
+    """W1.58A8 with a single scale column goes to npu_quant_matmul; the rest to npu_weight_quant_batchmatmul."""
+    return quantize_activations and n_groups == 1
+
+
+def _check(x_codes_or_x: Tensor, w_codes: Tensor, group_code: int) -> None:
+    n, k = w_codes.shape
+    reason = unsupported_reason(k, n, group_code, x_codes_or_x.dtype if x_codes_or_x.is_floating_point() else torch.float32)
+    if reason is not None:
+        raise ValueError(f"bitcpm kernel 'cann': {reason}; use kernel 'reference' for this layer")
+
+
+def quantize_activations(x2d: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token int8 through ``npu_dynamic_quant``: ``codes`` int8 ``(M, K)``, ``scales`` fp32 ``(M,)``."""
+    return torch.ops.npu.npu_dynamic_quant(x2d.to(compute_dtype(x2d.dtype)))
+
+
+def _bias_for_quant_matmul(bias: Tensor | None, out: torch.dtype) -> Tensor | None:
+    # bf16 bias needs bf16 output, fp16 bias fp16 output; fp32 bias is accepted by both.
+    if bias is None or bias.dtype in (torch.float32, out):
+        return bias
+    return bias.float()
+
+
+def _bias_for_weight_quant(bias: Tensor | None, x_dtype: torch.dtype) -> Tensor | None:
+    # npu_weight_quant_batchmatmul: fp16 bias for fp16 x, fp32 bias for bf16 x.
+    if bias is None:
+        return None
+    return bias.to(torch.float16 if x_dtype == torch.float16 else torch.float32)
+
+
+def antiquant_scale(w_scales: Tensor, group_code: int, dtype: torch.dtype) -> tuple[Tensor, int]:
+    """``(N, n_groups)`` scales → ``antiquant_scale`` and ``antiquant_group_size`` for npu_weight_quant_batchmatmul."""
+    if w_scales.shape[1] > 1:
+        return w_scales.t().contiguous().to(dtype), group_code
+    if group_code == PER_TENSOR:
+        return w_scales[:1, 0].to(dtype), 0
+    return w_scales[:, 0].to(dtype), 0
+
+
+def quant_matmul(
+    x_codes: Tensor, x_scales: Tensor, w_kn: Tensor, w_scales: Tensor, group_code: int, bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:  # fmt: skip
+    """``npu_quant_matmul`` with a ``(K, N)`` int8 weight (a transposed view or a packed contiguous copy)."""
+    out = torch.float16 if out_dtype == torch.float16 else torch.bfloat16
+    scale = w_scales[:1, 0] if group_code == PER_TENSOR else w_scales.reshape(-1)
+    y = torch.ops.npu.npu_quant_matmul(
+        x_codes, w_kn, scale, pertoken_scale=x_scales, bias=_bias_for_quant_matmul(bias, out), output_dtype=out
+    )
+    return y.to(out_dtype)
+
+
+def weight_quant_matmul(
+    x2d: Tensor, w_kn: Tensor, w_scales: Tensor, group_code: int, bias: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    """``npu_weight_quant_batchmatmul`` with an int8 ``(K, N)`` or int4-packed int32 ``(K, N/8)`` weight."""
+    x = x2d.to(compute_dtype(x2d.dtype))
+    scale, group = antiquant_scale(w_scales, group_code, x.dtype)
+    y = torch.ops.npu.npu_weight_quant_batchmatmul(
+        x, w_kn, scale, bias=_bias_for_weight_quant(bias, x.dtype), antiquant_group_size=group
+    )
+    return y.to(out_dtype)
+
+
+def int8_ternary_matmul(
+    x_codes: Tensor, x_scales: Tensor, w_codes: Tensor, w_scales: Tensor, group_code: int, bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:  # fmt: skip
+    """W1.58A8 forward (see the module docstring for which torch_npu op runs)."""
+    _check(x_scales, w_codes, group_code)
+    if uses_quant_matmul(w_scales.shape[1], True):
+        return quant_matmul(x_codes, x_scales, w_codes.t(), w_scales, group_code, bias, out_dtype)
+    x = (x_codes.float() * x_scales[:, None]).to(compute_dtype(out_dtype))
+    return weight_quant_matmul(x, w_codes.t(), w_scales, group_code, bias, out_dtype)
+
+
+def float_ternary_matmul(
+    x2d: Tensor, w_codes: Tensor, w_scales: Tensor, group_code: int, bias: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    """Weight-only forward through ``npu_weight_quant_batchmatmul`` (int8 codes, transposed view)."""
+    _check(x2d, w_codes, group_code)
+    return weight_quant_matmul(x2d, w_codes.t(), w_scales, group_code, bias, out_dtype)

@@ -130,3 +130,96 @@ def ternary_linear_backward(
         grad_weight = g.t() @ x
     grad_bias = g.sum(dim=0) if need_grad_bias else None
     return grad_input, grad_weight, grad_bias
+
+
+def packed_int8_matmul(
+    x_codes: Tensor,
+    x_scales: Tensor,
+    packed: Tensor,
+    w_scales: Tensor,
+    in_features: int,
+    group_code: int,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """:func:`int8_ternary_matmul` on 2-bit packed weights (unpacked first: the oracle, not fast)."""
+    from bitcompile.kernels.packing import unpack_codes
+
+    codes = unpack_codes(packed, in_features)
+    return int8_ternary_matmul(x_codes, x_scales, codes, w_scales, group_code, bias, out_dtype)
+
+
+def packed_float_matmul(
+    x2d: Tensor,
+    packed: Tensor,
+    w_scales: Tensor,
+    in_features: int,
+    group_code: int,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """:func:`float_ternary_matmul` on 2-bit packed weights."""
+    from bitcompile.kernels.packing import unpack_codes
+
+    return float_ternary_matmul(x2d, unpack_codes(packed, in_features), w_scales, group_code, bias, out_dtype)
+
+
+# ---- packed weights (kernels/packing.py layout): unpack, then the functions above ----
+
+_quantize_activations = quantize_activations
+
+
+def packed_int8_matmul(
+    x_codes: Tensor,
+    x_scales: Tensor,
+    packed: Tensor,
+    w_scales: Tensor,
+    in_features: int,
+    group_code: int,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """W1.58A8 on 2-bit packed weights ``(N, Kp/4) uint8``: :func:`int8_ternary_matmul` of the unpacked codes."""
+    from bitcompile.kernels.packing import check_packed_args, unpack_codes
+
+    check_packed_args("packed_int8_matmul", x_codes, packed, w_scales, in_features, group_code, bias)
+    if x_codes.dtype != torch.int8:
+        raise TypeError(f"packed_int8_matmul: x_codes must be int8, got {x_codes.dtype}")
+    w_codes = unpack_codes(packed, in_features)
+    return int8_ternary_matmul(x_codes, x_scales.float(), w_codes, w_scales.float(), group_code, bias, out_dtype)
+
+
+def packed_float_matmul(
+    x2d: Tensor,
+    packed: Tensor,
+    w_scales: Tensor,
+    in_features: int,
+    group_code: int,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """Weight-only forward on 2-bit packed weights: :func:`float_ternary_matmul` of the unpacked codes."""
+    from bitcompile.kernels.packing import check_packed_args, unpack_codes
+
+    check_packed_args("packed_float_matmul", x2d, packed, w_scales, in_features, group_code, bias)
+    if not x2d.is_floating_point():
+        raise TypeError(f"packed_float_matmul: x2d must be floating point, got {x2d.dtype}")
+    w_codes = unpack_codes(packed, in_features)
+    return float_ternary_matmul(x2d, w_codes, w_scales.float(), group_code, bias, out_dtype)
+
+
+def packed_linear(
+    x2d: Tensor,
+    packed: Tensor,
+    w_scales: Tensor,
+    in_features: int,
+    group_code: int,
+    bias: Tensor | None,
+    quantize_activations: bool,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """Serving forward from float activations: per-token int8 quantization (when asked) + packed matmul."""
+    if quantize_activations:
+        x_codes, x_scales = _quantize_activations(x2d)
+        return packed_int8_matmul(x_codes, x_scales, packed, w_scales, in_features, group_code, bias, out_dtype)
+    return packed_float_matmul(x2d, packed, w_scales, in_features, group_code, bias, out_dtype)

@@ -13,7 +13,6 @@ The pass reads the graph only, so running it twice on one frame (Dynamo does und
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import operator
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -26,6 +25,7 @@ from torch import nn
 from bitcompile.config import TernaryConfig
 from bitcompile.kernels.groups import describe, num_groups
 from bitcompile.passes.names import calling_module, placeholder_path
+from bitcompile.policy import layer_skip_reason
 
 Layout = Literal["out_in", "in_out", "left"]
 """How the weight meets the activation: ``x @ W.T`` (nn.Linear), ``x @ W`` (Conv1D-style), ``W @ x``."""
@@ -133,14 +133,6 @@ def _find_site(node: torch.fx.Node, stored: dict[torch.fx.Node, Any]) -> LinearS
     return None
 
 
-def _matches(path: str, patterns: Sequence[str]) -> str | None:
-    """First pattern matching the full path or a dotted suffix of it (``"down_proj"`` matches ``a.down_proj``)."""
-    for pattern in patterns:
-        if fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, "*." + pattern):
-            return pattern
-    return None
-
-
 def _val(node: Any) -> Any:
     return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
 
@@ -181,30 +173,24 @@ def _layer_name(site: LinearSite, weight_path: str) -> str:
 def _skip_reason(
     site: LinearSite, weight: Any, weight_path: str, name: str, config: TernaryConfig
 ) -> str | None:
+    """What only the graph can tell (parameter or not, who else reads it), then the shared policy."""
     if weight is None:
         return "weight is an activation computed in the graph, not a parameter"
     if not isinstance(weight, nn.Parameter):
         return "weight is a buffer or constant tensor, not an nn.Parameter"
-    if weight.dim() != 2:
-        return f"weight is {weight.dim()}-D, only 2-D weights are ternarized"
-    if not weight.is_floating_point():
-        return f"weight dtype {weight.dtype} is not floating point"
+    shared_with = None
+    if readers := _other_readers(site):
+        shared_with = ", ".join(sorted({_describe_reader(u) for u in readers}))
+    elif weight_path and weight_path.removesuffix(".weight") != name:
+        shared_with = f"parameter {weight_path} of another module (tied)"
+    out_features, in_features = _out_in(weight.shape, site.layout) if weight.dim() == 2 else (0, 0)
+    if reason := layer_skip_reason(name, weight, out_features, in_features, config, shared_with):
+        return reason
     x = _val(site.activation)
     if isinstance(x, torch.Tensor) and not x.is_floating_point():
         return f"input dtype {x.dtype} is not floating point"
     if site.kind == "addmm" and (_arg(site.node, 3, "beta", 1) != 1 or _arg(site.node, 4, "alpha", 1) != 1):
         return "addmm with beta/alpha other than 1"
-    if (pattern := _matches(name, config.exclude)) is not None:
-        return f"excluded by pattern {pattern!r}"
-    if config.include and _matches(name, config.include) is None:
-        return f"not matched by include patterns {list(config.include)}"
-    if readers := _other_readers(site):
-        return "weight is shared with " + ", ".join(sorted({_describe_reader(u) for u in readers}))
-    if weight_path and weight_path.removesuffix(".weight") != name:
-        return f"weight is tied to parameter {weight_path} of another module"
-    out_features, in_features = _out_in(weight.shape, site.layout)
-    if min(out_features, in_features) < config.min_features:
-        return f"smaller than min_features={config.min_features} ({out_features}x{in_features})"
     return None
 
 

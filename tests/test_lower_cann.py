@@ -1,0 +1,170 @@
+"""target="cann": planning, post-AOT lowering to torch.ops.npu.*, end to end through the emulator.
+
+Tolerances (fp32 models): the Ascend kernels take fp16/bf16 activations and give fp16/bf16
+outputs, so an fp32 model runs each ternary layer in bf16; we accept
+``|y - y_reference| <= 1e-2 * max|y_reference| + 1e-2 * |y_reference|`` (bf16 has 8
+significant bits, 2**-8 = 0.4 %, and an activation code may flip at a rounding boundary). bf16
+models on the per-row A8 path must match the reference target bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import reference_impl as ref
+from bitcompile.backend import observe_compilations
+from bitcompile.inspect.report import explain
+from bitcompile.kernels import get_kernel, resolve_target
+from bitcompile.models import TinyLlama, TinyLlamaConfig
+from bitcompile.runtime.ops import ternary_linear_output
+
+NPU_A8 = ("npu.npu_dynamic_quant.default", "npu.npu_quant_matmul.default")
+
+
+def _compile(model, **options):
+    options.setdefault("inner", "aot_eager")
+    return torch.compile(model, backend="bitcpm", options=options)
+
+
+def _run(model, inputs, grad=False, **options):
+    records = []
+    torch._dynamo.reset()
+    with observe_compilations(records.append), torch.set_grad_enabled(grad):
+        out = _compile(model, **options)(*inputs)
+    return out, records
+
+
+def _close(actual, expected, rel=1e-2):
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rel, atol=rel * expected.abs().max().item())
+
+
+def _npu_calls(code: str) -> list[str]:
+    return [line.split("torch.ops.")[1].split("(")[0] for line in code.splitlines() if "torch.ops.npu." in line]
+
+
+def _tiny(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return TinyLlama(TinyLlamaConfig()).to(dtype), torch.randint(0, 64, (2, 12))
+
+
+def test_resolve_target():
+    assert resolve_target("cann") == "cann"
+    assert resolve_target("auto", [torch.zeros(1)]) == "reference"
+    assert get_kernel("cann").PROVIDER == "emulator"
+
+
+def test_tiny_llama_inference_fp32_within_tolerance_and_graph_shows_npu_ops():
+    model, tokens = _tiny()
+    expected, _ = _run(model, (tokens,), target="reference")
+    out, records = _run(model, (tokens,), target="cann")
+    _close(out, expected)
+    assert not torch.equal(out, expected)  # it really went through bf16 kernels
+    (record,) = records
+    calls = _npu_calls(record.after)
+    assert calls.count("npu.npu_quant_matmul.default") == 14  # 2 layers x q,k,v,o,gate,up,down
+    assert calls[:2] == list(NPU_A8)
+    assert calls == list(NPU_A8) * 14
+    rewritten = [d for d in record.layers if d.rewritten]
+    assert len(rewritten) == 14 and all("npu_dynamic_quant -> npu_quant_matmul" in d.reason for d in rewritten)
+
+
+def test_tiny_llama_inference_bf16_is_bit_exact_with_reference():
+    model, tokens = _tiny(torch.bfloat16)
+    expected, _ = _run(model, (tokens,), target="reference")
+    out, _ = _run(model, (tokens,), target="cann")
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+
+
+def test_lowered_graph_equals_eager_cann_op():
+    """The post-AOT npu.* sequence computes exactly what bitcpm::ternary_linear(kernel='cann') does."""
+    layer = nn.Linear(96, 40).bfloat16()
+    x = torch.randn(3, 5, 96, dtype=torch.bfloat16)
+    for options in ({}, {"group_size": 32}, {"activations": None}):
+        out, _ = _run(layer, (x,), target="cann", **options)
+        from bitcompile.config import TernaryConfig
+
+        cfg = TernaryConfig(**options)
+        eager = ternary_linear_output(x, layer.weight, layer.bias, cfg.group_code, cfg.quantize_activations, "cann")
+        assert torch.equal(out, eager), options
+
+
+def test_per_group_and_weight_only_use_weight_quant_batchmatmul():
+    torch.manual_seed(1)
+    layer = nn.Linear(80, 24)  # K=80: groups of 32 end with a short group of 16
+    x = torch.randn(2, 7, 80)
+    cases = [
+        ({"group_size": 32}, "int8", ["npu.npu_dynamic_quant.default", "npu.npu_weight_quant_batchmatmul.default"]),
+        ({"group_size": 32, "activations": None}, None, ["npu.npu_weight_quant_batchmatmul.default"]),
+        ({"activations": None}, None, ["npu.npu_weight_quant_batchmatmul.default"]),
+    ]
+    for options, acts, expected_calls in cases:
+        out, (record,) = _run(layer, (x,), target="cann", **options)
+        assert _npu_calls(record.after) == expected_calls, options
+        group = options.get("group_size", -1)
+        expected = ref.ternary_linear_forward(x, layer.weight, layer.bias, group, acts).float()
+        _close(out, expected, rel=2e-2)
+        assert "npu_weight_quant_batchmatmul" in record.layers[0].reason
+
+
+def test_constraint_violations_fall_back_with_reason():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wide = nn.Linear(8, 65536 + 8, bias=False)  # N over the 65535 limit
+            self.small = nn.Linear(8, 16)
+
+        def forward(self, x):
+            return self.wide(x)[..., :8] + self.small(x)[..., :8]
+
+    model = Two()
+    x = torch.randn(3, 8)
+    expected, _ = _run(model, (x,), target="reference")
+    out, (record,) = _run(model, (x,), target="cann")
+    wide, small = record.layers
+    assert wide.rewritten and "kept on the float path" in wide.reason and "65535" in wide.reason
+    assert "npu_quant_matmul" in small.reason
+    assert _npu_calls(record.after) == list(NPU_A8)  # only the small layer
+    _close(out, expected)
+
+    layer = nn.Linear(96, 16)
+    _, (record,) = _run(layer, (torch.randn(2, 96),), target="cann", group_size=48)
+    assert "group size 48 is not a multiple of 32" in record.layers[0].reason
+    assert _npu_calls(record.after) == []
+    assert "'reference'" in record.after  # the layer stayed on bitcpm::ternary_linear(..., 'reference')
+
+
+def test_training_steps_track_reference_and_backward_is_the_fused_op():
+    losses = {}
+    graphs = {}
+    for target in ("reference", "cann"):
+        model, tokens = _tiny(seed=3)
+        compiled = _compile(model, target=target)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        torch._dynamo.reset()
+        records = []
+        with observe_compilations(records.append):
+            steps = []
+            for _ in range(3):
+                logits = compiled(tokens[:, :-1])
+                loss = nn.functional.cross_entropy(logits.reshape(-1, 64), tokens[:, 1:].reshape(-1))
+                opt.zero_grad()
+                loss.backward()
+                assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+                opt.step()
+                steps.append(loss.item())
+        losses[target], graphs[target] = steps, records
+    assert losses["cann"][-1] < losses["cann"][0]
+    for a, b in zip(losses["cann"], losses["reference"]):
+        assert abs(a - b) <= 1e-2 * abs(b)
+    calls = _npu_calls(graphs["cann"][0].after)
+    assert calls == list(NPU_A8) * 14
+
+
+def test_explain_report_shows_npu_sequence():
+    model, tokens = _tiny()
+    report = explain(model, tokens, target="cann")
+    assert report.kernel == "cann"
+    text = str(report)
+    assert "npu_quant_matmul" in text
+    assert _npu_calls(report.graphs[0].after).count("npu.npu_quant_matmul.default") == 14

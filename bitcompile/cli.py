@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import bitcompile
 
@@ -27,8 +31,97 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+def parse_option(text: str) -> tuple[str, Any]:
+    """``"group_size=128"`` → ``("group_size", 128)``; ``none``/``null`` → None; lists split on commas."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise bitcompile.TernaryConfigError(f"--option {text!r} is invalid: expected key=value, e.g. group_size=128")
+    raw = raw.strip()
+    value: Any
+    if key in ("exclude", "include"):
+        value = [p.strip() for p in raw.split(",") if p.strip()]
+    elif raw.lower() in ("none", "null"):
+        value = None
+    else:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = raw
+    return key, value
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from bitcompile.model_loader import ModelLoadError, load_model
+
+    try:
+        options = dict(parse_option(text) for text in args.option)
+        if args.target:
+            options["target"] = args.target
+        config = bitcompile.TernaryConfig.from_options(options)
+        model, example_inputs = load_model(args.model)
+    except (ModelLoadError, bitcompile.TernaryConfigError) as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"bitcompile inspect: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        report = bitcompile.explain(model, *example_inputs, **config.to_options())
+    except Exception as error:  # Dynamo / user-model failures: one line unless --debug
+        if args.debug:
+            raise
+        first = (str(error).strip().splitlines() or [""])[0]
+        print(f"bitcompile inspect: error: capturing {args.model!r} failed: {type(error).__name__}: {first}", file=sys.stderr)
+        return 1
+    console = Console()
+    report.render(console)
+    if config.target == "cann":
+        report.render_lowering(console)
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report.to_json(), indent=2))
+        console.print(f"wrote {path}")
+    if args.html:
+        page = report.to_html(args.html, title=f"bitcompile inspect {args.model}")
+        console.print(f"wrote {page}")
+    if args.mlir:
+        from bitcompile.inspect.mlir import MlirUnavailableError, write_mlir
+
+        try:
+            written = write_mlir(model, example_inputs, args.mlir, config)
+        except MlirUnavailableError as error:
+            print(f"bitcompile inspect: error: {error}", file=sys.stderr)
+            return 2
+        for path in written:
+            console.print(f"wrote {path}")
+    return 0
+
+
+def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="show what bitcpm does to a model: per-layer decisions, bytes, graphs (HTML, JSON, MLIR)",
+        description="MODEL is 'module:function' returning (model, example_inputs), or a local Hugging Face "
+        "model folder (config.json + *.safetensors; needs transformers, never downloads).",
+    )
+    parser.add_argument("model", metavar="MODEL")
+    parser.add_argument("--target", choices=("auto", "cpu", "cann", "reference"), default=None)
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE",
+        help="a bitcpm option, repeatable: group_size=128, activations=none, exclude=lm_head,*.router",
+    )
+    parser.add_argument("--html", metavar="DIR", help="write a self-contained HTML report (index.html) into DIR")
+    parser.add_argument("--json", metavar="FILE", help="write the report as JSON (docs/report_schema.md)")
+    parser.add_argument("--mlir", metavar="FILE", help="write the rewritten graph as torch-dialect MLIR (extra: mlir)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.set_defaults(handler=_run_inspect)
+
+
 #: Subcommand registrars; later subcommands (inspect, export, bench) add themselves here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_inspect]
 
 
 def build_parser() -> argparse.ArgumentParser:

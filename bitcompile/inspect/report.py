@@ -17,11 +17,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bitcompile.backend import CompiledGraph, backend_for, observe_compilations
+from bitcompile.backend import CompiledGraph, GraphNode, backend_for, observe_compilations
 from bitcompile.config import TernaryConfig
 from bitcompile.passes.discover import LayerDecision
 
-SCHEMA_VERSION = 1
+#: Version of :meth:`ExplainReport.to_json`'s layout. 2 added graph nodes, replaced nodes,
+#: per-layer ``node`` / ``lowered_to`` and more totals; every version-1 field is unchanged.
+SCHEMA_VERSION = 2
 
 INFERENCE_NOTE = (
     "model.eval() + torch.no_grad() through the same compiled model runs the same ternary "
@@ -29,7 +31,16 @@ INFERENCE_NOTE = (
 )
 
 
-def _human_bytes(n: float) -> str:
+def group_label(group_size: int | str) -> str:
+    """``-1`` → ``"per row"``, ``"tensor"`` → ``"per tensor"``, ``128`` → ``"128"``."""
+    if group_size == -1:
+        return "per row"
+    if group_size == "tensor":
+        return "per tensor"
+    return str(group_size)
+
+
+def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -47,15 +58,37 @@ class GraphReport:
     before: str
     after: str
     layers: list[LayerDecision]
+    #: the graph after the rewrite, node by node (what the picture draws)
+    nodes: list[GraphNode] = dataclasses.field(default_factory=list)
+    #: before-rewrite node name -> layer name, for every node the rewrite replaced
+    replaced: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def lowered_to(self, layer: LayerDecision) -> list[str]:
+        """The ops a rewritten layer became, in graph order (``[]`` for a layer kept float)."""
+        if not layer.rewritten:
+            return []
+        return [n.target for n in self.nodes if n.layer == layer.name and n.role in ("ternary", "inserted")]
+
+    def layer_node(self, layer: LayerDecision) -> str:
+        """Name of the graph node (before the rewrite) that made this layer's call."""
+        return layer.site.node.name if layer.site is not None else ""
 
     def to_json(self) -> dict[str, Any]:
+        layers = []
+        for layer in self.layers:
+            row = layer.to_json()
+            row["node"] = self.layer_node(layer)
+            row["lowered_to"] = self.lowered_to(layer)
+            layers.append(row)
         return {
             "index": self.index,
             "compile_id": self.compile_id,
             "graph_break_reason": self.graph_break_reason,
-            "layers": [layer.to_json() for layer in self.layers],
+            "layers": layers,
             "code_before": self.before,
             "code_after": self.after,
+            "nodes": [node.to_json() for node in self.nodes],
+            "replaced_nodes": dict(self.replaced),
         }
 
 
@@ -95,6 +128,9 @@ class ExplainReport:
         rewritten = self.rewritten
         fp = sum(layer.fp_bytes for layer in rewritten)
         packed = sum(layer.packed_bytes for layer in rewritten)
+        # Over every candidate layer: the skipped ones keep their float bytes.
+        before = sum(layer.fp_bytes for layer in self.layers)
+        after = before - fp + packed
         return {
             "layers": len(self.layers),
             "rewritten": len(rewritten),
@@ -103,6 +139,10 @@ class ExplainReport:
             "rewritten_fp_bytes": fp,
             "rewritten_packed_bytes": packed,
             "weight_memory_ratio": (fp / packed) if packed else None,
+            "parameters": sum(layer.out_features * layer.in_features for layer in self.layers),
+            "weight_bytes_before": before,
+            "weight_bytes_after": after,
+            "overall_weight_memory_ratio": (before / after) if after else None,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -130,15 +170,25 @@ class ExplainReport:
             (out / f"graph_{graph.index}_after.py").write_text(graph.after)
         return out
 
+    def to_html(self, directory: str | Path, *, title: str = "bitcompile report", engine: str = "auto") -> Path:
+        """Write a self-contained ``index.html`` (tables, code before/after, one SVG per graph).
+
+        ``engine`` picks the graph layout: ``"dot"`` (graphviz), ``"python"`` (built in) or
+        ``"auto"`` (graphviz when ``dot`` is on PATH). Returns the path of the page.
+        """
+        from bitcompile.inspect.html import write_html
+
+        return write_html(self, directory, title=title, engine=engine)
+
     def render(self, console: Console) -> None:
         """Print the per-layer table and totals to a rich console."""
         table = Table(title=f"bitcpm: {len(self.layers)} candidate layers in {self.graph_count} graph(s)")
-        for column in ("graph", "layer", "shape (out x in)", "decision", "reason", "fp -> packed"):
+        for column in ("graph", "layer", "shape (out x in)", "decision", "reason", "group size", "fp -> packed"):
             table.add_column(column, overflow="fold")
         for graph in self.graphs:
             for layer in graph.layers:
                 sizes = (
-                    f"{_human_bytes(layer.fp_bytes)} -> {_human_bytes(layer.packed_bytes)}" if layer.rewritten else "-"
+                    f"{human_bytes(layer.fp_bytes)} -> {human_bytes(layer.packed_bytes)}" if layer.rewritten else "-"
                 )
                 table.add_row(
                     str(graph.index),
@@ -146,6 +196,7 @@ class ExplainReport:
                     f"{layer.out_features} x {layer.in_features}",
                     "[green]ternary[/green]" if layer.rewritten else "[yellow]kept float[/yellow]",
                     layer.reason,
+                    group_label(layer.group_size) if layer.rewritten else "-",
                     sizes,
                 )
         if not self.layers:
@@ -157,12 +208,30 @@ class ExplainReport:
         console.print(
             f"rewritten {t['rewritten']} / skipped {t['skipped']} layers; "
             f"{t['rewritten_parameters']:,} ternary parameters; weights "
-            f"{_human_bytes(t['rewritten_fp_bytes'])} -> {_human_bytes(t['rewritten_packed_bytes'])} ({ratio})"
+            f"{human_bytes(t['rewritten_fp_bytes'])} -> {human_bytes(t['rewritten_packed_bytes'])} ({ratio})"
         )
+        if t["skipped"] and t["overall_weight_memory_ratio"]:
+            console.print(
+                f"all {t['layers']} candidate layers ({t['parameters']:,} parameters): "
+                f"{human_bytes(t['weight_bytes_before'])} -> {human_bytes(t['weight_bytes_after'])} "
+                f"({t['overall_weight_memory_ratio']:.1f}x smaller)"
+            )
         console.print(f"graphs: {self.graph_count}, graph breaks: {self.graph_break_count}")
         for reason in self.graph_break_reasons:
             console.print(f"  break: {reason}")
         console.print(f"kernels: {self.kernel}; {INFERENCE_NOTE}")
+
+    def render_lowering(self, console: Console) -> None:
+        """Print, per rewritten layer, the op sequence it was lowered to (``--target cann``)."""
+        table = Table(title=f"lowering for target {self.config.target!r} (kernels: {self.kernel})")
+        table.add_column("graph")
+        table.add_column("layer", overflow="fold")
+        table.add_column("ops, in order", overflow="fold")
+        for graph in self.graphs:
+            for layer in graph.layers:
+                if layer.rewritten:
+                    table.add_row(str(graph.index), layer.name, " -> ".join(graph.lowered_to(layer)) or "-")
+        console.print(table)
 
     def __str__(self) -> str:
         buffer = io.StringIO()
@@ -193,7 +262,7 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Exp
     finally:
         torch._dynamo.reset()
     graphs = [
-        GraphReport(i, r.compile_id, r.graph_break_reason, r.before, r.after, r.layers)
+        GraphReport(i, r.compile_id, r.graph_break_reason, r.before, r.after, r.layers, r.nodes, r.replaced)
         for i, r in enumerate(records.values())
     ]
     kernel = next(iter(records.values())).kernel if records else "reference"

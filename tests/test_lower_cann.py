@@ -168,3 +168,26 @@ def test_explain_report_shows_npu_sequence():
     text = str(report)
     assert "npu_quant_matmul" in text
     assert _npu_calls(report.graphs[0].after).count("npu.npu_quant_matmul.default") == 14
+
+
+def test_prepared_weights_match_the_training_path():
+    """Weights prepared once (int8 (K, N) copy, int4 pack) compute what the in-graph path computes."""
+    cann = get_kernel("cann")
+    torch.manual_seed(4)
+    for n, k, group, acts, dtype in [
+        (40, 96, -1, True, torch.bfloat16),
+        (24, 80, 0, True, torch.float32),
+        (48, 128, 32, True, torch.bfloat16),
+        (48, 128, 64, False, torch.float16),
+        (20, 64, -1, False, torch.bfloat16),  # N % 8 != 0: int8 weight instead of int4
+    ]:
+        w, b = torch.randn(n, k).to(dtype), torch.randn(n).to(dtype)
+        x = torch.randn(3, 4, k).to(dtype)
+        codes, scales = cann.quantize_weight(w, group)
+        prepared = cann.prepare_weight(codes, scales, group, acts, dtype)
+        int4 = prepared["path"] == "weight_quant_batchmatmul" and n % 8 == 0
+        assert prepared["weight"].dtype == (torch.int32 if int4 else torch.int8)
+        assert prepared["weight"].is_contiguous()
+        got = cann.prepared_linear(x, prepared, b, acts, n)
+        want = ternary_linear_output(x, w, b, group, acts, "cann")
+        assert torch.equal(got, want), (n, k, group, acts, dtype)

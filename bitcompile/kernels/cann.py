@@ -138,3 +138,95 @@ def float_ternary_matmul(
     """Weight-only forward through ``npu_weight_quant_batchmatmul`` (int8 codes, transposed view)."""
     _check(x2d, w_codes, group_code)
     return weight_quant_matmul(x2d, w_codes.t(), w_scales, group_code, bias, out_dtype)
+
+
+# ---- packed inference: weights prepared once, outside any graph ----
+
+
+def prepare_weight(
+    codes: Tensor, w_scales: Tensor, group_code: int, quantize_activations: bool, dtype: torch.dtype
+) -> dict[str, Tensor | int | str]:
+    """Ascend-ready tensors for one ternary layer, built once at pack/freeze time.
+
+    ``codes`` int8 ``(N, K)`` in {-1, 0, 1}, ``w_scales`` fp32 ``(N, n_groups)``, ``dtype`` the
+    model's activation dtype. Returns ``{"path", "weight", "scale", "group"}``:
+
+    * ``path="quant_matmul"``: ``weight`` int8 ``(K, N)`` contiguous (the non-transposed layout
+      A2/A3 recommend before FRACTAL_NZ), ``scale`` fp32 ``(N,)`` or ``(1,)``;
+    * ``path="weight_quant_batchmatmul"``: ``weight`` int4-packed int32 ``(K, N/8)`` via
+      ``npu_convert_weight_to_int4pack`` when N is a multiple of 8 (int8 ``(K, N)`` otherwise),
+      ``scale`` the ``antiquant_scale`` in the compute dtype, ``group`` its group size.
+
+    On a real NPU the weight is also cast to FRACTAL_NZ (``npu_format_cast(w, 29)``); on CPU
+    the emulator keeps ND storage.
+    """
+    n, k = codes.shape
+    reason = unsupported_reason(k, n, group_code, dtype)
+    if reason is not None:
+        raise ValueError(f"bitcpm kernel 'cann': {reason}")
+    w_kn = codes.to(torch.int8).t().contiguous()
+    if uses_quant_matmul(w_scales.shape[1], quantize_activations):
+        scale = w_scales[:1, 0] if group_code == PER_TENSOR else w_scales[:, 0]
+        prepared = {"path": "quant_matmul", "weight": w_kn, "scale": scale.float().contiguous(), "group": group_code}
+    else:
+        if n % 8 == 0:
+            w_kn = torch.ops.npu.npu_convert_weight_to_int4pack(w_kn.to(torch.int32))
+        scale, group = antiquant_scale(w_scales, group_code, compute_dtype(dtype))
+        prepared = {"path": "weight_quant_batchmatmul", "weight": w_kn, "scale": scale, "group": group}
+    if codes.device.type == "npu":
+        prepared["weight"] = torch.ops.npu.npu_format_cast(prepared["weight"], 29)
+    return prepared
+
+
+def prepared_linear(
+    x: Tensor, prepared: dict, bias: Tensor | None, quantize_activations: bool, out_features: int
+) -> Tensor:
+    """Forward of a layer prepared by :func:`prepare_weight`: ``x (..., K)`` → ``(..., N)``."""
+    x2d = x.reshape(-1, x.shape[-1])
+    if prepared["path"] == "quant_matmul":
+        q, s = quantize_activations_(x2d)
+        y = torch.ops.npu.npu_quant_matmul(
+            q, prepared["weight"], prepared["scale"], pertoken_scale=s,
+            bias=_bias_for_quant_matmul(bias, _out_dtype(x.dtype)), output_dtype=_out_dtype(x.dtype),
+        )  # fmt: skip
+    else:
+        xc = x2d.to(compute_dtype(x.dtype))
+        if quantize_activations:
+            q, s = quantize_activations_(x2d)
+            xc = (q.float() * s[:, None]).to(xc.dtype)
+        y = torch.ops.npu.npu_weight_quant_batchmatmul(
+            xc, prepared["weight"], prepared["scale"], bias=_bias_for_weight_quant(bias, xc.dtype),
+            antiquant_group_size=prepared["group"],
+        )  # fmt: skip
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float16 if dtype == torch.float16 else torch.bfloat16
+
+
+quantize_activations_ = quantize_activations
+
+
+def packed_int8_matmul(
+    x_codes: Tensor, x_scales: Tensor, packed: Tensor, w_scales: Tensor, in_features: int, group_code: int,
+    bias: Tensor | None, out_dtype: torch.dtype,
+) -> Tensor:  # fmt: skip
+    """``bitcpm::ternary_linear_packed`` on target cann: unpack the canonical 2-bit codes, then :func:`int8_ternary_matmul`.
+
+    NOTE: this unpacks per call (one pass over the weight); deployments should hold the
+    tensors of :func:`prepare_weight` instead.
+    """
+    from bitcompile.kernels.packing import unpack_codes
+
+    return int8_ternary_matmul(x_codes, x_scales, unpack_codes(packed, in_features), w_scales, group_code, bias, out_dtype)
+
+
+def packed_float_matmul(
+    x2d: Tensor, packed: Tensor, w_scales: Tensor, in_features: int, group_code: int, bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:  # fmt: skip
+    """Weight-only ``bitcpm::ternary_linear_packed`` on target cann (unpacks per call, see above)."""
+    from bitcompile.kernels.packing import unpack_codes
+
+    return float_ternary_matmul(x2d, unpack_codes(packed, in_features), w_scales, group_code, bias, out_dtype)

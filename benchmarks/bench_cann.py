@@ -1,0 +1,98 @@
+"""Throughput of a Llama-shaped model with ``target="cann"`` vs plain bf16, on an Ascend NPU.
+
+    python benchmarks/bench_cann.py                 # on a machine with CANN + torch_npu: real numbers
+    python benchmarks/bench_cann.py --smoke         # CPU CI: a correctness smoke test
+
+On an NPU both models run on ``npu:0`` with torch_npu's kernels (``npu_dynamic_quant`` +
+``npu_quant_matmul`` for W1.58A8, ``npu_weight_quant_batchmatmul`` for groups / weight-only)
+and the rest of the graph goes to torchair.
+
+Without an NPU the script runs the same compiled model on CPU through bitcompile's emulator
+of the torch_npu operators. THE TIMINGS IT PRINTS THERE MEAN NOTHING: the emulator is a
+readable reference implementation, not a fast kernel, and says nothing about Ascend speed.
+It only checks that the cann path compiles, runs, and agrees with the reference target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bitcompile.models import TinyLlama, TinyLlamaConfig
+
+
+def _device() -> str:
+    try:
+        import torch_npu  # noqa: F401  (only on machines with CANN; never at bitcompile import)
+
+        return "npu:0" if torch.npu.is_available() else "cpu"
+    except Exception:  # noqa: BLE001  (absent, or installed without CANN)
+        return "cpu"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("npu"):
+        torch.npu.synchronize()
+
+
+def _tokens_per_s(fn, tokens: torch.Tensor, device: str, iters: int) -> float:
+    torch._dynamo.reset()  # one backend's cache at a time: no recompiles inside the timed loop
+    with torch.no_grad():
+        fn(tokens)  # compile
+        fn(tokens)  # warm up
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn(tokens)
+        _sync(device)
+    return iters * tokens.numel() / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model, few iterations (CPU CI)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args(argv)
+
+    device = _device()
+    if args.smoke:
+        config, batch, seq, iters = TinyLlamaConfig(), 2, 16, 5
+    else:  # SmolLM-135M-like widths, fewer layers
+        config = TinyLlamaConfig(
+            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=8, num_heads=9, max_seq_len=512
+        )
+        batch, seq, iters = args.batch, args.seq, args.iters
+    torch.manual_seed(0)
+    model = TinyLlama(config).to(device=device, dtype=torch.bfloat16).eval()
+    tokens = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+    inner = "aot_eager" if device == "cpu" else "inductor"  # inductor is replaced by torchair on an NPU
+
+    torch._dynamo.reset()
+    bf16 = torch.compile(model, backend="aot_eager" if device == "cpu" else "npu")
+    cann = torch.compile(model, backend="bitcpm", options={"target": "cann", "inner": inner, "exclude": ["lm_head"]})
+    reference = torch.compile(model, backend="bitcpm", options={"target": "reference", "inner": "aot_eager"})
+
+    with torch.no_grad():
+        got, want = cann(tokens), reference(tokens) if device == "cpu" else None
+    if want is not None:
+        # bf16 per-row W1.58A8 through the emulator is bit-exact with the reference target
+        if not torch.equal(got, want):
+            print(f"FAIL: cann output differs from reference by {(got.float() - want.float()).abs().max().item():.3g}")
+            return 1
+        print("cann output == reference target output (bit-exact, bf16)")
+
+    rows = [("bf16", _tokens_per_s(bf16, tokens, device, iters)), ("bitcpm cann", _tokens_per_s(cann, tokens, device, iters))]
+    print(f"device: {device}, batch {batch} x seq {seq}, hidden {config.hidden_size}, layers {config.num_layers}")
+    if device == "cpu":
+        print("NOTE: CPU emulator run. These timings mean nothing about Ascend performance.")
+    for name, tps in rows:
+        print(f"{name:>12}: {tps:12.1f} tokens/s  ({tps / rows[0][1]:.2f}x bf16)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -132,38 +132,6 @@ def ternary_linear_backward(
     return grad_input, grad_weight, grad_bias
 
 
-def packed_int8_matmul(
-    x_codes: Tensor,
-    x_scales: Tensor,
-    packed: Tensor,
-    w_scales: Tensor,
-    in_features: int,
-    group_code: int,
-    bias: Tensor | None,
-    out_dtype: torch.dtype,
-) -> Tensor:
-    """:func:`int8_ternary_matmul` on 2-bit packed weights (unpacked first: the oracle, not fast)."""
-    from bitcompile.kernels.packing import unpack_codes
-
-    codes = unpack_codes(packed, in_features)
-    return int8_ternary_matmul(x_codes, x_scales, codes, w_scales, group_code, bias, out_dtype)
-
-
-def packed_float_matmul(
-    x2d: Tensor,
-    packed: Tensor,
-    w_scales: Tensor,
-    in_features: int,
-    group_code: int,
-    bias: Tensor | None,
-    out_dtype: torch.dtype,
-) -> Tensor:
-    """:func:`float_ternary_matmul` on 2-bit packed weights."""
-    from bitcompile.kernels.packing import unpack_codes
-
-    return float_ternary_matmul(x2d, unpack_codes(packed, in_features), w_scales, group_code, bias, out_dtype)
-
-
 # ---- packed weights (kernels/packing.py layout): unpack, then the functions above ----
 
 _quantize_activations = quantize_activations

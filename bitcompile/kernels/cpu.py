@@ -1,0 +1,368 @@
+"""Fast ternary CPU kernels: C (AVX-512 VNNI / AVX2 / portable), same interface as ``reference``.
+
+Why: ternary weights only pay off when a kernel reads 2 bits per weight and multiplies
+them as integers (BitNet b1.58, arXiv:2402.17764; bitnet.cpp, arXiv:2410.16144). The C
+code in ``csrc/`` is compiled by the package's own build (setup.py, no PyTorch headers)
+into ``_bitcpm_cpu*.so`` and loaded with ctypes. Without it (no compiler at install time,
+another OS) every function here falls back to :mod:`reference` and :func:`available`
+returns False; a warning says so once.
+
+The ISA is chosen at run time from cpuid (``avx512`` = AVX-512 F/BW/VL/DQ + VNNI, then
+``avx2``, then ``scalar``); ``BITCOMPILE_ISA=avx512|avx2|scalar`` forces one (the tests do).
+Threads split the output features; their number is ``torch.get_num_threads()``.
+
+Training (``int8_ternary_matmul``) runs on ``torch._int_mm`` for per-row / per-tensor
+scales (exact int32, VNNI inside oneDNN) and on the packed C kernel for groups.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from bitcompile.kernels import reference
+from bitcompile.kernels.groups import PER_TENSOR, check_group_code, num_groups
+from bitcompile.kernels.packing import BLOCK_K, check_packed_args, padded_in_features
+
+log = logging.getLogger(__name__)
+
+# The training path shares these with the reference (DESIGN.md §3: same numerics).
+quantize_weight = reference.quantize_weight
+dequantize_weight = reference.dequantize_weight
+float_ternary_matmul = reference.float_ternary_matmul
+ternary_linear_backward = reference.ternary_linear_backward
+
+ISA_NAMES = {"scalar": 0, "avx2": 1, "avx512": 2}
+_ISA_BY_ID = {v: k for k, v in ISA_NAMES.items()}
+_ISA_ALIASES = {"generic": "scalar", "portable": "scalar", "c": "scalar", "avx512_vnni": "avx512", "avx512vnni": "avx512"}
+
+
+class _GemmArgs(ctypes.Structure):
+    _fields_ = [
+        ("M", ctypes.c_int), ("N", ctypes.c_int), ("K", ctypes.c_int), ("Kp", ctypes.c_int),
+        ("group", ctypes.c_int), ("G", ctypes.c_int),
+        ("xq", ctypes.c_void_p), ("sx", ctypes.c_void_p), ("corr", ctypes.c_void_p),
+        ("unit_chunks", ctypes.c_int), ("n_units", ctypes.c_int),
+        ("xf", ctypes.c_void_p), ("ldxf", ctypes.c_int64),
+        ("w", ctypes.c_void_p), ("sw", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+        ("out", ctypes.c_void_p), ("ldo", ctypes.c_int64), ("out_bf16", ctypes.c_int),
+    ]  # fmt: skip
+
+
+class _PrepArgs(ctypes.Structure):
+    _fields_ = [
+        ("M", ctypes.c_int), ("K", ctypes.c_int), ("Kp", ctypes.c_int),
+        ("x", ctypes.c_void_p), ("ldx", ctypes.c_int64), ("x_kind", ctypes.c_int),
+        ("xq", ctypes.c_void_p), ("sx", ctypes.c_void_p), ("corr", ctypes.c_void_p),
+        ("unit_chunks", ctypes.c_int), ("n_units", ctypes.c_int),
+    ]  # fmt: skip
+
+
+def _find_library() -> Path | None:
+    override = os.environ.get("BITCOMPILE_CPU_LIB")
+    if override:
+        return Path(override)
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = here / f"_bitcpm_cpu{suffix}"
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _load():
+    path = _find_library()
+    if path is None:
+        return None, (
+            "the C kernels were not built (no C compiler when bitcompile was installed?); "
+            "running the pure-PyTorch reference kernels. Reinstall with a C compiler to get them"
+        )
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        return None, f"could not load the C kernels from {path} ({e}); running the reference kernels"
+    P, I, I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    for name, argtypes, restype in (
+        ("bc_isa_supported", [I], I),
+        ("bc_best_isa", [], I),
+        ("bc_plan_i8", [I, I, I, ctypes.POINTER(ctypes.c_int)], I),
+        ("bc_plan_f32", [I, I], I),
+        ("bc_gemm_i8", [ctypes.POINTER(_GemmArgs), I, I], None),
+        ("bc_gemm_f32", [ctypes.POINTER(_GemmArgs), I, I], None),
+        ("bc_prep_i8", [ctypes.POINTER(_PrepArgs), I, I], None),
+        ("bc_pack_i2", [P, I64, I, I, P, I], I),
+    ):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
+    return lib, None
+
+
+_LIB, _UNAVAILABLE_REASON = _load()
+_warned = False
+
+
+def available() -> bool:
+    """True when the compiled C kernels are loaded (else every function runs the reference)."""
+    return _LIB is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False, or None."""
+    return _UNAVAILABLE_REASON
+
+
+def _lib():
+    global _warned
+    if _LIB is None and not _warned:
+        _warned = True
+        log.warning("bitcompile.kernels.cpu: %s", _UNAVAILABLE_REASON)
+    return _LIB
+
+
+def isa_supported(name: str) -> bool:
+    """Whether this CPU (and the loaded library) can run ISA ``name`` (scalar, avx2, avx512)."""
+    name = _ISA_ALIASES.get(name, name)
+    return _LIB is not None and name in ISA_NAMES and bool(_LIB.bc_isa_supported(ISA_NAMES[name]))
+
+
+def _isa_id() -> int:
+    """The ISA to run now: ``BITCOMPILE_ISA`` if set (and supported), else the best one."""
+    want = os.environ.get("BITCOMPILE_ISA", "auto").strip().lower()
+    want = _ISA_ALIASES.get(want, want)
+    if want in ("", "auto"):
+        return _LIB.bc_best_isa()
+    if want not in ISA_NAMES:
+        raise ValueError(f"BITCOMPILE_ISA={want!r} is not one of: auto, {', '.join(ISA_NAMES)}")
+    if not _LIB.bc_isa_supported(ISA_NAMES[want]):
+        raise ValueError(f"BITCOMPILE_ISA={want!r}: this CPU does not support it; unset it or pick another ISA")
+    return ISA_NAMES[want]
+
+
+def isa() -> str:
+    """Name of the ISA the kernels run on now ("reference" when the C kernels are unavailable)."""
+    return _ISA_BY_ID[_isa_id()] if _LIB is not None else "reference"
+
+
+def kernel_isa(group_code: int, activations: str = "int8") -> str:
+    """ISA of the kernel that actually runs for this group mode (some group sizes use the scalar kernel)."""
+    if _LIB is None:
+        return "reference"
+    if activations == "int8":
+        return _ISA_BY_ID[_LIB.bc_plan_i8(_isa_id(), group_code, BLOCK_K, ctypes.byref(ctypes.c_int()))]
+    return _ISA_BY_ID[_LIB.bc_plan_f32(_isa_id(), group_code)]
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _out(m: int, n: int, out_dtype: torch.dtype) -> tuple[Tensor, int]:
+    if out_dtype == torch.bfloat16:
+        return torch.empty((m, n), dtype=torch.bfloat16), 1
+    return torch.empty((m, n), dtype=torch.float32), 0
+
+
+def _prep(x: Tensor, kind: int, k: int, kp: int, isa_id: int, unit_chunks: int | None):
+    """Quantize (fp32/bf16 x) or copy (int8 x) into a zero-padded (M, kp) int8 buffer, with corr sums."""
+    m = x.shape[0]
+    xq = torch.empty((m, kp), dtype=torch.int8)
+    sx = torch.empty((m,), dtype=torch.float32) if kind != 2 else None
+    corr, n_units = None, 0
+    if unit_chunks is not None:
+        n_units = -(-(kp // 64) // unit_chunks)
+        corr = torch.empty((m, n_units * 16), dtype=torch.int32)
+    a = _PrepArgs(m, k, kp, _ptr(x), x.stride(0) if m else k, kind, _ptr(xq), _ptr(sx), _ptr(corr), unit_chunks or 1, n_units)
+    _LIB.bc_prep_i8(ctypes.byref(a), isa_id, _threads())
+    return xq, sx, corr, n_units
+
+
+def quantize_activations(x2d: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token absmax int8 (bit-exact with :func:`reference.quantize_activations`), one fused C pass."""
+    lib = _lib()
+    if lib is None or x2d.dim() != 2 or x2d.shape[1] == 0 or x2d.dtype not in (torch.float32, torch.bfloat16) or x2d.requires_grad:
+        return reference.quantize_activations(x2d)
+    x = x2d.contiguous()
+    kind = 0 if x.dtype == torch.float32 else 1
+    xq, sx, _, _ = _prep(x, kind, x.shape[1], x.shape[1], _isa_id(), None)
+    return xq, sx
+
+
+def _packed_int8(x: Tensor, kind: int, x_scales: Tensor | None, packed, w_scales, k, group_code, bias, out_dtype):
+    isa_id = _isa_id()
+    kp = padded_in_features(k)
+    uc = ctypes.c_int()
+    run_isa = _LIB.bc_plan_i8(isa_id, group_code, kp, ctypes.byref(uc))
+    xq, sx, corr, n_units = _prep(x, kind, k, kp, run_isa, uc.value if run_isa != 0 else None)
+    if sx is None:
+        sx = x_scales.float().contiguous()
+    m, n = x.shape[0], packed.shape[0]
+    sw = w_scales.float().contiguous()
+    b = bias.float().contiguous() if bias is not None else None
+    y, bf16 = _out(m, n, out_dtype)
+    a = _GemmArgs(
+        m, n, k, kp, group_code, num_groups(k, group_code), _ptr(xq), _ptr(sx), _ptr(corr), uc.value, n_units,
+        None, 0, _ptr(packed), _ptr(sw), _ptr(b), _ptr(y), n, bf16,
+    )  # fmt: skip
+    _LIB.bc_gemm_i8(ctypes.byref(a), run_isa, _threads())
+    return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+def _is_degenerate(m: int, n: int, k: int) -> bool:
+    return m == 0 or n == 0 or k == 0
+
+
+def packed_int8_matmul(
+    x_codes: Tensor,
+    x_scales: Tensor,
+    packed: Tensor,
+    w_scales: Tensor,
+    in_features: int,
+    group_code: int,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """W1.58A8 serving: ``(q_x @ q_w^T) * s_x * s_w (+ bias)`` from int8 codes and 2-bit packed weights.
+
+    Args:
+        x_codes (Tensor[int8], M x K), x_scales (Tensor[fp32], M): per-token activation codes/scales.
+        packed (Tensor[uint8], N x Kp/4): :func:`packing.pack_codes` output.
+        w_scales (Tensor[fp32], N x n_groups), group_code: -1 per row, 0 per tensor, g > 0.
+        bias (Tensor, N) or None; out_dtype: fp32 or bf16 (others are converted from fp32).
+
+    Returns:
+        Tensor (M, N) of ``out_dtype``; integer sums exact, equal to :func:`reference.packed_int8_matmul`
+        within fp32 rounding (bit-exact for per-row and per-tensor scales).
+    """
+    check_packed_args("packed_int8_matmul", x_codes, packed, w_scales, in_features, group_code, bias)
+    if x_codes.dtype != torch.int8:
+        raise TypeError(f"packed_int8_matmul: x_codes must be int8 (quantize_activations output), got {x_codes.dtype}")
+    if tuple(x_scales.shape) != (x_codes.shape[0],):
+        raise ValueError(f"packed_int8_matmul: x_scales must have shape ({x_codes.shape[0]},), got {tuple(x_scales.shape)}")
+    if _lib() is None or _is_degenerate(x_codes.shape[0], packed.shape[0], in_features) or not _on_cpu(x_codes, packed):
+        return reference.packed_int8_matmul(x_codes, x_scales, packed, w_scales, in_features, group_code, bias, out_dtype)
+    x = x_codes if x_codes.stride(-1) == 1 else x_codes.contiguous()
+    return _packed_int8(x, 2, x_scales, packed.contiguous(), w_scales, in_features, group_code, bias, out_dtype)
+
+
+def packed_float_matmul(
+    x2d: Tensor,
+    packed: Tensor,
+    w_scales: Tensor,
+    in_features: int,
+    group_code: int,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """Weight-only serving: ``x @ (q_w * s_w)^T (+ bias)`` in fp32 from 2-bit packed weights, ``(M, N)``."""
+    check_packed_args("packed_float_matmul", x2d, packed, w_scales, in_features, group_code, bias)
+    if not x2d.is_floating_point():
+        raise TypeError(f"packed_float_matmul: x2d must be floating point, got {x2d.dtype}")
+    if _lib() is None or _is_degenerate(x2d.shape[0], packed.shape[0], in_features) or not _on_cpu(x2d, packed):
+        return reference.packed_float_matmul(x2d, packed, w_scales, in_features, group_code, bias, out_dtype)
+    isa_id = _LIB.bc_plan_f32(_isa_id(), group_code)
+    x = x2d.float()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, n, k = x.shape[0], packed.shape[0], in_features
+    sw = w_scales.float().contiguous()
+    b = bias.float().contiguous() if bias is not None else None
+    y, bf16 = _out(m, n, out_dtype)
+    a = _GemmArgs(
+        m, n, k, padded_in_features(k), group_code, num_groups(k, group_code), None, None, None, 1, 0,
+        _ptr(x), x.stride(0), _ptr(packed.contiguous()), _ptr(sw), _ptr(b), _ptr(y), n, bf16,
+    )  # fmt: skip
+    _LIB.bc_gemm_f32(ctypes.byref(a), isa_id, _threads())
+    return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+def packed_linear(
+    x2d: Tensor,
+    packed: Tensor,
+    w_scales: Tensor,
+    in_features: int,
+    group_code: int,
+    bias: Tensor | None,
+    quantize_activations: bool,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """Serving forward from float activations; with ``quantize_activations`` the per-token int8
+    quantization is fused into the kernel's activation-preparation pass (one read of x)."""
+    if not quantize_activations:
+        return packed_float_matmul(x2d, packed, w_scales, in_features, group_code, bias, out_dtype)
+    check_packed_args("packed_linear", x2d, packed, w_scales, in_features, group_code, bias)
+    if not x2d.is_floating_point():
+        raise TypeError(f"packed_linear: x2d must be floating point, got {x2d.dtype}")
+    if (
+        _lib() is None
+        or _is_degenerate(x2d.shape[0], packed.shape[0], in_features)
+        or not _on_cpu(x2d, packed)
+        or x2d.dtype not in (torch.float32, torch.bfloat16)
+    ):
+        return reference.packed_linear(x2d, packed, w_scales, in_features, group_code, bias, True, out_dtype)
+    x = x2d.detach()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    kind = 0 if x.dtype == torch.float32 else 1
+    return _packed_int8(x, kind, None, packed.contiguous(), w_scales, in_features, group_code, bias, out_dtype)
+
+
+def pack_codes(codes: Tensor) -> Tensor:
+    """:func:`packing.pack_codes` in C (same bytes), multi-threaded; for packing on every training step."""
+    from bitcompile.kernels import packing
+
+    if _lib() is None or codes.dim() != 2 or codes.dtype != torch.int8 or not _on_cpu(codes):
+        return packing.pack_codes(codes)
+    q = codes if codes.stride(-1) == 1 else codes.contiguous()
+    n, k = q.shape
+    out = torch.empty(packing.packed_shape(n, k), dtype=torch.uint8)
+    if n and _LIB.bc_pack_i2(_ptr(q), q.stride(0) if n else k, n, k, _ptr(out), _threads()) != 0:
+        return packing.pack_codes(codes)  # raises the ValueError naming the bad code
+    return out
+
+
+def _on_cpu(*ts: Tensor) -> bool:
+    return all(t.device.type == "cpu" for t in ts)
+
+
+def int8_ternary_matmul(
+    x_codes: Tensor,
+    x_scales: Tensor,
+    w_codes: Tensor,
+    w_scales: Tensor,
+    group_code: int,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """Training forward W1.58A8 (same contract as :func:`reference.int8_ternary_matmul`).
+
+    Per-row / per-tensor: ``torch._int_mm(q_x, q_w.t())`` (exact int32; the ``(N, K)`` weight
+    passed transposed is oneDNN's fast layout), then the reference's order of scalings, so the
+    result is bit-identical. Groups: pack the codes (C, threaded) and run the packed kernel,
+    which scales each exact per-group partial sum before adding it.
+    """
+    check_group_code(group_code)
+    m, k = x_codes.shape
+    n = w_codes.shape[0]
+    if _is_degenerate(m, n, k) or not _on_cpu(x_codes, w_codes) or x_codes.dtype != torch.int8:
+        return reference.int8_ternary_matmul(x_codes, x_scales, w_codes, w_scales, group_code, bias, out_dtype)
+    if group_code <= PER_TENSOR:
+        acc = torch._int_mm(x_codes.contiguous(), w_codes.to(torch.int8).t())
+        y = acc.float() * w_scales[:, 0].float()
+        y = y * x_scales.float()[:, None]
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(out_dtype)
+    if _lib() is None:
+        return reference.int8_ternary_matmul(x_codes, x_scales, w_codes, w_scales, group_code, bias, out_dtype)
+    packed = pack_codes(w_codes.to(torch.int8))
+    return packed_int8_matmul(x_codes, x_scales, packed, w_scales, k, group_code, bias, out_dtype)

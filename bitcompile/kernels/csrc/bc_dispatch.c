@@ -1,0 +1,258 @@
+/* Entry points called from Python (ctypes): run-time ISA choice and a small thread pool.
+ *
+ * The ISA is picked once from cpuid + xgetbv (the OS must save the wider registers), and
+ * can be forced per call (BITCOMPILE_ISA, read by kernels/cpu.py). Work is split over N
+ * (output features) for the GEMMs and over M (tokens) for activation quantization.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "bc_kernels.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#define BC_X86 1
+#endif
+
+/* ---------------------------------------------------------------- ISA detection */
+
+int bc_isa_supported(int isa) {
+    if (isa == BC_ISA_GENERIC) return 1;
+#ifdef BC_X86
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    int osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, fma = (c >> 12) & 1;
+    if (!osxsave || !avx || !fma) return 0;
+    unsigned xlo, xhi;
+    __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+    if ((xlo & 0x6) != 0x6) return 0;  /* OS saves XMM and YMM state */
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    int avx2 = (b >> 5) & 1;
+    if (isa == BC_ISA_AVX2) return avx2;
+    if (isa == BC_ISA_AVX512) {
+        int f = (b >> 16) & 1, dq = (b >> 17) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1, vnni = (c >> 11) & 1;
+        return avx2 && f && dq && bw && vl && vnni && (xlo & 0xe6) == 0xe6;  /* + opmask, ZMM state */
+    }
+#endif
+    return 0;
+}
+
+int bc_best_isa(void) {
+    if (bc_isa_supported(BC_ISA_AVX512)) return BC_ISA_AVX512;
+    if (bc_isa_supported(BC_ISA_AVX2)) return BC_ISA_AVX2;
+    return BC_ISA_GENERIC;
+}
+
+/* The ISA whose int8 kernel runs for this group mode, and its flush unit (in 64-k chunks). */
+int bc_plan_i8(int isa, int group, int Kp, int *unit_chunks) {
+    int nch = Kp / BC_CHUNK_K;
+    *unit_chunks = nch > 0 ? nch : 1;
+    if (group <= 0) return isa;
+    if (group % 64 == 0 && isa != BC_ISA_GENERIC) {
+        *unit_chunks = group / 64;
+        return isa;
+    }
+    if (group % 32 == 0 && isa == BC_ISA_AVX512) {
+        *unit_chunks = 1;
+        return isa;
+    }
+    return BC_ISA_GENERIC;
+}
+
+int bc_plan_f32(int isa, int group) {
+    if (group <= 0) return isa;
+    if (isa == BC_ISA_AVX512 && group % 16 == 0) return isa;
+    if (isa == BC_ISA_AVX2 && group % 64 == 0) return isa;
+    return BC_ISA_GENERIC;
+}
+
+/* ---------------------------------------------------------------- thread pool */
+
+#define BC_MAX_THREADS 256
+#define BC_SPIN 20000  /* pause loops a worker spins before it sleeps (~0.1 ms) */
+
+typedef void (*bc_task)(void *ctx, int tid, int nth);
+
+static struct {
+    pthread_mutex_t call_mu;  /* one parallel call at a time */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int nworkers;
+    pid_t pid;
+    atomic_int gen;
+    atomic_int pending;
+    bc_task fn;
+    void *ctx;
+    int nth;
+    pthread_t th[BC_MAX_THREADS];
+} P = { .call_mu = PTHREAD_MUTEX_INITIALIZER, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER };
+
+static inline void cpu_relax(void) {
+#ifdef BC_X86
+    __builtin_ia32_pause();
+#endif
+}
+
+static void *worker(void *arg) {
+    int id = (int)(intptr_t)arg;  /* tid = id + 1; the caller is tid 0 */
+    int seen = 0;
+    for (;;) {
+        int spins = 0;
+        while (atomic_load_explicit(&P.gen, memory_order_acquire) == seen && spins < BC_SPIN) {
+            cpu_relax();
+            spins++;
+        }
+        if (atomic_load_explicit(&P.gen, memory_order_acquire) == seen) {
+            pthread_mutex_lock(&P.mu);
+            while (atomic_load_explicit(&P.gen, memory_order_acquire) == seen) pthread_cond_wait(&P.cv, &P.mu);
+            pthread_mutex_unlock(&P.mu);
+        }
+        seen = atomic_load_explicit(&P.gen, memory_order_acquire);
+        if (id + 1 < P.nth) {
+            P.fn(P.ctx, id + 1, P.nth);
+            atomic_fetch_sub_explicit(&P.pending, 1, memory_order_acq_rel);
+        }
+    }
+    return NULL;
+}
+
+static void run_parallel(bc_task fn, void *ctx, int nth) {
+    if (nth > BC_MAX_THREADS) nth = BC_MAX_THREADS;
+    if (nth <= 1) {
+        fn(ctx, 0, 1);
+        return;
+    }
+    pthread_mutex_lock(&P.call_mu);
+    if (P.pid != getpid()) {  /* first use, or a forked child: the parent's workers are gone */
+        P.nworkers = 0;
+        P.pid = getpid();
+    }
+    while (P.nworkers < nth - 1) {
+        if (pthread_create(&P.th[P.nworkers], NULL, worker, (void *)(intptr_t)P.nworkers) != 0) break;
+        pthread_detach(P.th[P.nworkers]);
+        P.nworkers++;
+    }
+    if (nth > P.nworkers + 1) nth = P.nworkers + 1;
+    P.fn = fn;
+    P.ctx = ctx;
+    P.nth = nth;
+    atomic_store(&P.pending, nth - 1);
+    pthread_mutex_lock(&P.mu);
+    atomic_fetch_add_explicit(&P.gen, 1, memory_order_release);
+    pthread_cond_broadcast(&P.cv);
+    pthread_mutex_unlock(&P.mu);
+    fn(ctx, 0, nth);
+    int spins = 0;
+    while (atomic_load_explicit(&P.pending, memory_order_acquire) > 0) {
+        if (++spins < BC_SPIN) cpu_relax();
+        else sched_yield();
+    }
+    pthread_mutex_unlock(&P.call_mu);
+}
+
+/* ---------------------------------------------------------------- GEMM / prep entry points */
+
+typedef struct {
+    const bc_gemm_args *a;
+    bc_gemm_fn fn;
+    int align;
+} gemm_job;
+
+static void gemm_task(void *p, int tid, int nth) {
+    const gemm_job *j = p;
+    int N = j->a->N, per = ((N + nth - 1) / nth + j->align - 1) / j->align * j->align;
+    int n0 = tid * per, n1 = n0 + per < N ? n0 + per : N;
+    if (n0 < n1) j->fn(j->a, n0, n1);
+}
+
+static int pick_threads(int nthreads, int64_t work, int N) {
+    if (nthreads < 1) nthreads = 1;
+    if (work < (1 << 18)) return 1;  /* below ~256K weight-activation products, waking threads costs more */
+    int maxt = (N + 3) / 4;
+    return nthreads < maxt ? nthreads : (maxt > 0 ? maxt : 1);
+}
+
+static bc_gemm_fn i8_kernel(int isa) {
+#ifdef BC_X86
+    if (isa == BC_ISA_AVX512) return bc_gemm_i2_i8_avx512;
+    if (isa == BC_ISA_AVX2) return bc_gemm_i2_i8_avx2;
+#endif
+    (void)isa;
+    return bc_gemm_i2_i8_generic;
+}
+
+static bc_gemm_fn f32_kernel(int isa) {
+#ifdef BC_X86
+    if (isa == BC_ISA_AVX512) return bc_gemm_i2_f32_avx512;
+    if (isa == BC_ISA_AVX2) return bc_gemm_i2_f32_avx2;
+#endif
+    (void)isa;
+    return bc_gemm_i2_f32_generic;
+}
+
+/* isa must be the one bc_plan_i8 returned (corr was prepared for its flush unit). */
+void bc_gemm_i8(const bc_gemm_args *a, int isa, int nthreads) {
+    gemm_job j = { a, i8_kernel(isa), 4 };
+    run_parallel(gemm_task, &j, pick_threads(nthreads, (int64_t)a->M * a->N * a->Kp, a->N));
+}
+
+void bc_gemm_f32(const bc_gemm_args *a, int isa, int nthreads) {
+    gemm_job j = { a, f32_kernel(isa), 4 };
+    run_parallel(gemm_task, &j, pick_threads(nthreads, (int64_t)a->M * a->N * a->Kp * 8, a->N));
+}
+
+typedef struct {
+    const bc_prep_args *a;
+    bc_prep_fn fn;
+} prep_job;
+
+static void prep_task(void *p, int tid, int nth) {
+    const prep_job *j = p;
+    int M = j->a->M, per = (M + nth - 1) / nth;
+    int m0 = tid * per, m1 = m0 + per < M ? m0 + per : M;
+    if (m0 < m1) j->fn(j->a, m0, m1);
+}
+
+void bc_prep_i8(const bc_prep_args *a, int isa, int nthreads) {
+    prep_job j = { a, bc_prep_i8_generic };
+#ifdef BC_X86
+    if (isa == BC_ISA_AVX512) j.fn = bc_prep_i8_avx512;
+    else if (isa == BC_ISA_AVX2) j.fn = bc_prep_i8_avx2;
+#endif
+    int64_t work = (int64_t)a->M * a->Kp;
+    int nth = work < (1 << 17) || nthreads < 1 ? 1 : (nthreads < a->M ? nthreads : a->M);
+    run_parallel(prep_task, &j, nth);
+}
+
+typedef struct {
+    const int8_t *q;
+    int64_t ldq;
+    int N, K;
+    uint8_t *out;
+} pack_job;
+
+static void pack_task(void *p, int tid, int nth) {
+    const pack_job *j = p;
+    int per = (j->N + nth - 1) / nth;
+    int n0 = tid * per, n1 = n0 + per < j->N ? n0 + per : j->N;
+    if (n0 < n1) bc_pack_i2_generic(j->q, j->ldq, j->N, j->K, j->out, n0, n1);
+}
+
+/* Pack q (N x K int8 in {-1,0,1}, row stride ldq) into out (N x Kp/4). Returns -1 on an invalid code. */
+int bc_pack_i2(const int8_t *q, int64_t ldq, int N, int K, uint8_t *out, int nthreads) {
+    for (int n = 0; n < N; n++) {
+        const int8_t *row = q + (int64_t)n * ldq;
+        int bad = 0;
+        for (int k = 0; k < K; k++) bad |= (row[k] < -1) | (row[k] > 1);
+        if (bad) return -1;
+    }
+    pack_job j = { q, ldq, N, K, out };
+    int nth = (int64_t)N * K < (1 << 20) || nthreads < 1 ? 1 : nthreads;
+    run_parallel(pack_task, &j, nth);
+    return 0;
+}

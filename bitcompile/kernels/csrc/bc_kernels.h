@@ -1,0 +1,102 @@
+/* Ternary CPU kernels of bitcompile: shared declarations.
+ *
+ * Weights use the packed layout bc_i2_planar256 v1 (kernels/packing.py has the diagram):
+ * row n is Kp/4 bytes, Kp = K rounded up to 256; byte j of 64-byte block b holds the
+ * 2-bit codes c = q + 1 of k = 256*b + 64*i + j at bits 2i..2i+1. A 64-k "chunk" is one
+ * plane of one block: chunk ch = 4*b + i covers k = 64*ch .. 64*ch + 63.
+ *
+ * Names follow bc_<op>_<wtype>_<atype>_<isa> (i2 = 2-bit ternary, i8 = int8, f32).
+ */
+#ifndef BC_KERNELS_H
+#define BC_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define BC_BLOCK_K 256
+#define BC_CHUNK_K 64
+
+enum { BC_ISA_GENERIC = 0, BC_ISA_AVX2 = 1, BC_ISA_AVX512 = 2 };
+
+/* One GEMM call: y[m, n] = sx[m] * sum_g sw[n, g] * sum_{k in g} q_w[n, k] * x[m, k] (+ bias[n]).
+ * group: -1 per row, 0 per tensor (both: one scale column), g > 0 groups of g along K. */
+typedef struct {
+    int M, N, K, Kp, group, G;   /* G = number of scale columns */
+    /* int8 path: activations padded with zeros to Kp, row stride Kp */
+    const int8_t *xq;
+    const float *sx;
+    /* corr[m, u, 0..15]: per-lane sums of xq over the chunks of flush unit u (SIMD paths) */
+    const int32_t *corr;
+    int unit_chunks, n_units;
+    /* float path: fp32 activations, row stride ldxf, valid up to K */
+    const float *xf;
+    int64_t ldxf;
+    const uint8_t *w;            /* N x Kp/4 */
+    const float *sw;             /* N x G */
+    const float *bias;           /* N or NULL */
+    void *out;                   /* M x N, row stride ldo elements */
+    int64_t ldo;
+    int out_bf16;
+} bc_gemm_args;
+
+/* Kernel signature: compute output columns [n0, n1) for every row m. */
+typedef void (*bc_gemm_fn)(const bc_gemm_args *a, int n0, int n1);
+
+/* Quantize / copy activations: xq (M x Kp, zero padded), sx (M), corr (M x n_units x 16) if non-NULL. */
+typedef struct {
+    int M, K, Kp;
+    const void *x;               /* fp32 or bf16 (quantize) or int8 (copy) */
+    int64_t ldx;                 /* row stride in elements */
+    int x_kind;                  /* 0 fp32, 1 bf16, 2 int8 (already quantized) */
+    int8_t *xq;
+    float *sx;                   /* written when quantizing */
+    int32_t *corr;
+    int unit_chunks, n_units;
+} bc_prep_args;
+
+typedef void (*bc_prep_fn)(const bc_prep_args *a, int m0, int m1);
+
+/* Which group modes a SIMD int8 / float kernel handles (others run the generic kernel). */
+typedef int (*bc_supports_fn)(int group);
+
+/* generic C (every architecture) */
+void bc_gemm_i2_i8_generic(const bc_gemm_args *a, int n0, int n1);
+void bc_gemm_i2_f32_generic(const bc_gemm_args *a, int n0, int n1);
+void bc_prep_i8_generic(const bc_prep_args *a, int m0, int m1);
+void bc_pack_i2_generic(const int8_t *q, int64_t ldq, int N, int K, uint8_t *out, int n0, int n1);
+
+#if defined(__x86_64__) || defined(_M_X64)
+void bc_gemm_i2_i8_avx2(const bc_gemm_args *a, int n0, int n1);
+void bc_gemm_i2_f32_avx2(const bc_gemm_args *a, int n0, int n1);
+void bc_prep_i8_avx2(const bc_prep_args *a, int m0, int m1);
+void bc_gemm_i2_i8_avx512(const bc_gemm_args *a, int n0, int n1);
+void bc_gemm_i2_f32_avx512(const bc_gemm_args *a, int n0, int n1);
+void bc_prep_i8_avx512(const bc_prep_args *a, int m0, int m1);
+#endif
+
+/* helpers shared by the kernels */
+static inline uint16_t bc_f32_to_bf16(float f) {
+    union { float f; uint32_t u; } v = { f };
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);  /* quiet NaN */
+    v.u += 0x7fffu + ((v.u >> 16) & 1u);  /* round to nearest even, as torch does */
+    return (uint16_t)(v.u >> 16);
+}
+
+static inline float bc_bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v = { (uint32_t)h << 16 };
+    return v.f;
+}
+
+static inline void bc_store(const bc_gemm_args *a, int m, int n, float y) {
+    if (a->out_bf16) ((uint16_t *)a->out)[(int64_t)m * a->ldo + n] = bc_f32_to_bf16(y);
+    else ((float *)a->out)[(int64_t)m * a->ldo + n] = y;
+}
+
+/* y = ((float)acc * sw) * sx (+ bias): the reference's order of roundings (per row / tensor). */
+static inline float bc_finish_row(const bc_gemm_args *a, int m, int n, float dot_scaled) {
+    float y = dot_scaled * a->sx[m];
+    if (a->bias) y = y + a->bias[n];
+    return y;
+}
+
+#endif

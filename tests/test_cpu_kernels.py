@@ -1,0 +1,230 @@
+"""C ternary kernels (bitcompile/kernels/cpu.py) against tests/reference_impl.py and kernels/reference.py.
+
+Every ISA path is forced with BITCOMPILE_ISA; shapes cover the GEMV (M <= 8) and GEMM
+paths, N and K that are not multiples of 4/32/64/128/256, every group mode, bias or not,
+fp32 and bf16 output. Integer sums must be exact; scaled outputs equal within fp32 rounding
+(bit-equal to the reference kernel for per-row / per-tensor scales).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reference_impl as ref
+from bitcompile.kernels import cpu, get_kernel, packing, reference, resolve_target
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"C kernels not built: {cpu.unavailable_reason()}")
+
+ISAS = ["scalar", "avx2", "avx512"]
+# group code as the kernels take it, and the same mode as tests/reference_impl spells it
+GROUPS = [(-1, -1), (0, "tensor"), (32, 32), (64, 64), (128, 128), (96, 96), (48, 48), (100, 100)]
+SHAPES = [  # (M, N, K): GEMV M <= 8, GEMM above
+    (1, 1, 1),
+    (1, 13, 100),
+    (3, 5, 257),
+    (8, 67, 600),
+    (9, 6, 255),
+    (37, 19, 1000),
+    (130, 9, 513),
+]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    if not cpu.isa_supported(request.param):
+        pytest.skip(f"this CPU has no {request.param}")
+    monkeypatch.setenv("BITCOMPILE_ISA", request.param)
+    assert cpu.isa() == request.param
+    return request.param
+
+
+def _problem(m, n, k, group_size, seed=0, x_dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    x = (torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 4).to(x_dtype)
+    b = torch.randn(n, generator=g)
+    q, s = ref.ternary_codes(w, group_size)
+    return x, w, b, q.to(torch.int8), s
+
+
+def _tol(x_codes, x_scales, q, s, group_size):
+    """fp32 rounding bound: a few ulps of sum_g s_g * sum_k |q x| (times s_x)."""
+    mag = torch.zeros(x_codes.shape[0], q.shape[0], dtype=torch.float64)
+    for gi, (a, b_) in enumerate(ref.group_bounds(q.shape[1], group_size)):
+        mag += (x_codes[:, a:b_].abs().double() @ q[:, a:b_].abs().double().t()) * s[:, gi].double()
+    return (mag * x_scales.double()[:, None] + 1) * 4e-7 * (1 + len(ref.group_bounds(q.shape[1], group_size)) ** 0.5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("groups", GROUPS)
+def test_packed_linear_int8_matches_reference_impl(isa, shape, groups):
+    code, group_size = groups
+    m, n, k = shape
+    x, w, b, q, s = _problem(m, n, k, group_size, seed=m * 1000 + k)
+    packed = packing.pack_codes(q)
+    expected = ref.ternary_linear_forward(x, w, b, group_size, "int8")
+    got = cpu.packed_linear(x, packed, s, k, code, b, True, torch.float32)
+    x_codes, x_scales = ref.activation_codes(x)
+    tol = _tol(x_codes, x_scales, q, s, group_size)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert ((got.double() - expected).abs() <= tol + 1e-6).all()
+    # the same through the int8-codes entry point, against the package's reference kernel
+    xq, sx = reference.quantize_activations(x)
+    want = reference.packed_int8_matmul(xq, sx, packed, s, k, code, b, torch.float32)
+    got2 = cpu.packed_int8_matmul(xq, sx, packed, s, k, code, b, torch.float32)
+    assert torch.equal(got2, got)
+    if code <= 0:  # one scale column: bit-identical to the reference (same order of roundings)
+        assert torch.equal(got2, want)
+    else:
+        assert ((got2.double() - want.double()).abs() <= tol + 1e-6).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 300), (6, 33, 1000), (21, 10, 777)])
+@pytest.mark.parametrize("groups", GROUPS)
+def test_integer_sums_are_exact(isa, shape, groups):
+    """With unit scales the outputs are the integer dot products themselves (exact in fp32 < 2**24)."""
+    code, group_size = groups
+    m, n, k = shape
+    g = torch.Generator().manual_seed(k)
+    xq = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    q = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    ng = len(ref.group_bounds(k, group_size))
+    exact = (xq.long() @ q.long().t()).float()
+    got = cpu.packed_int8_matmul(xq, torch.ones(m), packing.pack_codes(q), torch.ones(n, ng), k, code, None, torch.float32)
+    assert torch.equal(got, exact)
+
+
+@pytest.mark.parametrize("groups", GROUPS)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_out_and_bf16_activations(isa, groups, x_dtype):
+    code, group_size = groups
+    x, w, b, q, s = _problem(5, 40, 700, group_size, seed=7, x_dtype=x_dtype)
+    packed = packing.pack_codes(q)
+    got = cpu.packed_linear(x, packed, s, 700, code, b, True, torch.bfloat16)
+    want = reference.packed_linear(x, packed, s, 700, code, b, True, torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    if code <= 0:
+        assert torch.equal(got, want)
+    else:  # fp32 values agree to rounding; after bf16 rounding at most one bf16 ulp apart
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("groups", [(-1, -1), (0, "tensor"), (64, 64), (32, 32), (48, 48), (100, 100)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_packed_float_matmul_matches_reference_impl(isa, shape, groups, with_bias):
+    code, group_size = groups
+    m, n, k = shape
+    x, w, b, q, s = _problem(m, n, k, group_size, seed=k + 5)
+    b = b if with_bias else None
+    expected = ref.ternary_linear_forward(x, w, b, group_size, None)
+    got = cpu.packed_float_matmul(x, packing.pack_codes(q), s, k, code, b, torch.float32)
+    mag = x.abs().double() @ (q.abs().double() * ref.fake_quant_weight(w, group_size).abs().double()).t()
+    assert ((got.double() - expected).abs() <= mag * 2e-6 + 1e-5).all()
+    got_bf16 = cpu.packed_float_matmul(x.bfloat16(), packing.pack_codes(q), s, k, code, b, torch.bfloat16)
+    assert got_bf16.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 15, 16, 100, 1000])
+def test_quantize_activations_bit_exact(isa, x_dtype, k):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(6, k, generator=g) * torch.tensor([1.0, 1e-3, 100.0, 0.0, 1e-7, 3.0])[:, None]
+    x[5, : min(k, 4)] = torch.tensor([127.0, 0.5, 1.5, -2.5])[: min(k, 4)] * 3 / 127  # ties -> even
+    x = x.to(x_dtype)
+    codes, scales = cpu.quantize_activations(x)
+    want_codes, want_scales = ref.activation_codes(x)
+    assert codes.dtype == torch.int8 and scales.dtype == torch.float32
+    assert torch.equal(scales, want_scales)
+    assert torch.equal(codes.long(), want_codes)
+
+
+@pytest.mark.parametrize("groups", GROUPS)
+@pytest.mark.parametrize("m", [1, 20])
+def test_training_int8_ternary_matmul(isa, groups, m):
+    code, group_size = groups
+    x, w, b, q, s = _problem(m, 24, 300, group_size, seed=m)
+    xq, sx = reference.quantize_activations(x)
+    want = reference.int8_ternary_matmul(xq, sx, q, s, code, b, torch.float32)
+    got = cpu.int8_ternary_matmul(xq, sx, q, s, code, b, torch.float32)
+    if code <= 0:  # torch._int_mm, then the reference's scalings: bit-identical
+        assert torch.equal(got, want)
+    else:
+        tol = _tol(xq.long(), sx, q.long(), s, group_size)
+        assert ((got.double() - want.double()).abs() <= tol + 1e-6).all()
+
+
+@pytest.mark.parametrize("code", [-1, 64])
+def test_threads_split_n_without_changing_results(code):
+    x, w, b, q, s = _problem(5, 203, 1100, code, seed=11)
+    packed = packing.pack_codes(q)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu.packed_linear(x, packed, s, 1100, code, b, True, torch.float32)
+        onef = cpu.packed_float_matmul(x, packed, s, 1100, code, b, torch.float32)
+        torch.set_num_threads(2)
+        two = cpu.packed_linear(x, packed, s, 1100, code, b, True, torch.float32)
+        twof = cpu.packed_float_matmul(x, packed, s, 1100, code, b, torch.float32)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two) and torch.equal(onef, twof)
+
+
+def test_ternary_linear_op_on_cpu_kernel_matches_reference_kernel():
+    x, w, b, _, _ = _problem(7, 30, 260, -1, seed=2)
+    for quant in (True, False):
+        y_cpu = torch.ops.bitcpm.ternary_linear(x, w, b, -1, quant, "cpu")[0]
+        y_ref = torch.ops.bitcpm.ternary_linear(x, w, b, -1, quant, "reference")[0]
+        assert torch.equal(y_cpu, y_ref)
+
+
+def test_cpu_is_registered_and_resolved():
+    assert get_kernel("cpu") is cpu
+    assert resolve_target("cpu") == "cpu" and resolve_target("auto") == "cpu"
+    assert cpu.kernel_isa(-1) == cpu.isa()
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, w, b, q, s = _problem(2, 5, 100, -1)
+    packed = packing.pack_codes(q)
+    xq, sx = reference.quantize_activations(x)
+    with pytest.raises(ValueError, match="bytes per row, in_features=300 needs 128"):
+        cpu.packed_int8_matmul(torch.zeros(2, 300, dtype=torch.int8), sx, packed, s, 300, -1, None, torch.float32)
+    with pytest.raises(ValueError, match=r"w_scales must have shape \(5, 4\)"):
+        cpu.packed_int8_matmul(xq, sx, packed, s, 100, 32, None, torch.float32)
+    with pytest.raises(TypeError, match="x_codes must be int8"):
+        cpu.packed_int8_matmul(x, sx, packed, s, 100, -1, None, torch.float32)
+    with pytest.raises(ValueError, match=r"activations must be 2-D \(M, 100\)"):
+        cpu.packed_linear(x[:, :50], packed, s, 100, -1, None, True, torch.float32)
+    with pytest.raises(ValueError, match="bias shape"):
+        cpu.packed_float_matmul(x, packed, s, 100, -1, torch.zeros(4), torch.float32)
+    with pytest.raises(TypeError, match="2-D uint8"):
+        cpu.packed_float_matmul(x, q, s, 100, -1, None, torch.float32)
+
+
+def test_bad_isa_env_is_an_error(monkeypatch):
+    monkeypatch.setenv("BITCOMPILE_ISA", "neon9")
+    with pytest.raises(ValueError, match="BITCOMPILE_ISA='neon9' is not one of"):
+        cpu.isa()
+
+
+def test_degenerate_shapes():
+    packed = packing.pack_codes(torch.zeros(3, 0, dtype=torch.int8))
+    y = cpu.packed_linear(torch.zeros(2, 0), packed, torch.ones(3, 1), 0, -1, torch.ones(3), True, torch.float32)
+    assert torch.equal(y, torch.ones(2, 3))
+    packed = packing.pack_codes(torch.zeros(3, 10, dtype=torch.int8))
+    assert cpu.packed_linear(torch.zeros(0, 10), packed, torch.ones(3, 1), 10, -1, None, True, torch.float32).shape == (0, 3)
+
+
+def test_without_the_library_everything_falls_back_to_reference(monkeypatch):
+    x, w, b, q, s = _problem(3, 9, 300, 64, seed=1)
+    packed = packing.pack_codes(q)
+    monkeypatch.setattr(cpu, "_LIB", None)
+    monkeypatch.setattr(cpu, "_UNAVAILABLE_REASON", "test: simulated missing library")
+    assert not cpu.available()
+    assert resolve_target("auto") == "reference"
+    want = reference.packed_linear(x, packed, s, 300, 64, b, True, torch.float32)
+    assert torch.equal(cpu.packed_linear(x, packed, s, 300, 64, b, True, torch.float32), want)
+    assert torch.equal(cpu.pack_codes(q), packed)

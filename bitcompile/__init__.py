@@ -16,13 +16,28 @@ import torch
 
 from bitcompile.config import TernaryConfig, TernaryConfigError
 from bitcompile.inspect.report import ExplainReport, explain
+from bitcompile.runtime.checkpoint import CheckpointError, load_packed, save_packed
+from bitcompile.runtime.modules import PackedTernaryLinear, pack, plan_packing
 
 try:
     __version__ = version("bitcompile")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["ExplainReport", "TernaryConfig", "TernaryConfigError", "compile", "explain", "__version__"]
+__all__ = [
+    "CheckpointError",
+    "ExplainReport",
+    "PackedTernaryLinear",
+    "TernaryConfig",
+    "TernaryConfigError",
+    "__version__",
+    "compile",
+    "explain",
+    "load_packed",
+    "pack",
+    "plan_packing",
+    "save_packed",
+]
 
 
 def compile(model: torch.nn.Module, config: TernaryConfig | None = None, **torch_compile_kwargs: Any):

@@ -53,6 +53,8 @@ class TernaryConfig:
         target: kernels to run: ``"auto"``, ``"reference"`` (pure PyTorch), ``"cpu"`` or
             ``"cann"`` (Ascend through torch_npu).
         inner: compiler for the rest of the graph: ``"inductor"``, ``"aot_eager"``, ``"eager"``.
+        freeze: inference only (``model.eval()`` + ``torch.no_grad()``): quantize and pack the
+            weights once at compile time; a later weight change raises until you recompile.
 
     Example::
 
@@ -68,6 +70,7 @@ class TernaryConfig:
     min_features: int = 0
     target: str = "auto"
     inner: str = "inductor"
+    freeze: bool = False
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -82,6 +85,8 @@ class TernaryConfig:
             raise _bad("min_features", self.min_features, "a non-negative int")
         if self.target not in TARGETS:
             raise _bad("target", self.target, f"one of {', '.join(TARGETS)}")
+        if not isinstance(self.freeze, bool):
+            raise _bad("freeze", self.freeze, "True or False")
         if self.inner not in INNER_COMPILERS:
             raise _bad("inner", self.inner, f"one of {', '.join(INNER_COMPILERS)}")
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.fx
@@ -31,10 +32,17 @@ def _call(graph: torch.fx.Graph, target, args, like: torch.fx.Node) -> torch.fx.
     return node
 
 
-def ternary_rewrite(
-    gm: torch.fx.GraphModule, decisions: Sequence[LayerDecision], config: TernaryConfig, kernel: str
-) -> int:
-    """Replace every approved linear-like node; returns how many were replaced."""
+#: Emits the nodes computing ``x @ W^T (+ bias)`` for an ``(out, in)``-layout weight; returns the output node.
+Emitter = Callable[[torch.fx.Graph, LayerDecision, torch.fx.Node, Any, torch.fx.Node], torch.fx.Node]
+
+
+def rewrite_sites(gm: torch.fx.GraphModule, decisions: Sequence[LayerDecision], emit: Emitter) -> int:
+    """Replace every approved linear-like node by what ``emit`` builds; returns how many.
+
+    Handles the layouts around the emitted core: ``W @ x`` gets transposes of ``x`` and the
+    output, addmm's added term is added back. ``emit`` receives ``(graph, decision, x,
+    bias, like)`` and deals with the weight itself (transposing ``(in, out)`` weights).
+    """
     graph = gm.graph
     replaced = 0
     # Sites were found before any rewrite; an activation may be a node we since replaced.
@@ -45,16 +53,11 @@ def ternary_rewrite(
             continue
         node = site.node
         with graph.inserting_before(node):
-            x, weight = new_value.get(site.activation, site.activation), site.weight
-            if site.layout == "in_out":
-                weight = _call(graph, torch.t, (weight,), node)
+            x = new_value.get(site.activation, site.activation)
             if site.layout == "left":
                 x = _call(graph, torch.transpose, (x, -1, -2), node)
             added = new_value.get(site.bias, site.bias)
-            bias = added if site.kind == "linear" else None
-            op_args = (x, weight, bias, config.group_code, config.quantize_activations, kernel)
-            result = _call(graph, torch.ops.bitcpm.ternary_linear.default, op_args, node)
-            out = _call(graph, operator.getitem, (result, 0), node)
+            out = emit(graph, decision, x, added if site.kind == "linear" else None, node)
             if site.layout == "left":
                 out = _call(graph, torch.transpose, (out, -1, -2), node)
             if site.kind == "addmm":
@@ -63,8 +66,24 @@ def ternary_rewrite(
         new_value[node] = out
         graph.erase_node(node)
         replaced += 1
-        log.debug("bitcpm: %s (%s, %s) -> bitcpm::ternary_linear", decision.name, site.kind, site.layout)
+        log.debug("bitcpm: %s (%s, %s) rewritten", decision.name, site.kind, site.layout)
     if replaced:
         graph.lint()
         gm.recompile()
     return replaced
+
+
+def ternary_rewrite(
+    gm: torch.fx.GraphModule, decisions: Sequence[LayerDecision], config: TernaryConfig, kernel: str
+) -> int:
+    """Training rewrite: approved layers → ``bitcpm::ternary_linear`` on the latent weight."""
+
+    def emit(graph, decision, x, bias, like):
+        weight = decision.site.weight
+        if decision.site.layout == "in_out":
+            weight = _call(graph, torch.t, (weight,), like)
+        op_args = (x, weight, bias, config.group_code, config.quantize_activations, kernel)
+        result = _call(graph, torch.ops.bitcpm.ternary_linear.default, op_args, like)
+        return _call(graph, operator.getitem, (result, 0), like)
+
+    return rewrite_sites(gm, decisions, emit)

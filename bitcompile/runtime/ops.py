@@ -175,6 +175,69 @@ def _backward(ctx, grad_y, *_grads_of_saved_outputs):
 ternary_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _check_packed(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor], in_features: int, group_size: int) -> None:
+    from bitcompile.kernels.packing import packed_shape
+
+    check_group_code(group_size)
+    out_features = packed.shape[0] if packed.dim() == 2 else -1
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != packed_shape(out_features, in_features):
+        raise ValueError(
+            f"bitcpm::ternary_linear_packed: packed weight must be uint8 {packed_shape(max(out_features, 0), in_features)} "
+            f"for in_features={in_features}, got {packed.dtype} {tuple(packed.shape)}"
+        )
+    if scales.dtype != torch.float32 or tuple(scales.shape) != (out_features, num_groups(in_features, group_size)):
+        raise ValueError(
+            f"bitcpm::ternary_linear_packed: scales must be float32 ({out_features}, "
+            f"{num_groups(in_features, group_size)}), got {scales.dtype} {tuple(scales.shape)}"
+        )
+    if x.shape[-1] != in_features:
+        raise ValueError(f"bitcpm::ternary_linear_packed: input's last dim {x.shape[-1]} != in_features {in_features}")
+    if not x.is_floating_point():
+        raise TypeError(f"bitcpm::ternary_linear_packed: input must be floating point, got {x.dtype}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bitcpm::ternary_linear_packed: bias shape {tuple(bias.shape)} != ({out_features},)")
+
+
+@torch.library.custom_op("bitcpm::ternary_linear_packed", mutates_args=())
+def ternary_linear_packed(
+    x: Tensor,
+    packed: Tensor,
+    scales: Tensor,
+    bias: Optional[Tensor],
+    in_features: int,
+    group_size: int,
+    quantize_activations: bool,
+    kernel: str,
+) -> Tensor:
+    """Inference on 2-bit packed ternary weights: ``y = x @ (codes * scales)^T + b``.
+
+    Args:
+        x (Tensor): ``(..., K)`` activations.
+        packed (Tensor): uint8 codes in the canonical layout (``bitcompile.kernels.packing``).
+        scales (Tensor): fp32 ``(N, n_groups)`` multipliers.
+        bias (Tensor, optional): ``(N,)``.
+        in_features (int): K (the packed rows are padded; K says where they end).
+        group_size (int): -1 per row, 0 per tensor, ``g > 0`` groups of ``g``.
+        quantize_activations (bool): W1.58A8 when True, weight-only otherwise.
+        kernel (str): kernel module name (``"reference"``, ``"cpu"`` ...).
+    """
+    _check_packed(x, packed, scales, bias, in_features, group_size)
+    impl = get_kernel(kernel)
+    x2d = x.reshape(-1, in_features)
+    if quantize_activations:
+        x_codes, x_scales = impl.quantize_activations(x2d)
+        y2d = impl.packed_int8_matmul(x_codes, x_scales, packed, scales, in_features, group_size, bias, x.dtype)
+    else:
+        y2d = impl.packed_float_matmul(x2d, packed, scales, in_features, group_size, bias, x.dtype)
+    return y2d.reshape(*x.shape[:-1], packed.shape[0])
+
+
+@ternary_linear_packed.register_fake
+def _ternary_linear_packed_fake(x, packed, scales, bias, in_features, group_size, quantize_activations, kernel):
+    _check_packed(x, packed, scales, bias, in_features, group_size)
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
 def ternary_linear_output(
     x: Tensor,
     weight: Tensor,

@@ -1,0 +1,202 @@
+"""Packed ternary layers and ``pack``: from a trained model to 2-bit weights.
+
+``pack(model)`` swaps every ``nn.Linear`` the shared layer policy approves for a
+:class:`PackedTernaryLinear` that holds only 2-bit codes, fp32 scales and the bias; the
+float weight is dropped with the old module (memory is released once nothing else, such
+as an optimizer, still references it). All packed layers are built before the first swap,
+so an error leaves the user's model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+import bitcompile.runtime.ops  # noqa: F401  (registers torch.ops.bitcpm.*)
+from bitcompile.config import TernaryConfig
+from bitcompile.kernels import get_kernel, resolve_target
+from bitcompile.kernels.groups import describe, num_groups
+from bitcompile.kernels.packing import pack_codes, packed_shape, unpack_codes
+from bitcompile.policy import layer_skip_reason
+from bitcompile.runtime.prequantized import detect_ternary
+
+PreQuantized = Literal["auto"] | bool
+
+
+class PackedTernaryLinear(nn.Module):
+    """A linear layer with 2-bit ternary weights: ``y = x @ (codes * scales)^T + bias``.
+
+    Buffers: ``packed`` (uint8, canonical layout), ``scales`` (fp32 ``(out, n_groups)``),
+    ``bias`` (original dtype, optional). Inference only: it has no trainable weight.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        group_size: int | str = -1,
+        activations: str | None = "int8",
+        dtype: torch.dtype = torch.float32,
+        target: str = "auto",
+    ) -> None:
+        super().__init__()
+        config = TernaryConfig(group_size=group_size, activations=activations, target=target)
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.activations, self.original_dtype = config.group_size, activations, dtype
+        self.group_code, self.quantize_activations = config.group_code, config.quantize_activations
+        self.kernel = resolve_target(target)
+        self.register_buffer("packed", torch.zeros(packed_shape(out_features, in_features), dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, num_groups(in_features, self.group_code)))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+
+    @classmethod
+    def from_codes(
+        cls, codes: Tensor, scales: Tensor, bias: Tensor | None, config: TernaryConfig, dtype: torch.dtype
+    ) -> PackedTernaryLinear:
+        out_features, in_features = codes.shape
+        layer = cls(
+            in_features, out_features, bias=bias is not None, group_size=config.group_size,
+            activations=config.activations, dtype=dtype, target=config.target,
+        )  # fmt: skip
+        layer.packed = pack_codes(codes)
+        layer.scales = scales.float().contiguous()
+        if bias is not None:
+            layer.bias = bias.detach().clone()
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.bitcpm.ternary_linear_packed(
+            x, self.packed, self.scales, self.bias, self.in_features, self.group_code,
+            self.quantize_activations, self.kernel,
+        )  # fmt: skip
+
+    def codes(self) -> Tensor:
+        """The ternary codes as int8 ``(out, in)``."""
+        return unpack_codes(self.packed, self.in_features)
+
+    def dequantized_weight(self) -> Tensor:
+        """``codes * scales`` as an fp32 ``(out, in)`` matrix (for checks and export)."""
+        return get_kernel("reference").dequantize_weight(self.codes(), self.scales, self.group_code)
+
+    def extra_repr(self) -> str:
+        acts = "int8 activations" if self.quantize_activations else "weight-only"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"{describe(self.group_code)} scales, {acts}, kernel={self.kernel}"
+        )
+
+
+@dataclasses.dataclass
+class PackDecision:
+    """What ``pack`` does with one ``nn.Linear``."""
+
+    name: str
+    out_features: int
+    in_features: int
+    packed: bool
+    reason: str
+    source: str = ""  # "quantized" (absmean quantizer) or "already ternary" (lossless)
+
+
+def _shared_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter id → every dotted name it has (more than one for tied weights)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return names
+
+
+def _check_not_packed(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, PackedTernaryLinear):
+            raise ValueError(
+                f"model is already packed: {name or 'the model'} is a PackedTernaryLinear; pack a model only once"
+            )
+
+
+def plan_packing(model: nn.Module, config: TernaryConfig | None = None) -> list[PackDecision]:
+    """Which ``nn.Linear`` layers :func:`pack` would pack, and why the others stay float."""
+    config = config or TernaryConfig()
+    shared = _shared_parameters(model)
+    plan = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        others = [n for n in shared.get(id(module.weight), []) if n != f"{name}.weight"]
+        shared_with = f"{', '.join(others)} (tied)" if others else None
+        reason = layer_skip_reason(name, module.weight, module.out_features, module.in_features, config, shared_with)
+        plan.append(PackDecision(name, module.out_features, module.in_features, reason is None, reason or "packed"))
+    return plan
+
+
+def _ternary_codes(name: str, weight: Tensor, config: TernaryConfig, pre_quantized: PreQuantized):
+    detected = detect_ternary(weight, config.group_code) if pre_quantized in ("auto", True) else None
+    if detected is not None:
+        return (*detected, "already ternary")
+    if pre_quantized is True:
+        raise ValueError(
+            f"layer {name!r}: pre_quantized=True but its weight is not ternary with {describe(config.group_code)} "
+            "scales (some group has more than one non-zero magnitude); pass the checkpoint's group_size or "
+            "pre_quantized='auto'"
+        )
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"layer {name!r}: weight has NaN or inf values; refusing to pack it")
+    codes, scales = get_kernel("reference").quantize_weight(weight, config.group_code)
+    return codes, scales, "quantized"
+
+
+def pack(
+    model: nn.Module, config: TernaryConfig | None = None, *, pre_quantized: PreQuantized = "auto"
+) -> nn.Module:
+    """Replace approved ``nn.Linear`` layers of ``model`` (in place) by :class:`PackedTernaryLinear`.
+
+    Args:
+        model: a trained (or pseudo-quantized) float model.
+        config: the same :class:`TernaryConfig` the model was trained with (group size,
+            activation mode, exclude/include, min_features, target).
+        pre_quantized: ``"auto"`` packs weights that are already ternary losslessly and
+            quantizes the others; ``True`` requires every packed layer to be already ternary;
+            ``False`` always applies the absmean quantizer.
+
+    Returns:
+        ``model`` itself; ``model.bitcompile_pack_plan`` lists every decision.
+    """
+    config = config or TernaryConfig()
+    _check_not_packed(model)
+    plan = plan_packing(model, config)
+    replacements: dict[str, PackedTernaryLinear] = {}
+    for decision in plan:
+        if not decision.packed:
+            continue
+        if not decision.name:
+            raise ValueError("pack() replaces submodules: wrap a bare nn.Linear in a container (nn.Sequential)")
+        linear = model.get_submodule(decision.name)
+        codes, scales, decision.source = _ternary_codes(decision.name, linear.weight, config, pre_quantized)
+        replacements[decision.name] = PackedTernaryLinear.from_codes(
+            codes, scales, linear.bias, config, linear.weight.dtype
+        ).to(linear.weight.device)
+    for name, packed in replacements.items():  # nothing above mutated the model; swapping cannot fail
+        replace_submodule(model, name, packed)
+    model.bitcompile_pack_plan = plan
+    return model
+
+
+def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """``model.<name> = new`` for a dotted ``name``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def weight_nbytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (tied tensors counted once)."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.nbytes
+    return total

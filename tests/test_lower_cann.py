@@ -191,3 +191,16 @@ def test_prepared_weights_match_the_training_path():
         got = cann.prepared_linear(x, prepared, b, acts, n)
         want = ternary_linear_output(x, w, b, group, acts, "cann")
         assert torch.equal(got, want), (n, k, group, acts, dtype)
+
+
+def test_benchmark_smoke_runs_through_the_emulator(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cann.py"
+    spec = importlib.util.spec_from_file_location("bench_cann", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "bit-exact" in out and "mean nothing" in out

@@ -204,3 +204,20 @@ def test_benchmark_smoke_runs_through_the_emulator(capsys):
     assert bench.main(["--smoke"]) == 0
     out = capsys.readouterr().out
     assert "bit-exact" in out and "mean nothing" in out
+
+
+def test_packed_model_on_target_cann_matches_packed_reference():
+    """PackedTernaryLinear with target="cann" runs the cann kernels (bf16 A8: bit-exact)."""
+    from bitcompile.config import TernaryConfig
+    from bitcompile.runtime.modules import pack
+
+    outs = {}
+    for target in ("reference", "cann"):
+        model, tokens = _tiny(torch.bfloat16, seed=5)
+        packed = pack(model.eval(), TernaryConfig(target=target))
+        with torch.no_grad():
+            eager = packed(tokens)
+        compiled, _ = _run(packed, (tokens,), target=target)
+        assert torch.equal(eager, compiled)
+        outs[target] = eager
+    assert torch.equal(outs["cann"], outs["reference"])

@@ -75,7 +75,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
         first = (str(error).strip().splitlines() or [""])[0]
         print(f"bitcompile inspect: error: capturing {args.model!r} failed: {type(error).__name__}: {first}", file=sys.stderr)
         return 1
-    console = Console()
+    # Colour and the terminal's width on a TTY; plain text wide enough not to fold paths otherwise.
+    console = Console() if sys.stdout.isatty() else Console(width=200, color_system=None)
     report.render(console)
     if config.target == "cann":
         report.render_lowering(console)

@@ -51,7 +51,7 @@ tr.flash { outline: 3px solid #5b3fa6; }
 details { background: #fff; border: 1px solid #ddd; border-radius: 8px; margin: 10px 0; padding: 6px 12px; }
 summary { cursor: pointer; font-weight: 600; }
 .picture { overflow: auto; max-height: 80vh; border: 1px solid #eee; border-radius: 6px; margin: 8px 0; background: #fff; }
-.picture svg { display: block; }
+.picture svg { display: block; max-width: 100%%; height: auto; }
 .picture .node { cursor: pointer; }
 pre.code { margin: 6px 0; overflow: auto; max-height: 70vh; font: 12px/1.5 ui-monospace, monospace; background: #fafafa;
            border: 1px solid #eee; border-radius: 6px; padding: 6px 0; counter-reset: line; }

@@ -656,7 +656,16 @@ def render_svg_dot(view: GraphView, title: str = "", timeout: float = 60.0) -> s
         raise RuntimeError(f"dot failed: {proc.stderr.strip().splitlines()[:1]}")
     svg = proc.stdout[proc.stdout.index("<svg") :]
     svg = re.sub(r"<svg ", '<svg class="bc-graph" data-engine="dot" ', svg, count=1)
-    return svg
+    # Same data attributes as the built-in layout, so the page's script treats both alike.
+    by_id = {n.id: n for n in view.nodes}
+
+    def tag(match: re.Match) -> str:
+        n = by_id.get(html.unescape(match.group(1)))
+        if n is None:
+            return match.group(0)
+        return f'{match.group(0)[:-1]} data-role="{n.role}" data-layer="{_esc(n.layer)}">'
+
+    return re.sub(r'<g id="([^"]+)" class="node">', tag, svg)
 
 
 def render_svg(graph: GraphReport, engine: str = "auto", title: str = "", id_prefix: str = "n") -> tuple[str, GraphView]:

@@ -1,0 +1,193 @@
+"""``bitcompile inspect``: the tables it prints, the files it writes, and one-line errors (exit 2)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from bitcompile.cli import main, parse_option
+from bitcompile.model_loader import ModelLoadError, load_model
+
+MODELS = textwrap.dedent(
+    """
+    import torch
+    from bitcompile.models import MLP, TinyLlama, TinyLlamaConfig
+
+    def mlp():
+        torch.manual_seed(0)
+        return MLP(16, [32, 32], 4), (torch.randn(2, 16),)
+
+    def llama():
+        torch.manual_seed(0)
+        return TinyLlama(TinyLlamaConfig(num_layers=2)), (torch.randint(0, 64, (1, 8)),)
+
+    def single_tensor():
+        return torch.nn.Linear(8, 8), torch.randn(2, 8)
+
+    def not_a_pair():
+        return torch.nn.Linear(8, 8)
+
+    def not_a_module():
+        return "model", (torch.randn(2, 8),)
+
+    def raises():
+        raise RuntimeError("checkpoint missing\\nsecond line")
+
+    NOT_CALLABLE = 3
+    """
+)
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch):
+    (tmp_path / "inspect_models.py").write_text(MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("inspect_models", None)
+    yield tmp_path
+    sys.modules.pop("inspect_models", None)
+
+
+def test_parse_option_values():
+    assert parse_option("group_size=128") == ("group_size", 128)
+    assert parse_option("group_size=tensor") == ("group_size", "tensor")
+    assert parse_option("activations=none") == ("activations", None)
+    assert parse_option("exclude=lm_head,*.router") == ("exclude", ["lm_head", "*.router"])
+
+
+def test_inspect_prints_tables_and_writes_json(models, capsys):
+    out_json = models / "out" / "report.json"
+    code = main(["inspect", "inspect_models:llama", "--option", "group_size=32", "--json", str(out_json)])
+    assert code == 0
+    out = capsys.readouterr().out
+    # per-layer table: module path, shape, decision, reason, group size, bytes
+    assert "layers.0.self_attn.q_proj" in out and "64 x 64" in out
+    assert "kept float" in out and "weight is shared with an embedding at embed_tokens" in out
+    assert "group size" in out and "32" in out and "KiB" in out
+    assert "rewritten 14 / skipped 1 layers" in out
+    assert "graphs: 1, graph breaks: 0" in out
+    assert "\x1b[" not in out  # not a TTY: no colour codes
+    data = json.loads(out_json.read_text())
+    assert data["schema_version"] == 2
+    assert data["config"]["group_size"] == 32
+    assert data["totals"]["rewritten"] == 14 and data["totals"]["skipped"] == 1
+    layer = data["graphs"][0]["layers"][0]
+    assert layer["lowered_to"] == ["bitcpm.ternary_linear", "getitem"] and layer["node"]
+
+
+def test_inspect_writes_html(models, capsys):
+    code = main(["inspect", str(models / "inspect_models.py") + ":mlp", "--html", str(models / "html")])
+    assert code == 0
+    page = (models / "html" / "index.html").read_text()
+    assert "hidden.0" in page and "<svg" in page
+    assert (models / "html" / "graph_0.svg").read_text().startswith("<svg")
+
+
+def test_inspect_reports_graph_breaks_with_reason(tmp_path, monkeypatch, capsys):
+    (tmp_path / "breaking.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+
+            class Breaks(torch.nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.a = torch.nn.Linear(8, 16)
+                    self.b = torch.nn.Linear(16, 8)
+
+                def forward(self, x):
+                    h = self.a(x)
+                    torch._dynamo.graph_break()
+                    return self.b(torch.relu(h))
+
+            def build():
+                return Breaks(), (torch.randn(2, 8),)
+            """
+        )
+    )
+    assert main(["inspect", str(tmp_path / "breaking.py") + ":build", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "graphs: 2, graph breaks: 1" in out and "break: " in out
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["graph_break_count"] == 1 and data["graph_break_reasons"]
+
+
+def _inspect_error(capsys, *argv):
+    code = main(["inspect", *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err  # one line, no traceback
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_such_module_xyz:build", "cannot import module 'no_such_module_xyz'"),
+        ("inspect_models:missing", "has no attribute 'missing'"),
+        ("inspect_models:NOT_CALLABLE", "is a int, not a function"),
+        ("inspect_models:not_a_pair", "must return (model, example_inputs), got Linear"),
+        ("inspect_models:not_a_module", "with an nn.Module first, got str"),
+        ("inspect_models:raises", "calling raises() failed: RuntimeError: checkpoint missing"),
+        ("nonexistent_thing", "is neither 'module:function' nor an existing folder"),
+    ],
+)
+def test_bad_model_is_one_line_exit_2(models, capsys, spec, message):
+    line = _inspect_error(capsys, spec)
+    assert line.startswith("bitcompile inspect: error:") and message in line
+
+
+def test_unknown_option_is_one_line_exit_2(models, capsys):
+    line = _inspect_error(capsys, "inspect_models:mlp", "--option", "grup_size=32")
+    assert "unknown bitcpm option 'grup_size'" in line and "allowed options" in line
+    line = _inspect_error(capsys, "inspect_models:mlp", "--option", "group_size")
+    assert "expected key=value" in line
+
+
+def test_debug_shows_traceback(models, capsys):
+    assert main(["inspect", "inspect_models:not_a_module", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ModelLoadError" in err
+
+
+def test_loader_accepts_single_tensor_and_file_paths(models):
+    model, inputs = load_model("inspect_models:single_tensor")
+    assert isinstance(model, torch.nn.Linear) and len(inputs) == 1
+    with pytest.raises(ModelLoadError, match="is a file, not a folder"):
+        load_model(str(models / "inspect_models.py"))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(models / "nope.py") + ":build")
+
+
+def test_hf_folder_without_weights(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    line = _inspect_error(capsys, str(tmp_path))
+    assert "has no *.safetensors weights" in line and "pytorch_model.bin" in line
+    (tmp_path / "config.json").unlink()
+    assert "has no config.json" in _inspect_error(capsys, str(tmp_path))
+
+
+def test_hf_folder_loads_from_disk(tmp_path, capsys, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf", safe_serialization=True)
+    assert main(["inspect", str(tmp_path / "hf"), "--json", str(tmp_path / "r.json")]) == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    names = {layer["name"] for graph in data["graphs"] for layer in graph["layers"]}
+    assert "model.layers.1.mlp.down_proj" in names
+    assert data["totals"]["rewritten"] == 14  # 2 layers x 7 projections; lm_head is tied
+
+
+def test_console_script_exit_status(models):
+    result = subprocess.run(
+        [sys.executable, "-m", "bitcompile.cli", "inspect", "no_such_module_xyz:f"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

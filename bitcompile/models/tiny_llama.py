@@ -43,6 +43,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far (``(batch, heads, seq, head_dim)``)."""
+
+    keys: list[torch.Tensor | None]
+    values: list[torch.Tensor | None]
+
+    @classmethod
+    def empty(cls, num_layers: int) -> KVCache:
+        return cls([None] * num_layers, [None] * num_layers)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+
 class Attention(nn.Module):
     def __init__(self, config: TinyLlamaConfig) -> None:
         super().__init__()
@@ -54,7 +70,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(size, size, bias=False)
         self.o_proj = nn.Linear(size, size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         batch, seq, size = x.shape
         shape = (batch, seq, self.num_heads, self.head_dim)
         q = self.q_proj(x).view(shape).transpose(1, 2)
@@ -62,7 +80,18 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(shape).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        past = 0
+        if cache is not None:
+            if cache.keys[layer] is not None:
+                past = cache.keys[layer].shape[2]
+                k = torch.cat([cache.keys[layer], k], dim=2)
+                v = torch.cat([cache.values[layer], v], dim=2)
+            cache.keys[layer], cache.values[layer] = k, v
+        if past == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # new queries see every cached position and the causal part of their own chunk
+            allowed = torch.arange(past + seq)[None, :] <= torch.arange(past, past + seq)[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, size))
 
 
@@ -85,8 +114,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_norm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_norm(x), cos, sin, cache, layer)
         return x + self.mlp(self.post_attention_norm(x))
 
 
@@ -115,15 +146,34 @@ class TinyLlama(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        seq = tokens.shape[1]
-        cos, sin = self.rope_cos[:seq].to(self.embed_tokens.weight.dtype), self.rope_sin[:seq].to(
-            self.embed_tokens.weight.dtype
-        )
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits ``(batch, seq, vocab)``; with ``cache`` the tokens continue the cached ones."""
+        start = cache.length if cache is not None else 0
+        positions = slice(start, start + tokens.shape[1])
+        dtype = self.embed_tokens.weight.dtype
+        cos, sin = self.rope_cos[positions].to(dtype), self.rope_sin[positions].to(dtype)
         x = self.embed_tokens(tokens)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, index)
         return self.lm_head(self.norm(x))
+
+
+@torch.no_grad()
+def greedy_generate_cached(model: TinyLlama, tokens: torch.Tensor, new_tokens: int, forward=None) -> torch.Tensor:
+    """Greedy decoding with a KV cache: one prefill over the prompt, then one token per step.
+
+    ``forward`` (default ``model``) may be a compiled version of the model.
+    """
+    forward = forward or model
+    cache = KVCache.empty(len(model.layers))
+    logits = forward(tokens, cache)
+    for _ in range(new_tokens):
+        next_token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        tokens = torch.cat([tokens, next_token], dim=1)
+        if tokens.shape[1] > model.config.max_seq_len:
+            raise ValueError(f"generation reached max_seq_len={model.config.max_seq_len}")
+        logits = forward(next_token, cache)
+    return tokens
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ so an error leaves the user's model exactly as it was.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Literal
 
 import torch
@@ -151,12 +152,13 @@ def _ternary_codes(name: str, weight: Tensor, config: TernaryConfig, pre_quantiz
 
 
 def pack(
-    model: nn.Module, config: TernaryConfig | None = None, *, pre_quantized: PreQuantized = "auto"
+    model: nn.Module | str | os.PathLike, config: TernaryConfig | None = None, *, pre_quantized: PreQuantized = "auto"
 ) -> nn.Module:
     """Replace approved ``nn.Linear`` layers of ``model`` (in place) by :class:`PackedTernaryLinear`.
 
     Args:
-        model: a trained (or pseudo-quantized) float model.
+        model: a trained (or pseudo-quantized) float model, or the path of a local Hugging
+            Face model folder (config.json + safetensors; needs ``transformers``, never downloads).
         config: the same :class:`TernaryConfig` the model was trained with (group size,
             activation mode, exclude/include, min_features, target).
         pre_quantized: ``"auto"`` packs weights that are already ternary losslessly and
@@ -167,6 +169,10 @@ def pack(
         ``model`` itself; ``model.bitcompile_pack_plan`` lists every decision.
     """
     config = config or TernaryConfig()
+    if not isinstance(model, nn.Module):
+        from bitcompile.model_loader import load_model
+
+        model, _ = load_model(os.fspath(model))
     _check_not_packed(model)
     plan = plan_packing(model, config)
     replacements: dict[str, PackedTernaryLinear] = {}

@@ -1,0 +1,218 @@
+"""pack / save / load / freeze: packed models compute what the independent reference says, lose nothing."""
+
+import copy
+import json
+import struct
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bitcompile
+import reference_impl as ref
+from bitcompile import CheckpointError, PackedTernaryLinear
+from bitcompile.models import MLP, TinyLlama, TinyLlamaConfig
+from bitcompile.passes.freeze_pack import FrozenWeightsChanged
+from bitcompile.runtime.modules import weight_nbytes
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def reference_mlp(model, x, group_size, activations):
+    for layer in model.hidden:
+        x = F.gelu(ref.fake_quant_linear(x, layer.weight, layer.bias, group_size, activations))
+    return ref.fake_quant_linear(x, model.out.weight, model.out.bias, group_size, activations)
+
+
+@pytest.mark.parametrize("group_size, activations", [(-1, "int8"), ("tensor", None), (32, "int8"), (64, None)])
+def test_packed_mlp_matches_reference_and_frees_float_weights(group_size, activations):
+    model = MLP(100, [72, 40], 10)  # K = 100, 72, 40: not multiples of 32/64, groups end short
+    x = torch.randn(5, 100)
+    expected = reference_mlp(model, x, group_size, activations)
+    before = weight_nbytes(model)
+    packed = bitcompile.pack(model, bitcompile.TernaryConfig(group_size=group_size, activations=activations))
+    assert packed is model and all(isinstance(m, PackedTernaryLinear) for m in (*model.hidden, model.out))
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert not any(p.requires_grad for p in model.parameters())  # no float weight left
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, **TOL)
+    # 2-bit codes (rows padded to 256 codes = 64 bytes) + fp32 scales + the bias, nothing else.
+    n_groups = lambda k: 1 if group_size in (-1, "tensor") else -(-k // group_size)  # noqa: E731
+    shapes = [(72, 100), (40, 72), (10, 40)]
+    expected_bytes = sum(n * -(-k // 256) * 64 + 4 * n * n_groups(k) + 4 * n for n, k in shapes)
+    assert weight_nbytes(model) == expected_bytes < before / 4
+
+
+def test_packed_model_equals_compiled_ternary_model_and_compiles():
+    torch.manual_seed(0)
+    model = TinyLlama(TinyLlamaConfig(vocab_size=40, hidden_size=48, intermediate_size=100)).eval()
+    tokens = torch.randint(0, 40, (2, 12))
+    with torch.no_grad():
+        unpacked = torch.compile(model, backend="bitcpm", options={"inner": "aot_eager"})(tokens)
+    packed = bitcompile.pack(copy.deepcopy(model))
+    plan = {d.name: d for d in packed.bitcompile_pack_plan}
+    assert not plan["lm_head"].packed and "embed_tokens.weight" in plan["lm_head"].reason
+    with torch.no_grad():
+        eager = packed(tokens)
+        from torch._inductor.utils import run_and_get_code
+
+        compiled, codes = run_and_get_code(torch.compile(packed, backend="bitcpm"), tokens)
+    torch.testing.assert_close(eager, unpacked, **TOL)
+    torch.testing.assert_close(compiled, eager, **TOL)
+    calls = sum(code.count("torch.ops.bitcpm.ternary_linear_packed.default(") for code in codes)
+    assert calls == 7 * model.config.num_layers  # one extern call per packed layer, the rest is inductor code
+
+
+def test_pack_twice_and_failure_leaves_model_untouched():
+    model = MLP(16, [16, 16], 4)
+    with torch.no_grad():
+        model.hidden[1].weight[0, 0] = float("nan")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="layer 'hidden.1': weight has NaN"):
+        bitcompile.pack(model)
+    assert isinstance(model.hidden[0], nn.Linear)  # layer 0 was processed before the error, but not swapped
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0, equal_nan=True)
+    ok = bitcompile.pack(MLP(16, [16], 4))
+    with pytest.raises(ValueError, match="already packed: hidden.0"):
+        bitcompile.pack(ok)
+
+
+def ternary_weight(out_features, in_features, group_size, dtype=torch.bfloat16):
+    """A pseudo-quantized weight: every group is {-s, 0, s} with its own s."""
+    codes = torch.randint(-1, 2, (out_features, in_features))
+    bounds = ref.group_bounds(in_features, group_size)
+    w = torch.empty(out_features, in_features)
+    for a, b in bounds:
+        s = torch.rand(out_features if group_size != "tensor" else 1, 1) * 0.05 + 0.01
+        w[:, a:b] = codes[:, a:b] * s
+    return w.to(dtype), codes
+
+
+@pytest.mark.parametrize("group_size", [-1, "tensor", 32])
+def test_already_ternary_weights_pack_losslessly(group_size):
+    model = nn.Sequential(nn.Linear(80, 24, dtype=torch.bfloat16))
+    w, codes = ternary_weight(24, 80, group_size)
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+    config = bitcompile.TernaryConfig(group_size=group_size)
+    bitcompile.pack(model, config, pre_quantized=True)
+    assert model.bitcompile_pack_plan[0].source == "already ternary"
+    assert torch.equal(model[0].codes().long(), codes)
+    restored = model[0].dequantized_weight()
+    torch.testing.assert_close(restored, w.float(), rtol=2**-7, atol=0)  # within one bf16 ulp
+
+    latent = nn.Sequential(nn.Linear(80, 24))
+    with pytest.raises(ValueError, match="layer '0': pre_quantized=True but its weight is not ternary"):
+        bitcompile.pack(latent, config, pre_quantized=True)
+    bitcompile.pack(latent, config)  # "auto": latent weights are quantized
+    assert latent.bitcompile_pack_plan[0].source == "quantized"
+
+
+def test_hf_folder_pack_in_one_call_both_checkpoint_forms(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    latent = transformers.LlamaForCausalLM(config).eval()
+    pseudo = copy.deepcopy(latent)
+    with torch.no_grad():
+        for module in pseudo.modules():
+            if isinstance(module, nn.Linear) and module is not pseudo.lm_head:
+                module.weight.copy_(ref.fake_quant_weight(module.weight, -1))
+    latent.save_pretrained(tmp_path / "latent")
+    pseudo.save_pretrained(tmp_path / "pseudo")
+    tokens = torch.randint(0, 50, (1, 10))
+
+    packed_latent = bitcompile.pack(tmp_path / "latent")
+    packed_pseudo = bitcompile.pack(tmp_path / "pseudo", pre_quantized=True)
+    sources = {d.source for d in packed_pseudo.bitcompile_pack_plan if d.packed}
+    assert sources == {"already ternary"}
+    assert {d.source for d in packed_latent.bitcompile_pack_plan if d.packed} == {"quantized"}
+    with torch.no_grad():
+        # The pseudo-quantized model's own float forward (weights as stored) vs its packed form,
+        # and the latent model's ternary forward (quantizer applied) vs its packed form.
+        float_pseudo = pseudo(tokens).logits
+        swapped = ref.swap_linears_for_fake_quant(copy.deepcopy(latent), group_size=-1)
+        torch.testing.assert_close(packed_latent(tokens).logits, swapped(tokens).logits, rtol=1e-4, atol=1e-4)
+        assert (packed_pseudo(tokens).logits - float_pseudo).abs().max() < 0.05  # only int8 activations differ
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    factory = lambda: TinyLlama(TinyLlamaConfig(vocab_size=40, hidden_size=48, intermediate_size=100))  # noqa: E731
+    packed = bitcompile.pack(factory().eval(), bitcompile.TernaryConfig(group_size=32))
+    path = bitcompile.save_packed(packed, tmp_path)
+    loaded = bitcompile.load_packed(tmp_path, factory).eval()
+    for (name, a), (name_b, b) in zip(packed.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert name == name_b and a.dtype == b.dtype and torch.equal(a, b), name
+    tokens = torch.randint(0, 40, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(packed(tokens), loaded(tokens))
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight  # tie survives the round trip
+    assert path.stat().st_size < 0.5 * weight_nbytes(factory())
+
+
+def _rewrite_checkpoint(path, edit_metadata=None, edit_tensors=None):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    if edit_metadata:
+        edit_metadata(metadata)
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_load_errors_name_the_problem(tmp_path):
+    factory = lambda: MLP(40, [24], 6)  # noqa: E731
+    path = bitcompile.save_packed(bitcompile.pack(factory()), tmp_path)
+
+    with pytest.raises(CheckpointError, match=r"layer 'hidden.0': checkpoint has \(out, in\) = \(24, 40\)"):
+        bitcompile.load_packed(tmp_path, lambda: MLP(40, [32], 6))
+
+    original = path.read_bytes()
+    _rewrite_checkpoint(path, edit_metadata=lambda m: m.update(format_version="99"))
+    with pytest.raises(CheckpointError, match="format_version='99'"):
+        bitcompile.load_packed(tmp_path, factory)
+
+    path.write_bytes(original)
+    _rewrite_checkpoint(path, edit_tensors=lambda t: t["out.packed"].__setitem__((2, 0), 0b11))
+    user_model = factory()
+    with pytest.raises(CheckpointError, match="tensor 'out.packed' holds the 2-bit code 3 .row 2."):
+        bitcompile.load_packed(tmp_path, user_model)
+    assert isinstance(user_model.out, nn.Linear)  # validation happens before the model is touched
+
+    path.write_bytes(original)
+    _rewrite_checkpoint(path, edit_tensors=lambda t: t.__setitem__("out.scales", t["out.scales"][:3]))
+    with pytest.raises(CheckpointError, match="tensor 'out.scales': checkpoint has torch.float32 \\(3, 1\\)"):
+        bitcompile.load_packed(tmp_path, factory)
+
+    path.write_bytes(original[: len(original) // 2])
+    with pytest.raises(CheckpointError, match="cannot read"):
+        bitcompile.load_packed(tmp_path, factory)
+
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no packed checkpoint"):
+        bitcompile.load_packed(tmp_path, factory)
+    header = json.loads(original[8 : 8 + struct.unpack("<Q", original[:8])[0]])
+    assert header["__metadata__"]["layout"] == "bc_i2_planar256"
+
+
+def test_freeze_folds_weights_and_refuses_stale_ones():
+    model = MLP(40, [24], 6).eval()
+    x = torch.randn(3, 40)
+    compiled = torch.compile(model, backend="bitcpm", options={"freeze": True, "inner": "aot_eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), reference_mlp(model, x, -1, "int8"), **TOL)
+        model.out.weight.add_(0.1)
+        with pytest.raises(FrozenWeightsChanged, match="layer 'out' changed after it was frozen"):
+            compiled(x)
+    with pytest.raises(Exception, match="inference-only"):
+        torch.compile(MLP(8, [8], 2), backend="bitcpm", options={"freeze": True})(torch.randn(2, 8))

@@ -50,7 +50,7 @@ def _tiny(dtype=torch.float32, seed=0):
 
 def test_resolve_target():
     assert resolve_target("cann") == "cann"
-    assert resolve_target("auto", [torch.zeros(1)]) == "reference"
+    assert resolve_target("auto", [torch.zeros(1)]) in ("reference", "cpu")  # cann only for npu inputs
     assert get_kernel("cann").PROVIDER == "emulator"
 
 

@@ -190,19 +190,25 @@ def compile_graph(
     mode: str | None = None,
 ) -> Callable[..., Any]:
     """Rewrite one Dynamo graph for ``config`` and compile it with ``config.inner``."""
-    kernel = resolve_target(config.target)
+    kernel = resolve_target(config.target, example_inputs)
     before = gm.code
     existing = set(gm.graph.nodes)
     decisions = discover(gm, example_inputs, config)
     replaced = ternary_rewrite(gm, decisions, config, kernel)
     log.info("bitcpm: rewrote %d of %d linear-like layers", replaced, len(decisions))
+    compiled, after = None, None
+    if kernel == "cann":
+        # Ascend: route layers to torch_npu kernels or the float path, lower them after AOT, compile.
+        from bitcompile.passes.lower_cann import compile_for_cann
+
+        compiled, after = compile_for_cann(gm, example_inputs, decisions, config, mode)
     if _observers:
         compile_id = str(torch._guards.CompileContext.current_compile_id() or "")
         record = CompiledGraph(
             compile_id,
             _graph_break_reason(gm),
             before,
-            gm.code,
+            gm.code if after is None else after,
             decisions,
             kernel,
             nodes=_graph_nodes(gm, example_inputs, decisions, existing),
@@ -212,6 +218,8 @@ def compile_graph(
         )
         for callback in list(_observers):
             callback(record)
+    if compiled is not None:
+        return compiled
     return _inner_compile(gm, example_inputs, config.inner, mode)
 
 

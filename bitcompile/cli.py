@@ -54,6 +54,7 @@ def parse_option(text: str) -> tuple[str, Any]:
 def _run_inspect(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from bitcompile.inspect.mlir import MlirUnavailableError
     from bitcompile.model_loader import ModelLoadError, load_model
 
     try:
@@ -61,8 +62,12 @@ def _run_inspect(args: argparse.Namespace) -> int:
         if args.target:
             options["target"] = args.target
         config = bitcompile.TernaryConfig.from_options(options)
+        if args.mlir:
+            from bitcompile.inspect.mlir import require_torch_mlir
+
+            require_torch_mlir()  # say it is missing before the capture, not after
         model, example_inputs = load_model(args.model)
-    except (ModelLoadError, bitcompile.TernaryConfigError) as error:
+    except (ModelLoadError, bitcompile.TernaryConfigError, MlirUnavailableError) as error:
         if args.debug:
             traceback.print_exc()
         print(f"bitcompile inspect: error: {error}", file=sys.stderr)
@@ -89,14 +94,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
         page = report.to_html(args.html, title=f"bitcompile inspect {args.model}")
         console.print(f"wrote {page}")
     if args.mlir:
-        from bitcompile.inspect.mlir import MlirUnavailableError, write_mlir
+        from bitcompile.inspect.mlir import write_mlir
 
-        try:
-            written = write_mlir(model, example_inputs, args.mlir, config)
-        except MlirUnavailableError as error:
-            print(f"bitcompile inspect: error: {error}", file=sys.stderr)
-            return 2
-        for path in written:
+        for path in write_mlir(model, example_inputs, args.mlir, config):
             console.print(f"wrote {path}")
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,11 @@ class GraphReport:
         """The ops a rewritten layer became, in graph order (``[]`` for a layer kept float)."""
         if not layer.rewritten:
             return []
+        # target="cann": the graph keeps bitcpm ops until after AOT; passes.lower_cann writes the
+        # torch_npu sequence it plans for each layer into the reason ("...; Ascend: a -> b").
+        ascend = re.search(r"Ascend: (.+)$", layer.reason)
+        if ascend:
+            return [f"npu.{step.strip()}" for step in ascend.group(1).split(" -> ")]
         return [n.target for n in self.nodes if n.layer == layer.name and n.role in ("ternary", "inserted")]
 
     def layer_node(self, layer: LayerDecision) -> str:

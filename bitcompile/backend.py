@@ -27,6 +27,7 @@ import bitcompile.runtime.ops  # noqa: F401  (registers torch.ops.bitcpm.*)
 from bitcompile.config import TernaryConfig
 from bitcompile.kernels import resolve_target
 from bitcompile.passes.discover import LayerDecision, discover
+from bitcompile.passes.freeze_pack import FrozenWeightGuard, check_can_freeze, freeze_pack
 from bitcompile.passes.names import calling_module, placeholder_path
 from bitcompile.passes.ternary_rewrite import ternary_rewrite
 
@@ -194,7 +195,13 @@ def compile_graph(
     before = gm.code
     existing = set(gm.graph.nodes)
     decisions = discover(gm, example_inputs, config)
-    replaced = ternary_rewrite(gm, decisions, config, kernel)
+    frozen = []
+    if config.freeze:
+        check_can_freeze()
+        frozen = freeze_pack(gm, example_inputs, decisions, config, kernel)
+        replaced = len(frozen)
+    else:
+        replaced = ternary_rewrite(gm, decisions, config, kernel)
     log.info("bitcpm: rewrote %d of %d linear-like layers", replaced, len(decisions))
     compiled, after = None, None
     if kernel == "cann":
@@ -218,9 +225,9 @@ def compile_graph(
         )
         for callback in list(_observers):
             callback(record)
-    if compiled is not None:
-        return compiled
-    return _inner_compile(gm, example_inputs, config.inner, mode)
+    if compiled is None:
+        compiled = _inner_compile(gm, example_inputs, config.inner, mode)
+    return FrozenWeightGuard(compiled, frozen) if frozen else compiled
 
 
 def bitcpm(

@@ -164,7 +164,7 @@ def greedy_generate_cached(model: TinyLlama, tokens: torch.Tensor, new_tokens: i
 
     ``forward`` (default ``model``) may be a compiled version of the model.
     """
-    forward = forward or model
+    forward = model if forward is None else forward
     cache = KVCache.empty(len(model.layers))
     logits = forward(tokens, cache)
     for _ in range(new_tokens):

@@ -230,3 +230,14 @@ def packed_float_matmul(
     from bitcompile.kernels.packing import unpack_codes
 
     return float_ternary_matmul(x2d, unpack_codes(packed, in_features), w_scales, group_code, bias, out_dtype)
+
+
+def packed_linear(
+    x2d: Tensor, packed: Tensor, w_scales: Tensor, in_features: int, group_code: int, bias: Tensor | None,
+    quantize_activations: bool, out_dtype: torch.dtype,
+) -> Tensor:  # fmt: skip
+    """Serving forward from float activations on target cann (the kernel-module interface's fused entry)."""
+    if not quantize_activations:
+        return packed_float_matmul(x2d, packed, w_scales, in_features, group_code, bias, out_dtype)
+    x_codes, x_scales = quantize_activations_(x2d)
+    return packed_int8_matmul(x_codes, x_scales, packed, w_scales, in_features, group_code, bias, out_dtype)

@@ -222,13 +222,11 @@ def ternary_linear_packed(
         kernel (str): kernel module name (``"reference"``, ``"cpu"`` ...).
     """
     _check_packed(x, packed, scales, bias, in_features, group_size)
-    impl = get_kernel(kernel)
     x2d = x.reshape(-1, in_features)
-    if quantize_activations:
-        x_codes, x_scales = impl.quantize_activations(x2d)
-        y2d = impl.packed_int8_matmul(x_codes, x_scales, packed, scales, in_features, group_size, bias, x.dtype)
-    else:
-        y2d = impl.packed_float_matmul(x2d, packed, scales, in_features, group_size, bias, x.dtype)
+    # One kernel entry, so a kernel can fuse activation quantization into its matmul.
+    y2d = get_kernel(kernel).packed_linear(
+        x2d, packed, scales, in_features, group_size, bias, quantize_activations, x.dtype
+    )
     return y2d.reshape(*x.shape[:-1], packed.shape[0])
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from bitcompile.config import TernaryConfig
 from bitcompile.kernels.groups import describe, num_groups
+from bitcompile.kernels.packing import packed_shape
 from bitcompile.passes.names import calling_module, placeholder_path
 from bitcompile.policy import layer_skip_reason
 
@@ -199,9 +200,35 @@ def _out_in(shape: Sequence[int], layout: Layout) -> tuple[int, int]:
 
 
 def packed_nbytes(out_features: int, in_features: int, group_code: int) -> int:
-    """Bytes of 2-bit codes plus fp32 scales (one for a per-tensor scale)."""
-    scales = 1 if group_code == 0 else out_features * num_groups(in_features, group_code)
-    return out_features * -(-in_features // 4) + 4 * scales
+    """Bytes of the 2-bit codes in the canonical layout (rows padded to a block) plus fp32 scales."""
+    rows, row_bytes = packed_shape(out_features, in_features)
+    return rows * row_bytes + 4 * out_features * num_groups(in_features, group_code)
+
+
+def _already_packed(node: torch.fx.Node, stored: dict[torch.fx.Node, Any]) -> LayerDecision | None:
+    """A ``PackedTernaryLinear`` call (a model that ``pack`` already converted)."""
+    packed_op = torch.ops.bitcpm.ternary_linear_packed
+    if node.op != "call_function" or node.target not in (packed_op, packed_op.default):
+        return None
+    packed_node, in_features, group_code = node.args[1], node.args[4], node.args[5]
+    packed = _stored_tensor(packed_node, stored)
+    out_features = packed.shape[0] if isinstance(packed, torch.Tensor) else 0
+    module = calling_module(node)
+    packed_path = placeholder_path(packed_node) if isinstance(packed_node, torch.fx.Node) else None
+    return LayerDecision(
+        name=module[0] if module else (packed_path or node.name).removesuffix(".packed"),
+        weight_name=packed_path or str(packed_node),
+        kind="packed",
+        layout="out_in",
+        out_features=out_features,
+        in_features=in_features,
+        dtype="2-bit",
+        rewritten=True,
+        reason=f"already packed: 2-bit ternary weights ({describe(group_code)} scales)",
+        group_size="tensor" if group_code == 0 else group_code,
+        fp_bytes=0,
+        packed_bytes=packed_nbytes(out_features, in_features, group_code),
+    )
 
 
 def discover(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: TernaryConfig) -> list[LayerDecision]:
@@ -210,6 +237,9 @@ def discover(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: Te
     stored = dict(zip(placeholders, example_inputs))
     decisions = []
     for node in gm.graph.nodes:
+        if (packed := _already_packed(node, stored)) is not None:
+            decisions.append(packed)
+            continue
         site = _find_site(node, stored)
         if site is None:
             continue

@@ -42,8 +42,14 @@ INLINE void tile_i8_row(const bc_gemm_args *a, int m0, int n0, const int MR, con
     for (int m = 0; m < MR; m++) xp[m] = a->xq + (int64_t)(m0 + m) * a->Kp;
     for (int m = 0; m < MR; m++)
         for (int n = 0; n < NR; n++) acc[m][n] = _mm512_setzero_si512();
+    /* NOTE: NR rows read side by side defeat the hardware prefetcher; fetch the next tile's
+     * rows (contiguous after ours) as one sequential stream, NR lines per block */
+    const char *pf = (const char *)(a->w + (int64_t)(n0 + NR) * ldw);
+    const int do_pf = n0 + 2 * NR <= a->N;
     for (int b = 0; b < nfull; b++) {
         __m512i raw[4];
+        if (do_pf)
+            for (int j = 0; j < NR; j++) _mm_prefetch(pf + 64 * (NR * b + j), _MM_HINT_T0);
         for (int n = 0; n < NR; n++) raw[n] = _mm512_loadu_si512(wp[n] + 64 * b);
 #pragma GCC unroll 4
         for (int i = 0; i < 4; i++) {
@@ -86,12 +92,15 @@ INLINE void tile_i8_group(const bc_gemm_args *a, int m0, int n0, const int MR, c
     }
     for (int m = 0; m < MR; m++)
         for (int n = 0; n < NR; n++) facc[m][n] = _mm512_setzero_ps();
+    const char *pf = (const char *)(a->w + (int64_t)(n0 + NR) * ldw);
+    const int do_pf = n0 + 2 * NR <= a->N;
     for (int u = 0; u * uc < nchk; u++) {
         __m512i acc[4][2];
         for (int m = 0; m < MR; m++)
             for (int n = 0; n < NR; n++) acc[m][n] = _mm512_setzero_si512();
         int ch1 = (u + 1) * uc < nchk ? (u + 1) * uc : nchk;
         for (int ch = u * uc; ch < ch1; ch++) {
+            if (do_pf && (ch * NR) % 4 == 0) _mm_prefetch(pf + 64 * (ch * NR / 4), _MM_HINT_T0);  /* see tile_i8_row */
             __m512i wv[2];
             for (int n = 0; n < NR; n++) wv[n] = plane_var(_mm512_loadu_si512(wp[n] + 64 * (ch / 4)), ch % 4);
             for (int m = 0; m < MR; m++) {
@@ -123,7 +132,8 @@ INLINE void tile_i8_group(const bc_gemm_args *a, int m0, int n0, const int MR, c
 void bc_gemm_i2_i8_avx512(const bc_gemm_args *a, int n0, int n1) {
     const int grouped = a->group > 0;
     const int NR = grouped ? 2 : 4, MR = 4;
-    /* GEMV (M <= 8): all rows per weight tile. GEMM: activation rows blocked to stay in L2. */
+    /* GEMV (M <= 8): every row per weight tile, weights streamed once. GEMM: activation rows
+     * blocked to stay in L2 while all weight tiles of this thread's columns pass by. */
     int mc = a->M;
     if (a->M > 8) {
         mc = (int)((384 * 1024) / (a->Kp > 0 ? a->Kp : 1)) & ~3;

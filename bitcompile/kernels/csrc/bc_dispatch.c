@@ -78,6 +78,10 @@ int bc_plan_f32(int isa, int group) {
 
 typedef void (*bc_task)(void *ctx, int tid, int nth);
 
+/* NOTE: the machines this runs on are often shared, so a worker may wake late. Work is
+ * handed out in chunks through an atomic counter inside each task, and the caller never
+ * waits for a worker that has not joined: it closes the job, then waits only for the
+ * workers already inside (active). A late worker sees the job closed and goes back to sleep. */
 static struct {
     pthread_mutex_t call_mu;  /* one parallel call at a time */
     pthread_mutex_t mu;
@@ -85,7 +89,8 @@ static struct {
     int nworkers;
     pid_t pid;
     atomic_int gen;
-    atomic_int pending;
+    atomic_int open;
+    atomic_int active;
     bc_task fn;
     void *ctx;
     int nth;
@@ -103,24 +108,24 @@ static void *worker(void *arg) {
     int seen = 0;
     for (;;) {
         int spins = 0;
-        while (atomic_load_explicit(&P.gen, memory_order_acquire) == seen && spins < BC_SPIN) {
+        while (atomic_load(&P.gen) == seen && spins < BC_SPIN) {
             cpu_relax();
             spins++;
         }
-        if (atomic_load_explicit(&P.gen, memory_order_acquire) == seen) {
+        if (atomic_load(&P.gen) == seen) {
             pthread_mutex_lock(&P.mu);
-            while (atomic_load_explicit(&P.gen, memory_order_acquire) == seen) pthread_cond_wait(&P.cv, &P.mu);
+            while (atomic_load(&P.gen) == seen) pthread_cond_wait(&P.cv, &P.mu);
             pthread_mutex_unlock(&P.mu);
         }
-        seen = atomic_load_explicit(&P.gen, memory_order_acquire);
-        if (id + 1 < P.nth) {
-            P.fn(P.ctx, id + 1, P.nth);
-            atomic_fetch_sub_explicit(&P.pending, 1, memory_order_acq_rel);
-        }
+        seen = atomic_load(&P.gen);
+        atomic_fetch_add(&P.active, 1);
+        if (atomic_load(&P.open) && atomic_load(&P.gen) == seen && id + 1 < P.nth) P.fn(P.ctx, id + 1, P.nth);
+        atomic_fetch_sub(&P.active, 1);
     }
     return NULL;
 }
 
+/* fn(ctx, tid, nth) must take its work from a shared counter in ctx (any tid may do any part). */
 static void run_parallel(bc_task fn, void *ctx, int nth) {
     if (nth > BC_MAX_THREADS) nth = BC_MAX_THREADS;
     if (nth <= 1) {
@@ -131,24 +136,25 @@ static void run_parallel(bc_task fn, void *ctx, int nth) {
     if (P.pid != getpid()) {  /* first use, or a forked child: the parent's workers are gone */
         P.nworkers = 0;
         P.pid = getpid();
+        atomic_store(&P.active, 0);
     }
     while (P.nworkers < nth - 1) {
         if (pthread_create(&P.th[P.nworkers], NULL, worker, (void *)(intptr_t)P.nworkers) != 0) break;
         pthread_detach(P.th[P.nworkers]);
         P.nworkers++;
     }
-    if (nth > P.nworkers + 1) nth = P.nworkers + 1;
     P.fn = fn;
     P.ctx = ctx;
     P.nth = nth;
-    atomic_store(&P.pending, nth - 1);
+    atomic_store(&P.open, 1);
     pthread_mutex_lock(&P.mu);
-    atomic_fetch_add_explicit(&P.gen, 1, memory_order_release);
+    atomic_fetch_add(&P.gen, 1);
     pthread_cond_broadcast(&P.cv);
     pthread_mutex_unlock(&P.mu);
     fn(ctx, 0, nth);
+    atomic_store(&P.open, 0);
     int spins = 0;
-    while (atomic_load_explicit(&P.pending, memory_order_acquire) > 0) {
+    while (atomic_load(&P.active) > 0) {
         if (++spins < BC_SPIN) cpu_relax();
         else sched_yield();
     }
@@ -160,14 +166,28 @@ static void run_parallel(bc_task fn, void *ctx, int nth) {
 typedef struct {
     const bc_gemm_args *a;
     bc_gemm_fn fn;
-    int align;
+    int chunk;        /* output features per work item, a multiple of 4 */
+    atomic_int next;  /* first feature not yet handed out */
 } gemm_job;
 
 static void gemm_task(void *p, int tid, int nth) {
-    const gemm_job *j = p;
-    int N = j->a->N, per = ((N + nth - 1) / nth + j->align - 1) / j->align * j->align;
-    int n0 = tid * per, n1 = n0 + per < N ? n0 + per : N;
-    if (n0 < n1) j->fn(j->a, n0, n1);
+    gemm_job *j = p;
+    (void)tid, (void)nth;
+    for (;;) {
+        int n0 = atomic_fetch_add(&j->next, j->chunk);
+        if (n0 >= j->a->N) break;
+        j->fn(j->a, n0, n0 + j->chunk < j->a->N ? n0 + j->chunk : j->a->N);
+    }
+}
+
+static void run_gemm(const bc_gemm_args *a, bc_gemm_fn fn, int nth) {
+    /* a few items per thread balance a late or busy core; big M keeps items large because
+     * each item streams the activations once */
+    int per_thread = a->M > 64 ? 3 : 8;
+    int chunk = (a->N + nth * per_thread - 1) / (nth * per_thread);
+    gemm_job j = { a, fn, (chunk + 3) / 4 * 4, 0 };
+    if (nth <= 1) j.chunk = a->N;
+    run_parallel(gemm_task, &j, nth);
 }
 
 static int pick_threads(int nthreads, int64_t work, int N) {
@@ -197,35 +217,39 @@ static bc_gemm_fn f32_kernel(int isa) {
 
 /* isa must be the one bc_plan_i8 returned (corr was prepared for its flush unit). */
 void bc_gemm_i8(const bc_gemm_args *a, int isa, int nthreads) {
-    gemm_job j = { a, i8_kernel(isa), 4 };
-    run_parallel(gemm_task, &j, pick_threads(nthreads, (int64_t)a->M * a->N * a->Kp, a->N));
+    run_gemm(a, i8_kernel(isa), pick_threads(nthreads, (int64_t)a->M * a->N * a->Kp, a->N));
 }
 
 void bc_gemm_f32(const bc_gemm_args *a, int isa, int nthreads) {
-    gemm_job j = { a, f32_kernel(isa), 4 };
-    run_parallel(gemm_task, &j, pick_threads(nthreads, (int64_t)a->M * a->N * a->Kp * 8, a->N));
+    run_gemm(a, f32_kernel(isa), pick_threads(nthreads, (int64_t)a->M * a->N * a->Kp * 8, a->N));
 }
 
 typedef struct {
     const bc_prep_args *a;
     bc_prep_fn fn;
+    int chunk;
+    atomic_int next;
 } prep_job;
 
 static void prep_task(void *p, int tid, int nth) {
-    const prep_job *j = p;
-    int M = j->a->M, per = (M + nth - 1) / nth;
-    int m0 = tid * per, m1 = m0 + per < M ? m0 + per : M;
-    if (m0 < m1) j->fn(j->a, m0, m1);
+    prep_job *j = p;
+    (void)tid, (void)nth;
+    for (;;) {
+        int m0 = atomic_fetch_add(&j->next, j->chunk);
+        if (m0 >= j->a->M) break;
+        j->fn(j->a, m0, m0 + j->chunk < j->a->M ? m0 + j->chunk : j->a->M);
+    }
 }
 
 void bc_prep_i8(const bc_prep_args *a, int isa, int nthreads) {
-    prep_job j = { a, bc_prep_i8_generic };
+    prep_job j = { a, bc_prep_i8_generic, 1, 0 };
 #ifdef BC_X86
     if (isa == BC_ISA_AVX512) j.fn = bc_prep_i8_avx512;
     else if (isa == BC_ISA_AVX2) j.fn = bc_prep_i8_avx2;
 #endif
     int64_t work = (int64_t)a->M * a->Kp;
     int nth = work < (1 << 17) || nthreads < 1 ? 1 : (nthreads < a->M ? nthreads : a->M);
+    j.chunk = nth > 1 ? (a->M + 4 * nth - 1) / (4 * nth) : (a->M > 0 ? a->M : 1);
     run_parallel(prep_task, &j, nth);
 }
 
@@ -234,13 +258,18 @@ typedef struct {
     int64_t ldq;
     int N, K;
     uint8_t *out;
+    int chunk;
+    atomic_int next;
 } pack_job;
 
 static void pack_task(void *p, int tid, int nth) {
-    const pack_job *j = p;
-    int per = (j->N + nth - 1) / nth;
-    int n0 = tid * per, n1 = n0 + per < j->N ? n0 + per : j->N;
-    if (n0 < n1) bc_pack_i2_generic(j->q, j->ldq, j->N, j->K, j->out, n0, n1);
+    pack_job *j = p;
+    (void)tid, (void)nth;
+    for (;;) {
+        int n0 = atomic_fetch_add(&j->next, j->chunk);
+        if (n0 >= j->N) break;
+        bc_pack_i2_generic(j->q, j->ldq, j->N, j->K, j->out, n0, n0 + j->chunk < j->N ? n0 + j->chunk : j->N);
+    }
 }
 
 /* Pack q (N x K int8 in {-1,0,1}, row stride ldq) into out (N x Kp/4). Returns -1 on an invalid code. */
@@ -251,8 +280,8 @@ int bc_pack_i2(const int8_t *q, int64_t ldq, int N, int K, uint8_t *out, int nth
         for (int k = 0; k < K; k++) bad |= (row[k] < -1) | (row[k] > 1);
         if (bad) return -1;
     }
-    pack_job j = { q, ldq, N, K, out };
     int nth = (int64_t)N * K < (1 << 20) || nthreads < 1 ? 1 : nthreads;
+    pack_job j = { q, ldq, N, K, out, (N + 4 * nth - 1) / (4 * nth), 0 };
     run_parallel(pack_task, &j, nth);
     return 0;
 }

@@ -97,6 +97,7 @@ def _load():
         ("bc_gemm_f32", [ctypes.POINTER(_GemmArgs), I, I], None),
         ("bc_prep_i8", [ctypes.POINTER(_PrepArgs), I, I], None),
         ("bc_pack_i2", [P, I64, I, I, P, I], I),
+        ("bc_read_bytes", [P, ctypes.c_size_t, I], ctypes.c_uint64),
     ):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, restype
@@ -131,9 +132,20 @@ def isa_supported(name: str) -> bool:
     return _LIB is not None and name in ISA_NAMES and bool(_LIB.bc_isa_supported(ISA_NAMES[name]))
 
 
+_isa_cache: dict[str, int] = {}
+
+
 def _isa_id() -> int:
     """The ISA to run now: ``BITCOMPILE_ISA`` if set (and supported), else the best one."""
-    want = os.environ.get("BITCOMPILE_ISA", "auto").strip().lower()
+    env = os.environ.get("BITCOMPILE_ISA", "auto")
+    isa_id = _isa_cache.get(env)
+    if isa_id is None:
+        isa_id = _isa_cache[env] = _resolve_isa(env)
+    return isa_id
+
+
+def _resolve_isa(env: str) -> int:
+    want = env.strip().lower()
     want = _ISA_ALIASES.get(want, want)
     if want in ("", "auto"):
         return _LIB.bc_best_isa()

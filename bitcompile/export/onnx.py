@@ -341,6 +341,97 @@ def _rewrite_ternary_weights(model, fmt: str) -> list[ExportedLayer]:
     return layers
 
 
+def _keep_dq_matmul_fusable(model) -> int:
+    """Rewrite a Relu/Clip right after a ternary layer so onnxruntime still fuses DQ → MatMul.
+
+    Two onnxruntime 1.32 rules break the fusion (measured; an unfused layer runs as DQ +
+    fp32 MatMul on every call, 45-70x slower at decode):
+
+    * ``NodeGroupSelector::GetQDQSelection`` treats a Relu/Clip that is the MatMul's only
+      consumer, with one consumer itself, as a "redundant clip" before a QuantizeLinear;
+      with no QuantizeLinear there it rejects the whole group.
+    * With 2-D activations, ``MatMulAddFusion`` turns MatMul + bias Add into a Gemm, and
+      ``GemmActivationFusion`` then turns Gemm + Relu into a FusedGemm, which the DQ fusion
+      does not match.
+
+    ``Max(y, 0)`` (and ``Max``/``Min`` for Clip) computes the same and matches neither.
+    Returns the number of rewritten activations.
+    """
+    import numpy as np
+    import onnx_ir as ir
+
+    graph = model.graph
+    outputs = set(map(id, graph.outputs))
+    rewritten = 0
+    for dq in list(graph):
+        if dq.op_type != "DequantizeLinear" or dq.inputs[0].dtype != ir.DataType.INT2:
+            continue
+        for matmul, _ in list(dq.outputs[0].uses()):
+            if matmul.op_type != "MatMul":
+                continue
+            y = matmul.outputs[0]
+            uses = list(y.uses())
+            if len(uses) == 1 and uses[0][0].op_type == "Add" and id(y) not in outputs:
+                y = uses[0][0].outputs[0]  # the bias Add: in 2-D, MatMul + Add becomes a Gemm first
+                uses = list(y.uses())
+            if len(uses) != 1 or id(y) in outputs or uses[0][0].op_type not in ("Relu", "Clip"):
+                continue
+            act = uses[0][0]
+            bounds = [ir.Value(name=f"{act.name}_zero", const_value=ir.tensor(np.array(0.0, dtype=np.float32)))] if act.op_type == "Relu" else []
+            for bound in bounds:
+                graph.initializers[bound.name] = bound
+            ops = [("Max", bounds[0])] if act.op_type == "Relu" else [
+                (op, v) for op, v in zip(("Max", "Min"), list(act.inputs[1:]) + [None]) if v is not None
+            ]  # fmt: skip
+            value, new_nodes = y, []
+            for op_type, bound in ops:
+                node = ir.Node("", op_type, [value, bound], name=f"{act.name}_{op_type.lower()}")
+                new_nodes.append(node)
+                value = node.outputs[0]
+            if not new_nodes:  # Clip without bounds is an identity; leave it
+                continue
+            graph.insert_after(act, new_nodes)
+            old, name = act.outputs[0], act.outputs[0].name
+            value.shape, value.dtype = old.shape, old.dtype
+            old.replace_all_uses_with(value, replace_graph_outputs=True)
+            old.name, value.name = None, name
+            graph.remove(act, safe=True)
+            rewritten += 1
+    return rewritten
+
+
+def check_ort_fusion(path: str | os.PathLike) -> dict[str, Any]:
+    """Load ``path`` in onnxruntime (CPU, default optimizations) and inspect the optimized graph.
+
+    Returns ``{"matmulnbits": n, "ternary_layers": [...], "unfused": [...], "ops": {...}}``:
+    a ternary layer of a ``qdq`` file is *unfused* when a ``DequantizeLinear`` still reads
+    its INT2 weight after onnxruntime's optimizations (it then runs as DQ + fp32 MatMul on
+    every call). For a ``matmulnbits`` file every ternary layer is already one node.
+    """
+    import tempfile
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+
+    original = onnx.load(str(path), load_external_data=False)
+    int2 = {t.name for t in original.graph.initializer if t.data_type == onnx.TensorProto.INT2}
+    ternary = sorted(
+        n.input[1].removesuffix(".packed") for n in original.graph.node if n.op_type == "MatMulNBits"
+    ) or sorted(name.removesuffix(".packed") for name in int2)
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    unfused = sorted(
+        n.input[0].removesuffix(".packed") for n in optimized.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int2
+    )
+    ops = Counter(n.op_type for n in optimized.graph.node)
+    return {"matmulnbits": ops.get("MatMulNBits", 0), "ternary_layers": ternary, "unfused": unfused, "ops": dict(ops)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Entry point
 
@@ -387,24 +478,17 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def _layer_of_node(program_or_model: nn.Module, message: str) -> str:
-    """Best-effort: the module path of the FX node an exporter error names."""
-    import re
-
-    match = re.search(r"node[^`'\"]*[`'\"]?%?([A-Za-z_][\w.]*)", message)
-    return match.group(1) if match else ""
-
-
 def _conversion_error(error: Exception, model: nn.Module, example_inputs: tuple, dynamic_shapes) -> OnnxExportError:
     """An exporter failure as one message naming the FX node, its target and the layer it came from."""
     text = "\n".join(str(e) for e in _chain(error))
+    import re
+
     node_info = ""
     try:  # find the node: re-trace (cheap next to the failed export) and match the exporter's node name
-        import re
-
         names = set(re.findall(r"(?:node|Node)\s+[`'\"]?%?([A-Za-z_]\w*)", text))
-        program = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
-        program = program.run_decompositions()
+        with _quiet_exporter():
+            program = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+            program = program.run_decompositions()
         for node in program.graph.nodes:
             if node.name in names and node.op == "call_function":
                 stack = node.meta.get("nn_module_stack") or {}
@@ -413,7 +497,9 @@ def _conversion_error(error: Exception, model: nn.Module, example_inputs: tuple,
                 break
     except Exception:  # the original error is what matters
         pass
-    first = next((line for line in text.splitlines() if line.strip()), type(error).__name__)
+    root = list(_chain(error))[-1]  # the innermost error says what is missing ("No ONNX function found for ...")
+    first = next((line for line in str(root).splitlines() if line.strip()), type(root).__name__)
+    first = re.sub(r"\x1b\[[0-9;]*m", "", first)
     return OnnxExportError(f"export_onnx: the exporter could not translate the model{node_info}: {first}")
 
 
@@ -475,7 +561,8 @@ def export_onnx(
     from bitcompile.export.translations import UnsupportedLayerError, translation_table
 
     exported, packed_copy, fallback = _prepare(model, config)
-    if _is_hf_model(exported):
+    hf = _is_hf_model(exported)
+    if hf:
         exported = _CausalLMLogits(exported)
     if isinstance(dynamic_shapes, str) and dynamic_shapes == "auto":
         dynamic_shapes = _default_dynamic_shapes(example_inputs)
@@ -499,7 +586,12 @@ def export_onnx(
         for module, training in modes:
             module.training = training
     layers = _rewrite_ternary_weights(program.model, format)
+    if format == "qdq":
+        _keep_dq_matmul_fusable(program.model)
     _dim_names(program, example_inputs)
+    graph_outputs = program.model.graph.outputs
+    for index, value in enumerate(graph_outputs):  # "ternary_linear_packed_14" says nothing to a user
+        value.name = ("logits" if hf else "output") + (f"_{index}" if len(graph_outputs) > 1 else "")
     if format == "qdq":
         program.model.opset_imports[""] = opset
         program.model.ir_version = max(program.model.ir_version or 0, IR_VERSION_FOR_OPSET_25)

@@ -33,6 +33,7 @@ __all__ = [
     "__version__",
     "compile",
     "explain",
+    "export_onnx",
     "load_packed",
     "pack",
     "plan_packing",
@@ -48,3 +49,13 @@ def compile(model: torch.nn.Module, config: TernaryConfig | None = None, **torch
     from bitcompile.backend import backend_for
 
     return torch.compile(model, backend=backend_for(config or TernaryConfig()), **torch_compile_kwargs)
+
+
+def export_onnx(model: torch.nn.Module, example_inputs: Any, path: Any, **kwargs: Any):
+    """Export a packed (or packable) ternary model to ONNX; see :func:`bitcompile.export.onnx.export_onnx`.
+
+    Imported on first use, so ``import bitcompile`` does not need onnx installed.
+    """
+    from bitcompile.export.onnx import export_onnx as _export_onnx
+
+    return _export_onnx(model, example_inputs, path, **kwargs)

@@ -121,8 +121,61 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_inspect)
 
 
+def _run_export(args: argparse.Namespace) -> int:
+    from bitcompile.export.onnx import OnnxExportError, check_ort_fusion, export_onnx
+    from bitcompile.model_loader import ModelLoadError, load_model
+
+    try:
+        options = dict(parse_option(text) for text in args.option)
+        config = bitcompile.TernaryConfig.from_options(options) if options else None
+        model, example_inputs = load_model(args.model)
+    except (ModelLoadError, bitcompile.TernaryConfigError) as error:
+        print(f"bitcompile export: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        result = export_onnx(
+            model, example_inputs, args.output, format=args.format, opset=args.opset, config=config,
+            overwrite=args.overwrite, dynamic_shapes=None if args.static else "auto",
+        )  # fmt: skip
+    except (OnnxExportError, OSError, ValueError, TypeError) as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"bitcompile export: error: {error}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    if args.format == "qdq":
+        fusion = check_ort_fusion(result.path)
+        fused = len(fusion["ternary_layers"]) - len(fusion["unfused"])
+        unfused = f"; NOT fused: {', '.join(fusion['unfused'])}" if fusion["unfused"] else ""
+        print(f"onnxruntime fusion: {fused}/{len(fusion['ternary_layers'])} ternary layers run as MatMulNBits{unfused}")
+    return 0
+
+
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a packed ternary model to ONNX (MatMulNBits or standard INT2 QDQ) for onnxruntime",
+        description="MODEL is 'module:function' returning (model, example_inputs), or a local Hugging Face "
+        "model folder. An unpacked model is packed first (a copy); see docs/onnx.md.",
+    )
+    parser.add_argument("model", metavar="MODEL")
+    parser.add_argument("-o", "--output", required=True, metavar="FILE", help="the .onnx file to write")
+    parser.add_argument("--format", choices=("matmulnbits", "qdq"), default="matmulnbits",
+                        help="com.microsoft::MatMulNBits (default, fastest) or standard ONNX INT2 DequantizeLinear (opset 25)")  # fmt: skip
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 21; qdq: 25)")
+    parser.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+    parser.add_argument("--static", action="store_true", help="static input shapes (default: dynamic batch and sequence)")
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE",
+        help="how to pack an unpacked model, repeatable: group_size=128, activations=none, exclude=lm_head",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.set_defaults(handler=_run_export)
+
+
 #: Subcommand registrars; later subcommands (inspect, export, bench) add themselves here.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_inspect]
+SUBCOMMANDS.append(_add_export)
 
 
 def build_parser() -> argparse.ArgumentParser:

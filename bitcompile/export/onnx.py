@@ -53,6 +53,13 @@ IR_VERSION_FOR_OPSET_25 = 13
 _EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
+#: Per-node metadata the exporter writes that only helps debugging the exporter (about
+#: 1 KB per node: a tiny model's file would be mostly stack traces).
+_DROPPED_NODE_METADATA = (
+    "pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy", "pkg.torch.onnx.fx_node", "pkg.torch.onnx.name_scopes",
+)  # fmt: skip
+
+
 class OnnxExportError(RuntimeError):
     """The model could not be exported; the message names the layer or node and what to do."""
 
@@ -610,6 +617,9 @@ def export_onnx(
             if isinstance(module, nn.Linear) and name not in ternary_names:
                 layers.append(ExportedLayer(name, module.in_features, module.out_features, "float", "not packed"))
 
+    for node in program.model.graph.all_nodes():  # keep "namespace" (the layer path), drop stack traces
+        for key in _DROPPED_NODE_METADATA:
+            node.metadata_props.pop(key, None)
     size = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
     proto = ir.to_proto(program.model)
     if size > _EXTERNAL_DATA_BYTES:

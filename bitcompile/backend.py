@@ -25,6 +25,7 @@ import torch.fx
 
 import bitcompile.runtime.ops  # noqa: F401  (registers torch.ops.bitcpm.*)
 from bitcompile.config import TernaryConfig
+from bitcompile.distributed.ops import strip_scale_markers
 from bitcompile.kernels import resolve_target
 from bitcompile.passes.discover import LayerDecision, discover
 from bitcompile.passes.freeze_pack import FrozenWeightGuard, check_can_freeze, freeze_pack
@@ -194,6 +195,8 @@ def compile_graph(
     kernel = resolve_target(config.target, example_inputs)
     before = gm.code
     existing = set(gm.graph.nodes)
+    # Precomputed per-tensor scales (bitcompile.distributed): weight node -> scale node.
+    tensor_scales = strip_scale_markers(gm)
     decisions = discover(gm, example_inputs, config)
     frozen = []
     if config.freeze:
@@ -201,7 +204,7 @@ def compile_graph(
         frozen = freeze_pack(gm, example_inputs, decisions, config, kernel)
         replaced = len(frozen)
     else:
-        replaced = ternary_rewrite(gm, decisions, config, kernel)
+        replaced = ternary_rewrite(gm, decisions, config, kernel, tensor_scales if kernel != "cann" else None)
     log.info("bitcpm: rewrote %d of %d linear-like layers", replaced, len(decisions))
     compiled, after = None, None
     if kernel == "cann":

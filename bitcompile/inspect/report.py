@@ -130,6 +130,25 @@ class ExplainReport:
     def graph_break_reasons(self) -> list[str]:
         return [g.graph_break_reason for g in self.graphs if g.graph_break_reason]
 
+    @property
+    def scale_mode(self) -> str:
+        """How the weight scales are computed, and what that costs under DDP / FSDP2 (docs/distributed.md)."""
+        if not self.rewritten:
+            return "none (no layer rewritten)"
+        if self.config.group_size == -1:
+            return "per-row: local to each output row, no collective under DDP or FSDP2"
+        if self.config.group_size != "tensor":
+            return f"per-group ({self.config.group_size}): local to each group, no collective under DDP or FSDP2"
+        if any(n.target == "bitcpm.ternary_linear_prescaled" for g in self.graphs for n in g.nodes):
+            return (
+                "per-tensor, precomputed: global absmean of the fp32 weights from "
+                "bitcompile.distributed.precompute_tensor_scales (one batched all-reduce per step under FSDP2)"
+            )
+        return (
+            "per-tensor, in forward: absmean of the weight the forward sees (the whole weight under DDP, "
+            "the all-gathered one under FSDP2: global, no extra collective)"
+        )
+
     def totals(self) -> dict[str, Any]:
         rewritten = self.rewritten
         fp = sum(layer.fp_bytes for layer in rewritten)
@@ -157,6 +176,7 @@ class ExplainReport:
             "schema_version": SCHEMA_VERSION,
             "config": self.config.to_options(),
             "kernel": self.kernel,
+            "scale_mode": self.scale_mode,
             "graph_count": self.graph_count,
             "graph_break_count": self.graph_break_count,
             "graph_break_reasons": self.graph_break_reasons,
@@ -222,6 +242,7 @@ class ExplainReport:
                 f"{human_bytes(t['weight_bytes_before'])} -> {human_bytes(t['weight_bytes_after'])} "
                 f"({t['overall_weight_memory_ratio']:.1f}x smaller)"
             )
+        console.print(f"scales: {self.scale_mode}")
         console.print(f"graphs: {self.graph_count}, graph breaks: {self.graph_break_count}")
         for reason in self.graph_break_reasons:
             console.print(f"  break: {reason}")

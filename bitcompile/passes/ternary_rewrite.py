@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -74,12 +74,28 @@ def rewrite_sites(gm: torch.fx.GraphModule, decisions: Sequence[LayerDecision], 
 
 
 def ternary_rewrite(
-    gm: torch.fx.GraphModule, decisions: Sequence[LayerDecision], config: TernaryConfig, kernel: str
+    gm: torch.fx.GraphModule,
+    decisions: Sequence[LayerDecision],
+    config: TernaryConfig,
+    kernel: str,
+    tensor_scales: Mapping[torch.fx.Node, torch.fx.Node] | None = None,
 ) -> int:
-    """Training rewrite: approved layers → ``bitcpm::ternary_linear`` on the latent weight."""
+    """Training rewrite: approved layers → ``bitcpm::ternary_linear`` on the latent weight.
+
+    ``tensor_scales`` maps weight nodes to precomputed per-tensor scale nodes (from
+    :func:`bitcompile.distributed.ops.strip_scale_markers`); with ``group_size="tensor"``
+    those layers become ``bitcpm::ternary_linear_prescaled`` instead.
+    """
 
     def emit(graph, decision, x, bias, like):
         weight = decision.site.weight
+        scale = (tensor_scales or {}).get(weight) if config.group_size == "tensor" else None
+        if scale is not None and decision.site.layout == "out_in":
+            from bitcompile.distributed.ops import emit_prescaled
+
+            return emit_prescaled(
+                graph, x, weight, bias, scale, config, kernel, lambda g, t, a: _call(g, t, a, like)
+            )
         if decision.site.layout == "in_out":
             weight = _call(graph, torch.t, (weight,), like)
         op_args = (x, weight, bias, config.group_code, config.quantize_activations, kernel)

@@ -152,6 +152,8 @@ def test_mlp_unpacked_model_exports_a_packed_copy_with_parity_and_10x_smaller_we
             want = packed(x).numpy()
         assert rel_err(run(sess, x), want) < MLP_TOL
 
+    if activations is None:
+        return  # the sizes below do not depend on the activation mode
     # Size against an fp32 export of the same model: the linear weights shrink >= 10x.
     fp32 = torch.onnx.export(model, (torch.randn(4, 256),), dynamo=True, verbose=False)
     fp32_weights = sum(t.const_value.nbytes for n, t in fp32.model.graph.initializers.items() if n.endswith("weight"))
@@ -159,6 +161,20 @@ def test_mlp_unpacked_model_exports_a_packed_copy_with_parity_and_10x_smaller_we
     assert fp32_weights / result.ternary_weight_bytes >= 10  # 2 bits + one fp32 scale per 128 weights: 14.2x
     fp32.save(str(tmp_path / "fp32.onnx"))
     assert os.path.getsize(tmp_path / "fp32.onnx") / result.file_bytes >= 8  # whole file, with fp32 biases
+
+
+def test_per_token_activation_quantization_is_emitted_before_matmulnbits(tmp_path):
+    """With outlier channels, per-token and per-block int8 differ most: measured 1.7% of max|y|
+    with the explicit per-token quantize → dequantize, 5.3% without it (MatMulNBits alone)."""
+    torch.manual_seed(0)
+    model = bitcompile.pack(nn.Sequential(nn.Linear(1024, 256)), bitcompile.TernaryConfig(**REF))
+    result = export_onnx(model, torch.randn(4, 1024), tmp_path / "o.onnx")
+    ops = [n.op_type for n in onnx.load(str(result.path)).graph.node]
+    assert ops.index("ReduceMax") < ops.index("Round") < ops.index("MatMulNBits")
+    x = torch.randn(16, 1024) * torch.where(torch.rand(1024) < 0.01, 20.0, 1.0)
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert rel_err(run(session(result.path), x), want) < 0.03
 
 
 @pytest.mark.parametrize("group_size", [32, 64, "tensor"])
@@ -289,8 +305,7 @@ def test_transformers_llama_parity_and_generation(tmp_path):
             want = model(tokens).logits.numpy()
         assert rel_err(run(sess, tokens), want) < LLAMA_TOL
     prompt = torch.randint(0, 50, (1, 4))
-    with torch.no_grad():
-        expected = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    expected = greedy_generate(lambda t: model(t, use_cache=False).logits, prompt, 6)
     tokens = prompt
     for _ in range(6):
         tokens = torch.cat([tokens, torch.from_numpy(run(sess, tokens)[:, -1].argmax(-1, keepdims=True))], dim=1)

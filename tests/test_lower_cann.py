@@ -9,6 +9,7 @@ models on the per-row A8 path must match the reference target bit for bit.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -221,3 +222,176 @@ def test_packed_model_on_target_cann_matches_packed_reference():
         assert torch.equal(eager, compiled)
         outs[target] = eager
     assert torch.equal(outs["cann"], outs["reference"])
+
+
+# ---- packed inference on target cann: weights prepared once at compile time ----
+
+
+class _Counter:
+    """Counts calls of a real function and calls it (a spy, not a replacement)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+def _spies(monkeypatch):
+    import bitcompile.kernels.packing as packing
+
+    cann = get_kernel("cann")
+    unpack, prepare = _Counter(packing.unpack_codes), _Counter(cann.prepare_weight)
+    monkeypatch.setattr(packing, "unpack_codes", unpack)  # every kernel imports it from here at call time
+    monkeypatch.setattr(cann, "prepare_weight", prepare)
+    return unpack, prepare
+
+
+def _packed_tiny(dtype, target, seed=5, **config):
+    from bitcompile.config import TernaryConfig
+    from bitcompile.runtime.modules import pack
+
+    model, tokens = _tiny(dtype, seed=seed)
+    return pack(model.eval(), TernaryConfig(target=target, **config)), tokens
+
+
+def test_packed_tiny_llama_runs_on_weights_prepared_once(monkeypatch):
+    """fp32 packed TinyLlama on cann: npu ops on prepared constants, no per-call unpack, one prepare per layer."""
+    from bitcompile.passes.freeze_pack import FrozenWeightsChanged
+
+    reference, tokens = _packed_tiny(torch.float32, "reference")
+    with torch.no_grad():
+        expected = reference(tokens)
+    model, _ = _packed_tiny(torch.float32, "cann")
+    unpack, prepare = _spies(monkeypatch)
+    torch._dynamo.reset()
+    records = []
+    with observe_compilations(records.append), torch.no_grad():
+        compiled = _compile(model, target="cann")
+        out = compiled(tokens)
+        assert (unpack.calls, prepare.calls) == (14, 14)  # once per layer, at compile time
+        for _ in range(3):
+            again = compiled(tokens)
+    assert (unpack.calls, prepare.calls) == (14, 14)  # nothing per call
+    assert torch.equal(out, again)
+    _close(out, expected)
+    assert not torch.equal(out, expected)  # it really ran the bf16 Ascend kernels
+    (record,) = records
+    assert _npu_calls(record.after) == list(NPU_A8) * 14
+    assert "ternary_linear_packed" not in record.after and "unpack" not in record.after
+    assert record.after.count("cann_prepared_linear(") == 14
+    buffers = dict(record.graph_module.named_buffers())
+    weights = [t for name, t in buffers.items() if name.startswith("_bitcpm_cann_weight")]
+    assert len(weights) == 14 and all(w.dtype == torch.int8 and w.is_contiguous() for w in weights)
+    q = model.layers[0].self_attn.q_proj
+    assert weights[0].shape == (q.in_features, q.out_features)  # (K, N)
+    assert torch.equal(weights[0], q.codes().t())
+    packed = [d for d in record.layers if d.kind == "packed"]
+    assert len(packed) == 14
+    assert all("npu_quant_matmul on weights prepared once at compile time (int8 (K, N)" in d.reason for d in packed)
+
+    # The folded buffers are watched: changing one after compilation raises, never serves stale weights.
+    with torch.no_grad():
+        model.layers[1].mlp.down_proj.packed[0, 0] ^= 1
+        with pytest.raises(FrozenWeightsChanged, match=r"layers\.1\.mlp\.down_proj.*prepared for Ascend"):
+            compiled(tokens)
+        model.layers[1].mlp.down_proj.packed[0, 0] ^= 1  # the same bytes, but a new version: still refused
+        with pytest.raises(FrozenWeightsChanged):
+            compiled(tokens)
+        model.layers[0].self_attn.q_proj.scales = model.layers[0].self_attn.q_proj.scales * 2  # a new tensor
+        torch._dynamo.reset()
+        recompiled = _compile(model, target="cann")(tokens)
+        assert not torch.equal(recompiled, out)  # a recompile picks the new weights up
+
+
+def test_packed_per_group_and_weight_only_prepare_int4_weights(monkeypatch):
+    """Per-group / weight-only packed layers: npu_weight_quant_batchmatmul on int4-packed (or int8) constants."""
+    cases = [
+        ({"group_size": 32}, ["npu.npu_dynamic_quant.default", "npu.npu_weight_quant_batchmatmul.default"]),
+        ({"activations": None}, ["npu.npu_weight_quant_batchmatmul.default"]),
+    ]
+    for config, sequence in cases:
+        reference, tokens = _packed_tiny(torch.bfloat16, "reference", **config)
+        with torch.no_grad():
+            expected = reference(tokens)
+        model, _ = _packed_tiny(torch.bfloat16, "cann", **config)
+        unpack, prepare = _spies(monkeypatch)
+        out, (record,) = _run(model, (tokens,), target="cann", **config)
+        assert (unpack.calls, prepare.calls) == (14, 14), config
+        _close(out, expected, rel=2e-2)
+        assert _npu_calls(record.after) == sequence * 14, config
+        weights = {n: t for n, t in record.graph_module.named_buffers() if n.startswith("_bitcpm_cann_weight")}
+        # N = 64 (q,k,v,o,down) packs 8 int4 per int32; N = 172 (gate, up) is not a multiple of 8: int8 (K, N)
+        assert sorted({(t.dtype, tuple(t.shape)) for t in weights.values()}, key=str) == sorted(
+            {(torch.int32, (64, 8)), (torch.int32, (172, 8)), (torch.int8, (64, 172))}, key=str
+        ), config
+        packed = [d for d in record.layers if d.kind == "packed"]
+        assert len(packed) == 14
+        assert all("npu_weight_quant_batchmatmul" in d.reason and "prepared once" in d.reason for d in packed)
+
+
+def test_packed_layer_violating_a_constraint_stays_on_the_packed_op():
+    from bitcompile.config import TernaryConfig
+    from bitcompile.runtime.modules import pack
+
+    model = pack(nn.Sequential(nn.Linear(96, 16), nn.Linear(16, 8)).eval(), TernaryConfig(group_size=48, target="cann"))
+    x = torch.randn(2, 96)
+    with torch.no_grad():
+        expected = get_kernel("reference").packed_linear(
+            x, model[0].packed, model[0].scales, 96, 48, model[0].bias, True, x.dtype
+        )
+    out, (record,) = _run(model[:1], (x,), target="cann")
+    (decision,) = record.layers
+    assert "kept on the float path" in decision.reason and "group size 48 is not a multiple of 32" in decision.reason
+    assert _npu_calls(record.after) == [] and "ternary_linear_packed" in record.after and "'reference'" in record.after
+    assert torch.equal(out, expected)
+
+
+def test_prepared_weights_are_shared_across_graphs_and_dynamic_shapes(monkeypatch):
+    """A second graph of the same packed model (another sequence length, then dynamic) reuses the prepared tensors."""
+    reference, tokens = _packed_tiny(torch.bfloat16, "reference")
+    lengths = (12, 7, 5)  # the second shape recompiles with a dynamic sequence length
+    with torch.no_grad():
+        expected = [reference(tokens[:, :length]) for length in lengths]
+    model, _ = _packed_tiny(torch.bfloat16, "cann")
+    unpack, prepare = _spies(monkeypatch)
+    torch._dynamo.reset()
+    records = []
+    with observe_compilations(records.append), torch.no_grad():
+        compiled = _compile(model, target="cann")
+        for length, want in zip(lengths, expected):
+            assert torch.equal(compiled(tokens[:, :length]), want), length
+    assert len(records) == 2
+    assert unpack.calls == prepare.calls == 14
+    first, second = ({n: t for n, t in r.graph_module.named_buffers() if "_bitcpm_cann_" in n} for r in records)
+    assert all(first[name] is second[name] for name in first)
+
+
+def test_freeze_on_target_cann_uses_prepared_weights(monkeypatch):
+    """freeze=True + cann: quantize once, prepare once, no packed constants left, stale float weights refused."""
+    from bitcompile.passes.freeze_pack import FrozenWeightsChanged
+
+    model, tokens = _tiny(seed=6)
+    model.eval()
+    with torch.no_grad():
+        expected, _ = _run(model, (tokens,), target="reference", freeze=True)
+        unpack, prepare = _spies(monkeypatch)
+        torch._dynamo.reset()
+        records = []
+        with observe_compilations(records.append):
+            compiled = _compile(model, target="cann", freeze=True)
+            out = compiled(tokens)
+            compiled(tokens)
+    assert (unpack.calls, prepare.calls) == (14, 14)
+    _close(out, expected)
+    (record,) = records
+    assert _npu_calls(record.after) == list(NPU_A8) * 14 and "ternary_linear_packed" not in record.after
+    names = [n for n, _ in record.graph_module.named_buffers()]
+    assert not any(n.startswith("_bitcpm_frozen_") for n in names)
+    assert sum(n.startswith("_bitcpm_cann_weight") for n in names) == 14
+    assert all("prepared once" in d.reason for d in record.layers if d.rewritten)
+    with torch.no_grad():
+        model.layers[0].mlp.up_proj.weight.mul_(2)
+        with pytest.raises(FrozenWeightsChanged, match=r"layers\.0\.mlp\.up_proj.*freeze"):
+            compiled(tokens)

@@ -20,6 +20,8 @@ bitcompile's own pure-PyTorch code (the npu ops are inference-only and have no a
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -205,6 +207,61 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float16 if dtype == torch.float16 else torch.bfloat16
 
 
+def describe_prepared(prepared: dict) -> str:
+    """The prepared weight's layout, e.g. ``int8 (K, N) = 96x40`` (for the explain report)."""
+    weight = prepared["weight"]
+    k, cols = weight.shape
+    if weight.dtype == torch.int32:
+        return f"int4-packed int32 (K, N/8) = {k}x{cols}"
+    return f"int8 (K, N) = {k}x{cols}"
+
+
+def _version(tensor: Tensor) -> int | None:
+    return None if tensor.is_inference() else tensor._version
+
+
+# (id(packed), id(scales), in_features, group, quantize_activations, dtype) ->
+#   (weakref packed, its version, weakref scales, its version, path, group, weakref weight, weakref scale)
+_prepared_cache: dict[tuple, tuple] = {}
+
+
+def prepare_packed(
+    packed: Tensor, w_scales: Tensor, in_features: int, group_code: int, quantize_activations: bool,
+    dtype: torch.dtype,
+) -> dict[str, Tensor | int | str]:  # fmt: skip
+    """:func:`prepare_weight` for a ``PackedTernaryLinear``'s buffers: the 2-bit codes are unpacked here, once.
+
+    Called by the compile step (``passes.lower_cann.prepare_packed_layers``), never inside a
+    graph. Graphs compiled from the same packed buffers (prefill and decode shapes, a
+    recompile) share one set of prepared tensors while any of them is alive: the cache holds
+    them weakly and checks that ``packed``/``scales`` are the same tensors at the same
+    version counters.
+    """
+    from bitcompile.kernels.packing import check_packed_args, unpack_codes
+
+    key = (id(packed), id(w_scales), in_features, group_code, bool(quantize_activations), dtype)
+    entry = _prepared_cache.get(key)
+    if entry is not None:
+        packed_ref, packed_version, scales_ref, scales_version, path, group, weight_ref, scale_ref = entry
+        weight, scale = weight_ref(), scale_ref()
+        if (
+            packed_ref() is packed and scales_ref() is w_scales and weight is not None and scale is not None
+            and _version(packed) == packed_version and _version(w_scales) == scales_version
+        ):  # fmt: skip
+            return {"path": path, "weight": weight, "scale": scale, "group": group}
+    x_like = torch.empty(0, in_features, dtype=dtype if dtype.is_floating_point else torch.float32)
+    check_packed_args("prepare_packed", x_like, packed, w_scales, in_features, group_code, None)
+    codes = unpack_codes(packed, in_features)
+    prepared = prepare_weight(codes, w_scales.float(), group_code, quantize_activations, dtype)
+    for stale in [k for k, e in _prepared_cache.items() if e[0]() is None or e[6]() is None]:
+        del _prepared_cache[stale]
+    _prepared_cache[key] = (
+        weakref.ref(packed), _version(packed), weakref.ref(w_scales), _version(w_scales),
+        prepared["path"], prepared["group"], weakref.ref(prepared["weight"]), weakref.ref(prepared["scale"]),
+    )  # fmt: skip
+    return prepared
+
+
 quantize_activations_ = quantize_activations
 
 
@@ -214,8 +271,9 @@ def packed_int8_matmul(
 ) -> Tensor:  # fmt: skip
     """``bitcpm::ternary_linear_packed`` on target cann: unpack the canonical 2-bit codes, then :func:`int8_ternary_matmul`.
 
-    NOTE: this unpacks per call (one pass over the weight); deployments should hold the
-    tensors of :func:`prepare_weight` instead.
+    This is the op's eager kernel and unpacks per call (one pass over the weight). Compiled
+    with ``target="cann"``, a packed model never reaches it: the compile step replaces the op
+    by :func:`prepared_linear` on weights :func:`prepare_packed` built once.
     """
     from bitcompile.kernels.packing import unpack_codes
 
@@ -226,7 +284,7 @@ def packed_float_matmul(
     x2d: Tensor, packed: Tensor, w_scales: Tensor, in_features: int, group_code: int, bias: Tensor | None,
     out_dtype: torch.dtype,
 ) -> Tensor:  # fmt: skip
-    """Weight-only ``bitcpm::ternary_linear_packed`` on target cann (unpacks per call, see above)."""
+    """Weight-only ``bitcpm::ternary_linear_packed`` on target cann (eager: unpacks per call, see above)."""
     from bitcompile.kernels.packing import unpack_codes
 
     return float_ternary_matmul(x2d, unpack_codes(packed, in_features), w_scales, group_code, bias, out_dtype)

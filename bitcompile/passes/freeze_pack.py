@@ -38,7 +38,14 @@ class _FrozenParameter:
     name: str
     input_index: int
     identity: int
-    version: int
+    version: int | None  # None for inference tensors (no version counter): identity only
+    #: how the tensor was folded, for the error message
+    folded_as: str = "frozen into a compiled graph (options={'freeze': True})"
+
+
+def version_of(tensor: torch.Tensor) -> int | None:
+    """``tensor._version``, or None for an inference tensor (created under torch.inference_mode)."""
+    return None if tensor.is_inference() else tensor._version
 
 
 class FrozenWeightGuard:
@@ -52,11 +59,10 @@ class FrozenWeightGuard:
         inputs = args[0] if len(args) == 1 and isinstance(args[0], list) else args
         for entry in self.frozen:
             tensor = inputs[entry.input_index]
-            if id(tensor) != entry.identity or tensor._version != entry.version:
+            if id(tensor) != entry.identity or (entry.version is not None and tensor._version != entry.version):
                 raise FrozenWeightsChanged(
-                    f"the weight of layer {entry.name!r} changed after it was frozen into a compiled graph "
-                    "(options={'freeze': True}); recompile (torch._dynamo.reset() or a new torch.compile) "
-                    "so inference uses the new weights"
+                    f"the weight of layer {entry.name!r} changed after it was {entry.folded_as}; "
+                    "recompile (torch._dynamo.reset() or a new torch.compile) so inference uses the new weights"
                 )
         return self.compiled(*args)
 
@@ -99,7 +105,8 @@ def freeze_pack(
         slot = len(frozen)
         packed_name = register(f"_bitcpm_frozen_packed_{slot}", pack_codes(codes))
         scales_name = register(f"_bitcpm_frozen_scales_{slot}", scales)
-        frozen.append(_FrozenParameter(decision.name, index, id(example_inputs[index]), example_inputs[index]._version))
+        source = example_inputs[index]
+        frozen.append(_FrozenParameter(decision.name, index, id(source), version_of(source)))
         packed = graph.get_attr(packed_name)
         scale = graph.get_attr(scales_name)
         op_args = (x, packed, scale, bias, decision.in_features, config.group_code, config.quantize_activations, kernel)

@@ -1,6 +1,6 @@
 """Lower ``bitcpm`` ops to torch_npu kernels for ``target="cann"`` (DESIGN.md §5).
 
-Two passes and the compile step that runs them:
+Three passes and the compile step that runs them:
 
 1. :func:`plan_cann_layers` (Dynamo graph, right after ``ternary_rewrite``): for every
    ``bitcpm::ternary_linear`` node, check the layer against the device constraints (K and N
@@ -26,9 +26,17 @@ Per-group scales (g a multiple of 32) or weight-only::
     npu_weight_quant_batchmatmul(x, q_w (K, N), antiquant_scale (ceil(K/g), N), bias,
                                  antiquant_group_size=g) ──▶ (M, N) ──view──▶ (B, S, N)
 
-Training graphs quantize the weight in the graph (it changes every step); packed inference
-weights are prepared once at pack time (int8 ``(K, N)`` copies, int4 packing,
-``npu_format_cast(w, 29)`` on hardware), never inside the graph.
+Training graphs quantize the weight in the graph (it changes every step). Packed inference
+(a model converted by ``pack``, or ``freeze=True``) never unpacks the 2-bit codes inside the
+graph:
+
+3. :func:`prepare_packed_layers` (Dynamo graph, before the plan) builds the Ascend weights of each
+   ``bitcpm::ternary_linear_packed`` node once, at compile time (int8 ``(K, N)`` copies, int4
+   packing, ``npu_format_cast(w, 29)`` on hardware), registers them as buffers of the graph
+   module and replaces the node by :func:`cann_prepared_linear` on them, which AOTAutograd
+   traces into the same ``npu.*`` sequences as above, with the weight a constant. The packed
+   buffers the weights came from are watched by :class:`~bitcompile.passes.freeze_pack.FrozenWeightGuard`:
+   changing them after compilation raises instead of serving the stale prepared weights.
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from bitcompile.config import TernaryConfig
 from bitcompile.kernels import get_kernel
 from bitcompile.passes.discover import LayerDecision
+from bitcompile.passes.freeze_pack import FrozenWeightGuard, _FrozenParameter, version_of
+from bitcompile.passes.names import calling_module
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +187,183 @@ def lower_to_cann(gm: torch.fx.GraphModule, decompositions: dict | None = None) 
 
 
 # --------------------------------------------------------------------------------------------
+# packed inference: weights prepared once at compile time
+# --------------------------------------------------------------------------------------------
+
+_PACKED_LINEAR = torch.ops.bitcpm.ternary_linear_packed
+_FROZEN_PREFIX = "_bitcpm_frozen_"  # buffers freeze_pack registered (it guards their source weights)
+_PREPARED_FOLDED_AS = "prepared for Ascend at compile time (target='cann'; packed buffers are folded)"
+
+
+def cann_prepared_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    path: str,
+    group: int,
+    quantize_activations: bool,
+    out_features: int,
+) -> torch.Tensor:
+    """Graph-level call of a layer prepared by :func:`prepare_packed_layers` (AOTAutograd traces it to npu.* ops)."""
+    prepared = {"path": path, "weight": weight, "scale": scale, "group": group}
+    return get_kernel("cann").prepared_linear(x, prepared, bias, quantize_activations, out_features)
+
+
+def _is_packed_linear(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (_PACKED_LINEAR, _PACKED_LINEAR.default)
+
+
+def _match_decisions(
+    gm: torch.fx.GraphModule, decisions: Sequence[LayerDecision]
+) -> dict[torch.fx.Node, LayerDecision]:
+    """Packed-op node -> its decision: discover's "already packed" ones in graph order, freeze's by module name."""
+    already = iter([d for d in decisions if d.kind == "packed"])
+    frozen: dict[str, list[LayerDecision]] = {}
+    for d in decisions:
+        if d.kind != "packed" and d.rewritten and d.site is not None:
+            frozen.setdefault(d.name, []).append(d)
+    matched = {}
+    for node in gm.graph.nodes:
+        if not _is_packed_linear(node) or len(node.args) < 2:
+            continue
+        source = node.args[1]
+        frozen_constant = isinstance(source, torch.fx.Node) and source.op == "get_attr"
+        if frozen_constant and str(source.target).startswith(_FROZEN_PREFIX):
+            module = calling_module(node)
+            candidates = frozen.get(module[0] if module else "", [])
+            if candidates:
+                matched[node] = candidates.pop(0)
+        elif (decision := next(already, None)) is not None:
+            matched[node] = decision
+    return matched
+
+
+def _unique_name(gm: torch.fx.GraphModule, stem: str) -> str:
+    i = 0
+    while hasattr(gm, f"{stem}_{i}"):
+        i += 1
+    return f"{stem}_{i}"
+
+
+def prepare_packed_layers(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], decisions: Sequence[LayerDecision]
+) -> list[_FrozenParameter]:
+    """Replace each ``bitcpm::ternary_linear_packed`` node by :func:`cann_prepared_linear` on prepared constants.
+
+    For every packed layer of a Dynamo graph compiled for cann (whatever kernel the layer was
+    packed for: the compile target decides), the 2-bit codes are unpacked once, here, and
+    :func:`bitcompile.kernels.cann.prepare_packed` builds the Ascend weight and scale; they
+    become buffers of ``gm``. Layers that violate a device constraint stay on the packed op
+    with ``kernel="reference"`` (the float path, which unpacks per call) and the reason in
+    their :class:`LayerDecision`.
+
+    Returns the graph inputs (the packed buffers of the model) the compiled graph must watch:
+    a changed ``packed`` or ``scales`` tensor makes :class:`FrozenWeightGuard` raise.
+    """
+    from torch._dynamo.source import ConstantSource
+
+    cann = get_kernel("cann")
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    index_of = {node: i for i, node in enumerate(placeholders)}
+    matched = _match_decisions(gm, decisions)
+    if not hasattr(gm, "_param_name_to_source"):
+        gm._param_name_to_source = {}
+    watched: dict[int, _FrozenParameter] = {}
+    folded_attrs: set[torch.fx.Node] = set()
+
+    def tensor_of(node: Any) -> torch.Tensor | None:
+        if not isinstance(node, torch.fx.Node):
+            return None
+        if node.op == "placeholder" and index_of[node] < len(example_inputs):
+            value = example_inputs[index_of[node]]
+        elif node.op == "get_attr" and str(node.target).startswith(_FROZEN_PREFIX):
+            value = getattr(gm, str(node.target), None)
+        else:
+            return None
+        return value if isinstance(value, torch.Tensor) else None
+
+    def register(stem: str, tensor: torch.Tensor) -> torch.fx.Node:
+        name = _unique_name(gm, stem)
+        gm.register_buffer(name, tensor)
+        # AOTAutograd looks every buffer up here (it fails with "... not found in param_name_to_source").
+        gm._param_name_to_source[name] = ConstantSource(name)
+        return graph.get_attr(name)
+
+    count = 0
+    for node in list(graph.nodes):
+        if not _is_packed_linear(node):
+            continue
+        decision = matched.get(node)
+        if len(node.args) != 8 or node.kwargs:
+            reason = "unexpected bitcpm::ternary_linear_packed call signature"
+        else:
+            x, packed_node, scales_node, bias, in_features, group_code, quantize_activations, _kernel = node.args
+            packed, scales, x_val = tensor_of(packed_node), tensor_of(scales_node), _val(x)
+            if packed is None or scales is None:
+                reason = "packed weights are not graph inputs or frozen constants"
+            elif not isinstance(x_val, torch.Tensor):
+                reason = "input dtype unknown at compile time"
+            else:
+                reason = cann.unsupported_reason(in_features, packed.shape[0], group_code, x_val.dtype)
+        if reason is not None:
+            if len(node.args) == 8:
+                node.args = (*node.args[:7], "reference")
+            note = f"kept on the float path (bitcpm reference kernels, unpacking the 2-bit codes per call): {reason}"
+        else:
+            prepared = cann.prepare_packed(packed, scales, in_features, group_code, quantize_activations, x_val.dtype)
+            out_features = packed.shape[0]
+            with graph.inserting_before(node):
+                weight_node = register("_bitcpm_cann_weight", prepared["weight"])
+                scale_node = register("_bitcpm_cann_scale", prepared["scale"])
+                path, group = prepared["path"], prepared["group"]
+                args = (x, weight_node, scale_node, bias, path, group, quantize_activations, out_features)
+                new = graph.call_function(cann_prepared_linear, args)
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            for source in (packed_node, scales_node):
+                if source.op == "placeholder":
+                    index = index_of[source]
+                    tensor = example_inputs[index]
+                    watched.setdefault(
+                        index,
+                        _FrozenParameter(
+                            decision.name if decision else str(source.target), index, id(tensor), version_of(tensor),
+                            _PREPARED_FOLDED_AS,
+                        ),  # fmt: skip
+                    )
+                else:
+                    folded_attrs.add(source)
+            count += 1
+            lowering = describe_lowering(scales.shape[1], group_code, quantize_activations)
+            note = f"{lowering} on weights prepared once at compile time ({cann.describe_prepared(prepared)})"
+        if decision is not None:
+            decision.reason = f"{decision.reason}; {note}"
+        log.debug("bitcpm cann packed: %s -> %s", decision.name if decision else node.name, note)
+    # freeze=True's packed constants are not needed once their layer reads the prepared weights.
+    for attr in folded_attrs:
+        if not attr.users:
+            name = str(attr.target)
+            graph.erase_node(attr)
+            delattr(gm, name)
+            gm._param_name_to_source.pop(name, None)
+    if count or folded_attrs:
+        graph.lint()
+        gm.recompile()
+        log.info("bitcpm: %d packed layers run on weights prepared for Ascend", count)
+    return list(watched.values())
+
+
+def _has_npu_nodes(gm: torch.fx.GraphModule) -> bool:
+    return any(
+        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "npu"
+        for n in gm.graph.nodes
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # compiling a graph for target="cann"
 # --------------------------------------------------------------------------------------------
 
@@ -211,11 +398,13 @@ def compile_for_cann(
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
+    watched = prepare_packed_layers(gm, example_inputs, decisions)
     plan_cann_layers(gm, decisions)
     lowered: list[str] = []
 
     def lower(g: torch.fx.GraphModule, decompositions: dict | None = None) -> None:
-        if lower_to_cann(g, decompositions):
+        # The training path's nodes are lowered here; prepared packed layers arrive already traced to npu.*.
+        if lower_to_cann(g, decompositions) or _has_npu_nodes(g):
             lowered.append(g.code)
 
     torchair = _torchair_compiler(example_inputs)
@@ -243,7 +432,16 @@ def compile_for_cann(
     after = gm.code
     for code in lowered:
         after += "\n# ---- lowered for Ascend (post-AOT forward graph) ----\n" + code
+    if watched:
+        compiled = FrozenWeightGuard(compiled, watched)
     return compiled, after
 
 
-__all__ = ["compile_for_cann", "describe_lowering", "lower_to_cann", "plan_cann_layers"]
+__all__ = [
+    "cann_prepared_linear",
+    "compile_for_cann",
+    "describe_lowering",
+    "lower_to_cann",
+    "plan_cann_layers",
+    "prepare_packed_layers",
+]

@@ -298,6 +298,7 @@ def test_transformers_llama_parity_and_generation(tmp_path):
     result = export_onnx(model, (torch.randint(0, 50, (1, 10)),), tmp_path / "hf.onnx")
     assert result.inputs == ["input_ids"] and result.outputs == ["logits"]
     assert len(result.ternary_layers) == 14 and [layer.name for layer in result.float_layers] == ["lm_head"]
+    assert result.ternary_layers[0].name == "model.layers.0.self_attn.q_proj"  # the HF module path
     sess = session(result.path)
     for shape in ((1, 10), (3, 17)):
         tokens = torch.randint(0, 50, shape)

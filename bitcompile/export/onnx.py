@@ -216,8 +216,7 @@ def _prepare(model: nn.Module, config: TernaryConfig | None) -> tuple[nn.Module,
     }
     if fallback:
         if not packed_copy:
-            model = copy.deepcopy(model)
-            packed_copy = False  # a copy for the float fallback, not a packed copy of an unpacked model
+            model = copy.deepcopy(model)  # the user's packed model keeps its PackedTernaryLinear layers
         for name in fallback:
             replace_submodule(model, name, _PerTokenInt8FloatLinear(model.get_submodule(name)))
     return model, packed_copy, fallback
@@ -283,7 +282,7 @@ def _torch_of(value) -> torch.Tensor:
     return torch.from_numpy(tensor.numpy().copy())
 
 
-def _rewrite_ternary_weights(model, fmt: str) -> list[ExportedLayer]:
+def _rewrite_ternary_weights(model, fmt: str, prefix: str = "") -> list[ExportedLayer]:
     """Convert the tagged layers' canonical packed initializers into ``fmt``'s layout; returns the layers."""
     import onnx_ir as ir
 
@@ -303,7 +302,7 @@ def _rewrite_ternary_weights(model, fmt: str) -> list[ExportedLayer]:
         for key in (tr.TAG, tr.TAG_IN_FEATURES, tr.TAG_GROUP, tr.TAG_BLOCK, tr.TAG_ACTIVATIONS, tr.TAG_PADDED_N):
             node.metadata_props.pop(key, None)
         packed_value, scales_value = (node.inputs[1], node.inputs[2]) if kind == "matmulnbits" else node.inputs[:2]
-        name = packed_value.name.removesuffix(".packed")
+        name = packed_value.name.removesuffix(".packed").removeprefix(prefix)
         signature = (kind, in_features, group_code, block_size)
         if id(packed_value) in converted:  # a buffer shared by two layers: converted once
             if converted[id(packed_value)] != signature:
@@ -511,7 +510,9 @@ def _conversion_error(error: Exception, model: nn.Module, example_inputs: tuple,
 
 
 def _chain(error: BaseException):
-    while error is not None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
         yield error
         error = error.__cause__ or error.__context__
 
@@ -592,7 +593,7 @@ def export_onnx(
     finally:
         for module, training in modes:
             module.training = training
-    layers = _rewrite_ternary_weights(program.model, format)
+    layers = _rewrite_ternary_weights(program.model, format, prefix="model." if hf else "")
     if format == "qdq":
         _keep_dq_matmul_fusable(program.model)
     _dim_names(program, example_inputs)
@@ -623,6 +624,7 @@ def export_onnx(
     size = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
     proto = ir.to_proto(program.model)
     if size > _EXTERNAL_DATA_BYTES:
+        Path(str(path) + ".data").unlink(missing_ok=True)  # onnx appends to an existing data file
         onnx.save_model(proto, str(path), save_as_external_data=True, location=path.name + ".data")
     else:
         onnx.save_model(proto, str(path))

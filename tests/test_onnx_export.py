@@ -340,6 +340,9 @@ def test_bad_paths_formats_and_opsets(tmp_path):
         export_onnx(model, x, tmp_path / "m.onnx", config=bitcompile.TernaryConfig())
     with pytest.raises(OnnxExportError, match="no nn.Linear"):
         export_onnx(nn.Sequential(nn.ReLU()), x, tmp_path / "m.onnx")
+    with pytest.raises(OnnxExportError, match=r"input dtype BFLOAT16 is not supported.*model.float\(\)"):
+        bf16 = bitcompile.pack(MLP(32, [32], 4).to(torch.bfloat16), bitcompile.TernaryConfig(**REF))
+        export_onnx(bf16, x.to(torch.bfloat16), tmp_path / "m.onnx")
     assert existing.read_bytes() == b"x" and not (tmp_path / "m.onnx").exists()
 
 

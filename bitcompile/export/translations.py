@@ -24,11 +24,11 @@ from onnxscript import opset18 as op
 from onnxscript import opset21
 from onnxscript import values
 
-from bitcompile.export.layouts import block_size_for
+from bitcompile.export.layouts import block_size_for, unsupported_reason
 from bitcompile.kernels.groups import EPS
 
 #: ``metadata_props`` keys on the nodes a translation records (removed before saving).
-TAG = "bitcompile.ternary"  # "matmulnbits" | "qdq" | "float"
+TAG = "bitcompile.ternary"  # "matmulnbits" | "qdq"
 TAG_IN_FEATURES = "bitcompile.in_features"
 TAG_GROUP = "bitcompile.group_size"
 TAG_BLOCK = "bitcompile.block_size"
@@ -135,7 +135,7 @@ def bitcpm_ternary_linear_packed_matmulnbits(
     _check_dtype(x)
     block_size = block_size_for(group_size)
     if block_size is None:
-        return _float_fallback(x, packed, bias, in_features, group_size, quantize_activations)
+        _no_fast_block(group_size)
     a = _per_token_int8(x) if quantize_activations else x
     n = packed.shape[0]
     inputs = [a, packed, scales] + ([None, None, bias] if bias is not None else [])
@@ -160,7 +160,7 @@ def bitcpm_ternary_linear_packed_qdq(
     _check_dtype(x)
     block_size = block_size_for(group_size)
     if block_size is None:
-        return _float_fallback(x, packed, bias, in_features, group_size, quantize_activations)
+        _no_fast_block(group_size)
     a = _per_token_int8(x) if quantize_activations else x
     weight = opset21.DequantizeLinear(packed, scales, axis=0, block_size=block_size)
     _tag(weight, "qdq", in_features, group_size, block_size, quantize_activations)
@@ -175,16 +175,10 @@ def bitcpm_ternary_linear_packed_qdq(
     return op.Add(y, bias) if bias is not None else y
 
 
-def _float_fallback(x, packed, bias, in_features: int, group_size: int, quantize_activations: bool):
-    """A grouping no fast block size represents: ``MatMul(x, W_q^T)`` with the dequantized fp32 weight.
-
-    Exact (the weight is ``codes * scales``), not compressed; the export summary lists the
-    layer with the reason. ``packed`` is a placeholder the rewrite replaces by ``(K, N)`` fp32.
-    """
-    a = _per_token_int8(x) if quantize_activations else x
-    y = op.MatMul(a, packed)
-    _tag(y, "float", in_features, group_size, 0, quantize_activations)
-    return op.Add(y, bias) if bias is not None else y
+def _no_fast_block(group_size: int):
+    # export_onnx swaps such layers for a float MatMul before tracing; reaching this is a bug
+    # or a direct use of the translation table.
+    raise UnsupportedLayerError(f"bitcpm::ternary_linear_packed: {unsupported_reason(group_size)}")
 
 
 def translation_table(fmt: str) -> dict:

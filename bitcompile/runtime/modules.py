@@ -71,10 +71,24 @@ class PackedTernaryLinear(nn.Module):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.compiler.is_compiling() and x.shape[-1] == self.in_features and x.is_floating_point():
+            # Eager serving: call the kernel directly. The op's dispatch costs about as much as
+            # a small decode GEMV itself; compiled graphs and export still see the op.
+            if torch.autograd._profiler_enabled():  # keep the layer visible to torch.profiler
+                with torch.profiler.record_function("bitcpm::ternary_linear_packed"):
+                    return self._eager_forward(x)
+            return self._eager_forward(x)
         return torch.ops.bitcpm.ternary_linear_packed(
             x, self.packed, self.scales, self.bias, self.in_features, self.group_code,
             self.quantize_activations, self.kernel,
         )  # fmt: skip
+
+    def _eager_forward(self, x: Tensor) -> Tensor:
+        y = get_kernel(self.kernel).packed_linear(
+            x.reshape(-1, self.in_features), self.packed, self.scales, self.in_features, self.group_code,
+            self.bias, self.quantize_activations, x.dtype,
+        )  # fmt: skip
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def codes(self) -> Tensor:
         """The ternary codes as int8 ``(out, in)``."""

@@ -19,6 +19,7 @@ GroupSize = int | Literal["tensor"]
 TARGETS = ("auto", "reference", "cpu", "cann")
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 ACTIVATION_MODES = ("int8", None)
+BACKWARD_PRECISIONS = ("fp32", "bf16", "int8")
 
 
 class TernaryConfigError(ValueError):
@@ -55,6 +56,10 @@ class TernaryConfig:
         inner: compiler for the rest of the graph: ``"inductor"``, ``"aot_eager"``, ``"eager"``.
         freeze: inference only (``model.eval()`` + ``torch.no_grad()``): quantize and pack the
             weights once at compile time; a later weight change raises until you recompile.
+        backward_precision: GEMM precision of the training backward on the ``"cpu"`` kernels:
+            ``"fp32"`` (the reference numerics), ``"bf16"`` (grad_input and grad_weight as bf16
+            GEMMs) or ``"int8"`` (grad_input as int8 x ternary ``torch._int_mm``, grad_weight in
+            bf16). The reference and cann kernels always compute the fp32 backward.
 
     Example::
 
@@ -71,6 +76,7 @@ class TernaryConfig:
     target: str = "auto"
     inner: str = "inductor"
     freeze: bool = False
+    backward_precision: str = "fp32"
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -89,6 +95,8 @@ class TernaryConfig:
             raise _bad("freeze", self.freeze, "True or False")
         if self.inner not in INNER_COMPILERS:
             raise _bad("inner", self.inner, f"one of {', '.join(INNER_COMPILERS)}")
+        if self.backward_precision not in BACKWARD_PRECISIONS:
+            raise _bad("backward_precision", self.backward_precision, f"one of {', '.join(BACKWARD_PRECISIONS)}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | TernaryConfig | None) -> TernaryConfig:

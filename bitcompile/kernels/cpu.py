@@ -12,7 +12,10 @@ The ISA is chosen at run time from cpuid (``avx512`` = AVX-512 F/BW/VL/DQ + VNNI
 Threads split the output features; their number is ``torch.get_num_threads()``.
 
 Training (``int8_ternary_matmul``) runs on ``torch._int_mm`` for per-row / per-tensor
-scales (exact int32, VNNI inside oneDNN) and on the packed C kernel for groups.
+scales (exact int32, VNNI inside oneDNN) and on the packed C kernel for groups. The
+backward (:func:`ternary_linear_backward`) runs its two GEMMs in the precision the
+``backward_precision`` option names: ``"fp32"`` (the reference numerics), ``"bf16"`` or
+``"int8"`` (grad_input as int8 x ternary ``torch._int_mm``, grad_weight in bf16).
 """
 
 from __future__ import annotations
@@ -27,16 +30,14 @@ import torch
 from torch import Tensor
 
 from bitcompile.kernels import reference
-from bitcompile.kernels.groups import PER_TENSOR, check_group_code, num_groups
+from bitcompile.kernels.groups import EPS, PER_TENSOR, check_group_code, num_groups
 from bitcompile.kernels.packing import BLOCK_K, check_packed_args, padded_in_features
 
 log = logging.getLogger(__name__)
 
 # The training path shares these with the reference (DESIGN.md §3: same numerics).
-quantize_weight = reference.quantize_weight
 dequantize_weight = reference.dequantize_weight
 float_ternary_matmul = reference.float_ternary_matmul
-ternary_linear_backward = reference.ternary_linear_backward
 
 ISA_NAMES = {"scalar": 0, "avx2": 1, "avx512": 2}
 _ISA_BY_ID = {v: k for k, v in ISA_NAMES.items()}
@@ -229,6 +230,25 @@ def _packed_int8(x: Tensor, kind: int, x_scales: Tensor | None, packed, w_scales
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
+def quantize_weight(weight: Tensor, group_code: int) -> tuple[Tensor, Tensor]:
+    """:func:`reference.quantize_weight` (bit-identical: the same ops in the same order), with one
+    reused ``(N, K)`` fp32 buffer instead of four for per-row / per-tensor scales; it runs on
+    every training step, where the fresh allocations' page faults cost more than the arithmetic."""
+    if group_code > 0 or weight.dim() != 2 or weight.numel() == 0 or not _on_cpu(weight):
+        return reference.quantize_weight(weight, group_code)
+    check_group_code(group_code)
+    w = weight.detach().float()
+    n = w.shape[0]
+    buf = torch.abs(w)
+    if group_code == PER_TENSOR:
+        scales = buf.mean().clamp_min(EPS).expand(n, 1).contiguous()
+    else:
+        scales = buf.mean(dim=1, keepdim=True).clamp_min(EPS)
+    torch.div(w, scales[:, :1], out=buf)
+    buf.round_().clamp_(-1, 1)
+    return buf.to(torch.int8), scales
+
+
 def _is_degenerate(m: int, n: int, k: int) -> bool:
     return m == 0 or n == 0 or k == 0
 
@@ -369,12 +389,116 @@ def int8_ternary_matmul(
         return reference.int8_ternary_matmul(x_codes, x_scales, w_codes, w_scales, group_code, bias, out_dtype)
     if group_code <= PER_TENSOR:
         acc = torch._int_mm(x_codes.contiguous(), w_codes.to(torch.int8).t())
-        y = acc.float() * w_scales[:, 0].float()
-        y = y * x_scales.float()[:, None]
+        # The reference's order of scalings, in place (one (M, N) fp32 buffer instead of three).
+        y = acc.float()
+        del acc
+        y.mul_(w_scales[:, 0].float())
+        y.mul_(x_scales.float()[:, None])
         if bias is not None:
-            y = y + bias.float()
+            y.add_(bias.float())
         return y.to(out_dtype)
     if _lib() is None:
         return reference.int8_ternary_matmul(x_codes, x_scales, w_codes, w_scales, group_code, bias, out_dtype)
     packed = pack_codes(w_codes.to(torch.int8))
     return packed_int8_matmul(x_codes, x_scales, packed, w_scales, k, group_code, bias, out_dtype)
+
+
+# ---- training backward in lower precision (DESIGN.md §3: "bf16/fp32 matmul; int8 optional later") ----
+
+BACKWARD_PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def _rounded_bf16(a: Tensor, scale: Tensor | None) -> Tensor:
+    """``(a * scale)`` computed in fp32 and rounded once to bf16 (one pass; ``scale`` broadcasts)."""
+    if scale is None and a.dtype == torch.bfloat16:
+        return a
+    out = torch.empty(a.shape, dtype=torch.bfloat16)
+    if scale is None:
+        return out.copy_(a)
+    return torch.mul(a.float() if a.dtype != torch.float32 else a, scale, out=out)
+
+
+def _grad_input_bf16(g: Tensor, w_codes: Tensor, w_scales: Tensor, group_code: int) -> Tensor:
+    """``g @ W_q`` as a bf16 GEMM (fp32 accumulation inside oneDNN), fp32 ``(M, K)``.
+
+    Per-row scales are folded into ``g`` (``(g * s_w) @ q_w``) so the ternary codes enter the
+    GEMM exactly; per-tensor scales are applied after; groups round ``W_q`` itself to bf16.
+    """
+    if group_code == PER_TENSOR:
+        return (_rounded_bf16(g, None) @ w_codes.to(torch.bfloat16)).float().mul_(w_scales[0, 0].float())
+    if group_code < 0:
+        return (_rounded_bf16(g, w_scales[:, 0].float()) @ w_codes.to(torch.bfloat16)).float()
+    wq = reference.dequantize_weight(w_codes, w_scales.float(), group_code).to(torch.bfloat16)
+    return (_rounded_bf16(g, None) @ wq).float()
+
+
+def _grad_input_int8(g: Tensor, w_codes: Tensor, w_scales: Tensor, group_code: int) -> Tensor:
+    """``g @ W_q`` as int8 x ternary: ``g * s_w`` quantized per row (absmax int8, the activation
+    quantizer), times the exact int8 codes with ``torch._int_mm`` (exact int32), rescaled.
+
+    Only per-row / per-tensor scales factor out of the sum over N; groups use bf16.
+    """
+    if group_code > 0:
+        return _grad_input_bf16(g, w_codes, w_scales, group_code)
+    gf = g.float()
+    if group_code < 0:
+        gf = gf * w_scales[:, 0].float()  # fold the per-row scale into the summed dimension
+    q_g, s_g = quantize_activations(gf)
+    gi = torch._int_mm(q_g, w_codes.to(torch.int8)).float()  # (M, N) @ (N, K), exact
+    gi.mul_(s_g[:, None])
+    if group_code == PER_TENSOR:
+        gi.mul_(w_scales[0, 0].float())
+    return gi
+
+
+def ternary_linear_backward(
+    grad_out: Tensor,
+    saved_x: Tensor,
+    x_scales: Tensor | None,
+    w_codes: Tensor,
+    w_scales: Tensor,
+    group_code: int,
+    need_grad_input: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+    precision: str = "fp32",
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Straight-through backward (contract of :func:`reference.ternary_linear_backward`).
+
+    ``precision`` picks the GEMMs (docs/kernels.md "Training" has the measured speed and error):
+
+    - ``"fp32"``: the reference, fp32 GEMMs.
+    - ``"bf16"``: ``grad_input = (g*s_w) @ q_w`` and ``grad_weight = (g*s_x)^T @ q_x`` as bf16
+      GEMMs; the int8 / ternary codes are exact in bf16, so only ``g*s`` is rounded (and the
+      bf16 GEMM output). Weight-only mode rounds the saved activations too.
+    - ``"int8"``: grad_input as int8 x ternary ``torch._int_mm`` on the per-row absmax int8
+      quantization of ``g*s_w`` (per-row / per-tensor; groups fall back to bf16), grad_weight
+      as in ``"bf16"`` (the SwitchBack split, arXiv:2304.13013: int8 for the forward and the
+      input gradient, 16-bit for the weight gradient).
+
+    All gradients are returned in fp32; ``grad_bias`` is always an fp32 sum.
+    """
+    if precision not in BACKWARD_PRECISIONS:
+        raise ValueError(f"backward precision {precision!r} is not one of {BACKWARD_PRECISIONS}")
+    m, n = grad_out.shape
+    k = w_codes.shape[1]
+    if precision == "fp32" or _is_degenerate(m, n, k) or not _on_cpu(grad_out, saved_x, w_codes):
+        return reference.ternary_linear_backward(
+            grad_out, saved_x, x_scales, w_codes, w_scales, group_code, need_grad_input, need_grad_weight, need_grad_bias
+        )
+    check_group_code(group_code)
+    g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    grad_input = grad_weight = None
+    if need_grad_input:
+        if precision == "int8":
+            grad_input = _grad_input_int8(g, w_codes, w_scales, group_code)
+        else:
+            grad_input = _grad_input_bf16(g, w_codes, w_scales, group_code)
+    if need_grad_weight:
+        if x_scales is not None:  # W1.58A8: (g * s_x)^T @ q_x, the int8 codes exact in bf16
+            gw = _rounded_bf16(g, x_scales.float()[:, None]).t() @ saved_x.to(torch.bfloat16)
+        else:  # weight-only: the saved activations themselves, rounded to bf16
+            gw = _rounded_bf16(g, None).t() @ _rounded_bf16(saved_x, None)
+        grad_weight = gw.float()
+    grad_bias = g.float().sum(dim=0) if need_grad_bias else None
+    return grad_input, grad_weight, grad_bias

@@ -99,6 +99,8 @@ def ternary_rewrite(
         if decision.site.layout == "in_out":
             weight = _call(graph, torch.t, (weight,), like)
         op_args = (x, weight, bias, config.group_code, config.quantize_activations, kernel)
+        if config.backward_precision != "fp32":  # the op's default; graphs stay 6-arg otherwise
+            op_args = (*op_args, config.backward_precision)
         result = _call(graph, torch.ops.bitcpm.ternary_linear.default, op_args, like)
         return _call(graph, operator.getitem, (result, 0), like)
 

@@ -25,6 +25,14 @@ def _empty(like: Tensor, dtype: torch.dtype) -> Tensor:
     return like.new_empty((0,), dtype=dtype)
 
 
+BACKWARD_PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in BACKWARD_PRECISIONS:
+        raise ValueError(f"bitcpm: backward precision {precision!r} is not one of {', '.join(BACKWARD_PRECISIONS)}")
+
+
 def _check_shapes(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
     if weight.dim() != 2:
         raise ValueError(f"bitcpm::ternary_linear: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
@@ -51,6 +59,7 @@ def ternary_linear(
     group_size: int,
     quantize_activations: bool,
     kernel: str,
+    backward_precision: str = "fp32",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Ternary linear layer ``y = x @ ternary(W)^T + b`` (DESIGN.md §3).
 
@@ -61,6 +70,9 @@ def ternary_linear(
         group_size (int): -1 per output row, 0 per tensor, ``g > 0`` groups of ``g`` along K.
         quantize_activations (bool): per-token absmax int8 activations (W1.58A8) when True.
         kernel (str): kernel module that computes it, e.g. ``"reference"``.
+        backward_precision (str): GEMM precision of the backward, ``"fp32"`` | ``"bf16"`` |
+            ``"int8"`` (honoured by kernels that list it in ``BACKWARD_PRECISIONS``; others
+            compute fp32). Does not change the forward.
 
     Returns:
         ``(y, x_codes, x_scales, w_codes, w_scales)``: ``y`` has x's dtype and shape
@@ -69,6 +81,7 @@ def ternary_linear(
     """
     _check_shapes(x, weight, bias)
     check_group_code(group_size)
+    _check_precision(backward_precision)
     impl = get_kernel(kernel)
     x2d = x.reshape(-1, x.shape[-1])
     w_codes, w_scales = impl.quantize_weight(weight, group_size)
@@ -82,8 +95,9 @@ def ternary_linear(
 
 
 @ternary_linear.register_fake
-def _ternary_linear_fake(x, weight, bias, group_size, quantize_activations, kernel):
+def _ternary_linear_fake(x, weight, bias, group_size, quantize_activations, kernel, backward_precision="fp32"):
     _check_shapes(x, weight, bias)
+    _check_precision(backward_precision)
     n, k = weight.shape
     m = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], n))
@@ -110,16 +124,22 @@ def ternary_linear_backward(
     need_grad_weight: bool,
     need_grad_bias: bool,
     kernel: str,
+    precision: str = "fp32",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused straight-through backward of :func:`ternary_linear` on 2-D ``grad_out (M, N)``.
 
     ``grad_input = grad_out @ W_q``, ``grad_weight = grad_out^T @ (x_codes * x_scales)`` (or
     ``@ x`` weight-only), ``grad_bias = grad_out.sum(0)``. A gradient that is not needed is
-    returned as an empty tensor and its matmul is skipped.
+    returned as an empty tensor and its matmul is skipped. ``precision`` (``"fp32"``,
+    ``"bf16"``, ``"int8"``) is passed to kernels that implement it (``BACKWARD_PRECISIONS``).
     """
-    gi, gw, gb = get_kernel(kernel).ternary_linear_backward(
-        grad_out, saved_x, x_scales, w_codes, w_scales, group_size, need_grad_input, need_grad_weight, need_grad_bias
-    )
+    _check_precision(precision)
+    impl = get_kernel(kernel)
+    args = (grad_out, saved_x, x_scales, w_codes, w_scales, group_size, need_grad_input, need_grad_weight, need_grad_bias)
+    if precision != "fp32" and precision in getattr(impl, "BACKWARD_PRECISIONS", ()):
+        gi, gw, gb = impl.ternary_linear_backward(*args, precision=precision)
+    else:
+        gi, gw, gb = impl.ternary_linear_backward(*args)
     return (
         gi.to(input_dtype) if gi is not None else _empty(grad_out, input_dtype),
         gw.to(weight_dtype) if gw is not None else _empty(grad_out, weight_dtype),
@@ -130,8 +150,9 @@ def ternary_linear_backward(
 @ternary_linear_backward.register_fake
 def _ternary_linear_backward_fake(
     grad_out, saved_x, x_scales, w_codes, w_scales, group_size, input_dtype, weight_dtype,
-    need_grad_input, need_grad_weight, need_grad_bias, kernel,
+    need_grad_input, need_grad_weight, need_grad_bias, kernel, precision="fp32",
 ):  # fmt: skip
+    _check_precision(precision)
     m, n = grad_out.shape
     k = w_codes.shape[1]
     gi = grad_out.new_empty((m, k), dtype=input_dtype) if need_grad_input else _empty(grad_out, input_dtype)
@@ -141,7 +162,8 @@ def _ternary_linear_backward_fake(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, group_size, quantize_activations, kernel = inputs
+    x, weight, bias, group_size, quantize_activations, kernel = inputs[:6]
+    ctx.backward_precision = inputs[6] if len(inputs) > 6 else "fp32"
     _, x_codes, x_scales, w_codes, w_scales = output
     if quantize_activations:
         ctx.save_for_backward(x_codes, x_scales, w_codes, w_scales)
@@ -161,11 +183,13 @@ def _backward(ctx, grad_y, *_grads_of_saved_outputs):
     gi, gw, gb = torch.ops.bitcpm.ternary_linear_backward(
         grad_2d, saved_x.reshape(-1, k), x_scales, w_codes, w_scales, ctx.group_size,
         ctx.x_dtype, ctx.w_dtype, need_x, need_w, need_b and ctx.bias_dtype is not None, ctx.kernel,
+        ctx.backward_precision,
     )  # fmt: skip
     return (
         gi.reshape(ctx.x_shape) if need_x else None,
         gw if need_w else None,
         gb.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None,
+        None,
         None,
         None,
         None,

@@ -244,6 +244,28 @@ def bitcpm(
     return compile_graph(gm, example_inputs, TernaryConfig.from_options(options), mode=mode)
 
 
+def capture(model: torch.nn.Module, example_inputs: Sequence[Any], config: TernaryConfig) -> list[CompiledGraph]:
+    """Run ``model`` once through Dynamo and the bitcpm passes (no inner compiler, no grad).
+
+    Like ``torch._dynamo.explain``, this resets Dynamo's caches before and after, so
+    already-compiled models recompile on their next call.
+    """
+    records: dict[str, CompiledGraph] = {}
+
+    def keep(record: CompiledGraph) -> None:
+        # Keyed by compile id: Dynamo may call the backend twice for one frame (dynamic shapes).
+        records[record.compile_id or str(len(records))] = record
+
+    torch._dynamo.reset()
+    try:
+        with observe_compilations(keep), torch.no_grad():
+            eager = dataclasses.replace(config, inner="eager")
+            torch.compile(model, backend=backend_for(eager), dynamic=False)(*example_inputs)
+    finally:
+        torch._dynamo.reset()
+    return list(records.values())
+
+
 def backend_for(config: TernaryConfig) -> Callable[..., Any]:
     """A backend callable bound to ``config`` (what :func:`bitcompile.compile` passes to torch.compile)."""
     return functools.partial(compile_graph, config=config)

@@ -1,6 +1,5 @@
 """Which layers the passes find, what they decide and why, and that the rewrite computes the right thing."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn

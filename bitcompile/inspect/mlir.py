@@ -14,7 +14,6 @@ stays the size of the program, not of the weights. Needs the ``mlir`` extra
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from typing import Any
 
 import torch
 
-from bitcompile.backend import CompiledGraph, backend_for, observe_compilations
+from bitcompile.backend import capture
 from bitcompile.config import TernaryConfig
 
 
@@ -81,21 +80,9 @@ def graph_to_mlir(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], func_
 def model_to_mlir(model: torch.nn.Module, example_inputs: Sequence[Any], config: TernaryConfig | None = None) -> list[str]:
     """Capture ``model`` like :func:`bitcompile.explain` and return one MLIR module per graph."""
     require_torch_mlir()  # fail before the capture, with the install hint
-    config = config or TernaryConfig()
-    records: dict[str, CompiledGraph] = {}
-
-    def keep(record: CompiledGraph) -> None:
-        records[record.compile_id or str(len(records))] = record
-
-    torch._dynamo.reset()
-    try:
-        with observe_compilations(keep), torch.no_grad():
-            capture = dataclasses.replace(config, inner="eager")
-            torch.compile(model, backend=backend_for(capture), dynamic=False)(*example_inputs)
-    finally:
-        torch._dynamo.reset()
+    records = capture(model, example_inputs, config or TernaryConfig())
     out = []
-    for i, record in enumerate(records.values()):
+    for i, record in enumerate(records):
         assert record.graph_module is not None
         out.append(graph_to_mlir(record.graph_module, record.example_inputs, func_name=f"graph{i}" if i else "main"))
     return out

@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bitcompile.backend import CompiledGraph, GraphNode, backend_for, observe_compilations
+from bitcompile.backend import GraphNode, capture
 from bitcompile.config import TernaryConfig
 from bitcompile.passes.discover import LayerDecision
 
@@ -275,22 +275,10 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Exp
     already-compiled models recompile on their next call.
     """
     config = TernaryConfig.from_options(options)
-    records: dict[str, CompiledGraph] = {}
-
-    def keep(record: CompiledGraph) -> None:
-        # Keyed by compile id: Dynamo may call the backend twice for one frame (dynamic shapes).
-        records[record.compile_id or str(len(records))] = record
-
-    torch._dynamo.reset()
-    try:
-        with observe_compilations(keep), torch.no_grad():
-            capture = dataclasses.replace(config, inner="eager")
-            torch.compile(model, backend=backend_for(capture), dynamic=False)(*example_inputs)
-    finally:
-        torch._dynamo.reset()
+    records = capture(model, example_inputs, config)
     graphs = [
         GraphReport(i, r.compile_id, r.graph_break_reason, r.before, r.after, r.layers, r.nodes, r.replaced)
-        for i, r in enumerate(records.values())
+        for i, r in enumerate(records)
     ]
-    kernel = next(iter(records.values())).kernel if records else "reference"
+    kernel = records[0].kernel if records else "reference"
     return ExplainReport(config=config, kernel=kernel, graphs=graphs)

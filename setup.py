@@ -29,6 +29,16 @@ class OptionalBuildExt(build_ext):
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
+            return
+        except Exception as e:
+            if "-fopenmp" not in ext.extra_compile_args:
+                self._skip(e)
+                return
+            sys.stderr.write(f"WARNING: building bitcompile's C kernels with OpenMP failed ({e}); retrying with pthreads\n")
+        ext.extra_compile_args = [a for a in ext.extra_compile_args if a != "-fopenmp"]
+        ext.extra_link_args = [a for a in ext.extra_link_args if a != "-fopenmp"]
+        try:
+            super().build_extension(ext)
         except Exception as e:
             self._skip(e)
 
@@ -61,7 +71,11 @@ def extensions():
             depends=[f"{CSRC}/bc_kernels.h"],
             include_dirs=[CSRC],
             # NOTE: -ffp-contract=off keeps a*b+c as two roundings, as the reference computes it.
-            extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno"] if unix else [],
+            # NOTE: -fopenmp makes the kernels share torch's OpenMP threads (torch ships libgomp.so.1
+            # and loads it first, so ours resolves to the same runtime): two thread pools on the
+            # same cores made 2-thread serving slower than 1 thread. Without OpenMP, a pthread pool.
+            extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"] if unix else [],
+            extra_link_args=["-fopenmp"] if unix else [],
             libraries=["pthread"] if unix and sys.platform != "darwin" else [],
             optional=True,
         )

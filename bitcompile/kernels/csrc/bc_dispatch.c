@@ -85,10 +85,27 @@ int bc_plan_f32(int isa, int group) {
 
 /* ---------------------------------------------------------------- thread pool */
 
+typedef void (*bc_task)(void *ctx, int tid, int nth);
+
+#ifdef _OPENMP
+#include <omp.h>
+
+/* fn(ctx, tid, nth) takes its work from a shared counter in ctx, so any team size works.
+ * The team comes from torch's own OpenMP runtime (see setup.py), so torch ops and these
+ * kernels never fight over the same cores with two sets of spinning threads. */
+static void run_parallel(bc_task fn, void *ctx, int nth) {
+    if (nth <= 1) {
+        fn(ctx, 0, 1);
+        return;
+    }
+#pragma omp parallel num_threads(nth)
+    fn(ctx, omp_get_thread_num(), omp_get_num_threads());
+}
+
+#else /* no OpenMP: our own pool */
+
 #define BC_MAX_THREADS 256
 #define BC_SPIN 20000  /* pause loops a worker spins before it sleeps (~0.1 ms) */
-
-typedef void (*bc_task)(void *ctx, int tid, int nth);
 
 /* NOTE: the machines this runs on are often shared, so a worker may wake late. Work is
  * handed out in chunks through an atomic counter inside each task, and the caller never
@@ -172,6 +189,8 @@ static void run_parallel(bc_task fn, void *ctx, int nth) {
     }
     pthread_mutex_unlock(&P.call_mu);
 }
+
+#endif /* _OPENMP */
 
 /* ---------------------------------------------------------------- GEMM / prep entry points */
 

@@ -216,3 +216,14 @@ def test_freeze_folds_weights_and_refuses_stale_ones():
             compiled(x)
     with pytest.raises(Exception, match="inference-only"):
         torch.compile(MLP(8, [8], 2), backend="bitcpm", options={"freeze": True})(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("group_size", [-1, 0, 32])
+@pytest.mark.parametrize("quantize_activations", [True, False])
+def test_opcheck_packed_op(group_size, quantize_activations):
+    from bitcompile.kernels.packing import pack_codes
+
+    codes = torch.randint(-1, 2, (24, 100), dtype=torch.int8)
+    scales = torch.rand(24, 4 if group_size == 32 else 1) + 0.01
+    args = (torch.randn(2, 3, 100), pack_codes(codes), scales, torch.randn(24), 100, group_size, quantize_activations, "reference")
+    torch.library.opcheck(torch.ops.bitcpm.ternary_linear_packed.default, args)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from bitcompile.kernels import get_kernel
 from bitcompile.kernels.groups import EPS, PER_TENSOR
-from bitcompile.runtime.ops import _check_shapes, _empty
+from bitcompile.runtime.ops import _check_shapes, _empty, ternary_forward
 
 
 @torch.library.custom_op("bitcpm::tensor_scale_marker", mutates_args=())
@@ -80,16 +80,8 @@ def ternary_linear_prescaled(
     """
     _check_shapes(x, weight, bias)
     _check_scale(weight_scale)
-    impl = get_kernel(kernel)
-    x2d = x.reshape(-1, x.shape[-1])
     w_codes, w_scales = quantize_weight_with_scale(weight, weight_scale)
-    if quantize_activations:
-        x_codes, x_scales = impl.quantize_activations(x2d)
-        y2d = impl.int8_ternary_matmul(x_codes, x_scales, w_codes, w_scales, PER_TENSOR, bias, x.dtype)
-    else:
-        x_codes, x_scales = _empty(x, torch.int8), _empty(x, torch.float32)
-        y2d = impl.float_ternary_matmul(x2d, w_codes, w_scales, PER_TENSOR, bias, x.dtype)
-    return y2d.reshape(*x.shape[:-1], weight.shape[0]), x_codes, x_scales, w_codes, w_scales
+    return ternary_forward(get_kernel(kernel), x, w_codes, w_scales, PER_TENSOR, bias, quantize_activations)
 
 
 @ternary_linear_prescaled.register_fake

@@ -51,6 +51,20 @@ def _check_shapes(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
         )
 
 
+def ternary_forward(
+    impl, x: Tensor, w_codes: Tensor, w_scales: Tensor, group_size: int, bias: Optional[Tensor], quantize_activations: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The training forward on already-quantized weights: ``(y, x_codes, x_scales, w_codes, w_scales)``."""
+    x2d = x.reshape(-1, x.shape[-1])
+    if quantize_activations:
+        x_codes, x_scales = impl.quantize_activations(x2d)
+        y2d = impl.int8_ternary_matmul(x_codes, x_scales, w_codes, w_scales, group_size, bias, x.dtype)
+    else:
+        x_codes, x_scales = _empty(x, torch.int8), _empty(x, torch.float32)
+        y2d = impl.float_ternary_matmul(x2d, w_codes, w_scales, group_size, bias, x.dtype)
+    return y2d.reshape(*x.shape[:-1], w_codes.shape[0]), x_codes, x_scales, w_codes, w_scales
+
+
 @torch.library.custom_op("bitcpm::ternary_linear", mutates_args=())
 def ternary_linear(
     x: Tensor,
@@ -83,15 +97,8 @@ def ternary_linear(
     check_group_code(group_size)
     _check_precision(backward_precision)
     impl = get_kernel(kernel)
-    x2d = x.reshape(-1, x.shape[-1])
     w_codes, w_scales = impl.quantize_weight(weight, group_size)
-    if quantize_activations:
-        x_codes, x_scales = impl.quantize_activations(x2d)
-        y2d = impl.int8_ternary_matmul(x_codes, x_scales, w_codes, w_scales, group_size, bias, x.dtype)
-    else:
-        x_codes, x_scales = _empty(x, torch.int8), _empty(x, torch.float32)
-        y2d = impl.float_ternary_matmul(x2d, w_codes, w_scales, group_size, bias, x.dtype)
-    return y2d.reshape(*x.shape[:-1], weight.shape[0]), x_codes, x_scales, w_codes, w_scales
+    return ternary_forward(impl, x, w_codes, w_scales, group_size, bias, quantize_activations)
 
 
 @ternary_linear.register_fake

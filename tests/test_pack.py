@@ -227,3 +227,24 @@ def test_opcheck_packed_op(group_size, quantize_activations):
     scales = torch.rand(24, 4 if group_size == 32 else 1) + 0.01
     args = (torch.randn(2, 3, 100), pack_codes(codes), scales, torch.randn(24), 100, group_size, quantize_activations, "reference")
     torch.library.opcheck(torch.ops.bitcpm.ternary_linear_packed.default, args)
+
+
+def test_gpt2_conv1d_layers_pack_like_the_compiler_rewrites_them(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    tokens = torch.randint(0, 50, (1, 12))
+    with torch.no_grad():
+        unpacked = torch.compile(model, backend="bitcpm", options={"inner": "eager"})(tokens).logits
+    report_names = {d.name for d in bitcompile.explain(model, tokens).rewritten}
+    packed = bitcompile.pack(copy.deepcopy(model))
+    packed_names = {d.name for d in packed.bitcompile_pack_plan if d.packed}
+    assert packed_names == report_names and "transformer.h.1.mlp.c_proj" in packed_names
+    assert isinstance(packed.transformer.h[0].attn.c_attn, PackedTernaryLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(tokens).logits, unpacked, **TOL)
+    bitcompile.save_packed(packed, tmp_path)
+    loaded = bitcompile.load_packed(tmp_path, lambda: transformers.GPT2LMHeadModel(config)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, packed(tokens).logits)

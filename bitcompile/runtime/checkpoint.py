@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from bitcompile.kernels.packing import LAYOUT_NAME, LAYOUT_VERSION
-from bitcompile.runtime.modules import PackedTernaryLinear, replace_submodule
+from bitcompile.runtime.modules import PackedTernaryLinear, linear_view, replace_submodule
 
 FORMAT = "bitcompile-packed"
 FORMAT_VERSION = 1
@@ -88,13 +88,14 @@ def _packed_replacements(model: nn.Module, layers: dict) -> dict[str, PackedTern
             module = model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"checkpoint layer {name!r} does not exist in the model") from None
-        if not isinstance(module, (nn.Linear, PackedTernaryLinear)):
+        view = module if isinstance(module, PackedTernaryLinear) else linear_view(module)
+        if view is None:
             raise CheckpointError(f"layer {name!r}: expected nn.Linear in the model, found {type(module).__name__}")
         shape = (info["out_features"], info["in_features"])
-        if (module.out_features, module.in_features) != shape:
+        if (view.out_features, view.in_features) != shape:
             raise CheckpointError(
                 f"layer {name!r}: checkpoint has (out, in) = {shape}, "
-                f"the model has {(module.out_features, module.in_features)}"
+                f"the model has {(view.out_features, view.in_features)}"
             )
         replacements[name] = PackedTernaryLinear(
             info["in_features"], info["out_features"], bias=info["bias"], group_size=info["group_size"],

@@ -134,18 +134,46 @@ def _check_not_packed(model: nn.Module) -> None:
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class LinearView:
+    """A linear-like module seen as ``y = x @ weight.T + bias`` with an ``(out, in)`` weight."""
+
+    weight: Tensor  # (out, in); a transposed view for Conv1D-style modules
+    bias: Tensor | None
+    parameter: nn.Parameter  # what the module stores (tie detection, dtype, device)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+
+def linear_view(module: nn.Module) -> LinearView | None:
+    """``nn.Linear``, or a GPT-2 style ``Conv1D`` (weight stored ``(in, out)``, ``y = x @ W + b``)."""
+    if isinstance(module, nn.Linear):
+        return LinearView(module.weight, module.bias, module.weight)
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, nn.Parameter) and weight.dim() == 2:
+        if getattr(module, "nf", weight.shape[1]) == weight.shape[1]:
+            return LinearView(weight.t(), getattr(module, "bias", None), weight)
+    return None
+
+
 def plan_packing(model: nn.Module, config: TernaryConfig | None = None) -> list[PackDecision]:
-    """Which ``nn.Linear`` layers :func:`pack` would pack, and why the others stay float."""
+    """Which linear layers (``nn.Linear``, ``Conv1D``) :func:`pack` would pack, and why the others stay float."""
     config = config or TernaryConfig()
     shared = _shared_parameters(model)
     plan = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if (view := linear_view(module)) is None:
             continue
-        others = [n for n in shared.get(id(module.weight), []) if n != f"{name}.weight"]
+        others = [n for n in shared.get(id(view.parameter), []) if n != f"{name}.weight"]
         shared_with = f"{', '.join(others)} (tied)" if others else None
-        reason = layer_skip_reason(name, module.weight, module.out_features, module.in_features, config, shared_with)
-        plan.append(PackDecision(name, module.out_features, module.in_features, reason is None, reason or "packed"))
+        reason = layer_skip_reason(name, view.weight, view.out_features, view.in_features, config, shared_with)
+        plan.append(PackDecision(name, view.out_features, view.in_features, reason is None, reason or "packed"))
     return plan
 
 
@@ -168,7 +196,10 @@ def _ternary_codes(name: str, weight: Tensor, config: TernaryConfig, pre_quantiz
 def pack(
     model: nn.Module | str | os.PathLike, config: TernaryConfig | None = None, *, pre_quantized: PreQuantized = "auto"
 ) -> nn.Module:
-    """Replace approved ``nn.Linear`` layers of ``model`` (in place) by :class:`PackedTernaryLinear`.
+    """Replace approved linear layers of ``model`` (in place) by :class:`PackedTernaryLinear`.
+
+    Linear layers are ``nn.Linear`` and GPT-2 style ``Conv1D`` modules (the layers the
+    compiler rewrites through ``F.linear`` or ``addmm``).
 
     Args:
         model: a trained (or pseudo-quantized) float model, or the path of a local Hugging
@@ -195,11 +226,11 @@ def pack(
             continue
         if not decision.name:
             raise ValueError("pack() replaces submodules: wrap a bare nn.Linear in a container (nn.Sequential)")
-        linear = model.get_submodule(decision.name)
-        codes, scales, decision.source = _ternary_codes(decision.name, linear.weight, config, pre_quantized)
+        view = linear_view(model.get_submodule(decision.name))
+        codes, scales, decision.source = _ternary_codes(decision.name, view.weight, config, pre_quantized)
         replacements[decision.name] = PackedTernaryLinear.from_codes(
-            codes, scales, linear.bias, config, linear.weight.dtype
-        ).to(linear.weight.device)
+            codes, scales, view.bias, config, view.parameter.dtype
+        ).to(view.parameter.device)
     for name, packed in replacements.items():  # nothing above mutated the model; swapping cannot fail
         replace_submodule(model, name, packed)
     model.bitcompile_pack_plan = plan

@@ -193,8 +193,9 @@ def compile_graph(
 ) -> Callable[..., Any]:
     """Rewrite one Dynamo graph for ``config`` and compile it with ``config.inner``."""
     kernel = resolve_target(config.target, example_inputs)
-    before = gm.code
-    existing = set(gm.graph.nodes)
+    # Only explain/inspect (observers) need the graph as it was; skip the work otherwise.
+    before = gm.code if _observers else ""
+    existing = set(gm.graph.nodes) if _observers else set()
     # Precomputed per-tensor scales (bitcompile.distributed): weight node -> scale node.
     tensor_scales = strip_scale_markers(gm)
     decisions = discover(gm, example_inputs, config)

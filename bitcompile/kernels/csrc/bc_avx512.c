@@ -73,11 +73,12 @@ INLINE void tile_i8_row(const bc_gemm_args *a, int m0, int n0, const int MR, con
             }
         }
     }
-    for (int ch = 4 * nfull; ch < nchk; ch++) {  /* tail chunks */
-        for (int n = 0; n < NR; n++) {
-            __m512i wv = tail_codes(wp[n] + 64 * nfull + BC_TAIL_BYTES * (ch - 4 * nfull));
-            for (int m = 0; m < MR; m++)
-                acc[m][n] = _mm512_dpbusd_epi32(acc[m][n], wv, _mm512_loadu_si512(xp[m] + 64 * ch));
+    for (int ch = 4 * nfull; ch < nchk; ch++) {  /* tail chunks: decode NR rows, then one x load per m */
+        __m512i wv[4];
+        for (int n = 0; n < NR; n++) wv[n] = tail_codes(wp[n] + 64 * nfull + BC_TAIL_BYTES * (ch - 4 * nfull));
+        for (int m = 0; m < MR; m++) {
+            __m512i xv = _mm512_loadu_si512(xp[m] + 64 * ch);
+            for (int n = 0; n < NR; n++) acc[m][n] = _mm512_dpbusd_epi32(acc[m][n], wv[n], xv);
         }
     }
     for (int m = 0; m < MR; m++) {

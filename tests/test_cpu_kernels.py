@@ -27,6 +27,15 @@ SHAPES = [  # (M, N, K): GEMV M <= 8, GEMM above
     (9, 6, 255),
     (37, 19, 1000),
     (130, 9, 513),
+    # K around the v2 tail (full 256-k blocks, then 0..3 tail chunks of 64 k)
+    (1, 5, 63),
+    (2, 7, 64),
+    (1, 9, 65),
+    (4, 6, 320),
+    (1, 11, 576),
+    (12, 7, 577),
+    (3, 5, 704),
+    (20, 9, 960),
 ]
 
 
@@ -80,7 +89,7 @@ def test_packed_linear_int8_matches_reference_impl(isa, shape, groups):
         assert ((got2.double() - want.double()).abs() <= tol + 1e-6).all()
 
 
-@pytest.mark.parametrize("shape", [(1, 7, 300), (6, 33, 1000), (21, 10, 777)])
+@pytest.mark.parametrize("shape", [(1, 7, 300), (6, 33, 1000), (21, 10, 777), (2, 9, 576), (5, 8, 960)])
 @pytest.mark.parametrize("groups", GROUPS)
 def test_integer_sums_are_exact(isa, shape, groups):
     """With unit scales the outputs are the integer dot products themselves (exact in fp32 < 2**24)."""
@@ -190,7 +199,7 @@ def test_bad_inputs_raise_clear_errors():
     x, w, b, q, s = _problem(2, 5, 100, -1)
     packed = packing.pack_codes(q)
     xq, sx = reference.quantize_activations(x)
-    with pytest.raises(ValueError, match="bytes per row, in_features=300 needs 128"):
+    with pytest.raises(ValueError, match="bytes per row, in_features=300 needs 80"):
         cpu.packed_int8_matmul(torch.zeros(2, 300, dtype=torch.int8), sx, packed, s, 300, -1, None, torch.float32)
     with pytest.raises(ValueError, match=r"w_scales must have shape \(5, 4\)"):
         cpu.packed_int8_matmul(xq, sx, packed, s, 100, 32, None, torch.float32)

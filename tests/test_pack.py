@@ -37,10 +37,10 @@ def test_packed_mlp_matches_reference_and_frees_float_weights(group_size, activa
     assert not any(p.requires_grad for p in model.parameters())  # no float weight left
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, **TOL)
-    # 2-bit codes (rows padded to 256 codes = 64 bytes) + fp32 scales + the bias, nothing else.
+    # 2-bit codes (rows padded to 64 codes = 16 bytes) + fp32 scales + the bias, nothing else.
     n_groups = lambda k: 1 if group_size in (-1, "tensor") else -(-k // group_size)  # noqa: E731
     shapes = [(72, 100), (40, 72), (10, 40)]
-    expected_bytes = sum(n * -(-k // 256) * 64 + 4 * n * n_groups(k) + 4 * n for n, k in shapes)
+    expected_bytes = sum(n * -(-k // 64) * 16 + 4 * n * n_groups(k) + 4 * n for n, k in shapes)
     assert weight_nbytes(model) == expected_bytes < before / 4
 
 
@@ -202,7 +202,7 @@ def test_load_errors_name_the_problem(tmp_path):
     with pytest.raises(CheckpointError, match="no packed checkpoint"):
         bitcompile.load_packed(tmp_path, factory)
     header = json.loads(original[8 : 8 + struct.unpack("<Q", original[:8])[0]])
-    assert header["__metadata__"]["layout"] == "bc_i2_planar256"
+    assert header["__metadata__"]["layout"] == "bc_i2_planar256_t64"
 
 
 def test_freeze_folds_weights_and_refuses_stale_ones():

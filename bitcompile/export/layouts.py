@@ -1,4 +1,4 @@
-"""Converters from the canonical packed layout (``bc_i2_planar256`` v1) to ONNX weight layouts.
+"""Converters from the canonical packed layout (``bc_i2_planar256_t64`` v2) to ONNX weight layouts.
 
 Both targets store one 2-bit code per weight and one scale per *block* of ``block_size``
 consecutive k (DESIGN.md §4, §6; reference/onnx_export.md §1-2 has the measured layouts):

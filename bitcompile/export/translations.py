@@ -6,7 +6,7 @@ Rules of this module:
   :data:`TRANSLATIONS` under the op's overload.
 - The first docstring line is the op's schema.
 - A translation only *records* nodes: the weight initializers still hold the canonical
-  packed bytes (``bc_i2_planar256``) when it runs, because the exporter attaches the
+  packed bytes (``bc_i2_planar256_t64``) when it runs, because the exporter attaches the
   tensors after the graph is built. Each recorded ternary node is tagged in
   ``metadata_props`` (:data:`TAG`) with what :mod:`bitcompile.export.onnx` needs to rewrite
   those initializers into the target layout afterwards (``bitcompile.export.layouts``).

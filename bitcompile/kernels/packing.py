@@ -9,9 +9,10 @@ and llama.cpp's TQ2_0 use too (BitNet b1.58, arXiv:2402.17764; bitnet.cpp, arXiv
 
 Codes: a ternary weight ``q ∈ {-1, 0, 1}`` is stored as ``c = q + 1 ∈ {0, 1, 2}`` (2 bits;
 ``3`` never occurs). Each row of the ``(N, K)`` weight is padded along K with ``q = 0``
-(``c = 1``) to ``Kp = ceil(K / 256) * 256`` and cut into blocks of 256 codes; block ``b``
-is the 64 bytes at row offset ``64 * b``. Byte ``j`` (0..63) of block ``b`` holds four
-codes, 64 apart::
+(``c = 1``) to ``Kp = ceil(K / 64) * 64`` (v1 padded to a multiple of 256: +33 % for
+K = 576). The row is ``nb = Kp // 256`` full blocks of 256 codes followed by
+``t = (Kp % 256) // 64`` (0..3) tail chunks of 64 codes. Full block ``b`` is the 64 bytes
+at row offset ``64 * b``; byte ``j`` (0..63) holds four codes, 64 apart::
 
     byte j of block b:   bit 7 6 | 5 4 | 3 2 | 1 0
                              c[k3] |c[k2]|c[k1]|c[k0]      k_i = 256*b + 64*i + j
@@ -22,10 +23,17 @@ codes, 64 apart::
          bits 5..4  ->   k=256b+128   ...                +191    plane i = 2
          bits 7..6  ->   k=256b+192   ...                +255    plane i = 3
 
-So ``(block >> 2*i) & 3`` yields codes for the 64 contiguous k of plane ``i``. The packed
-tensor is uint8 ``(N, Kp // 4)``; scales are separate (fp32 ``(N, n_groups)`` multipliers).
-Padding never changes a result: a padded code is the zero weight, and the kernels never
-read activations past ``K`` (they pad them with zeros internally).
+Tail chunk ``c`` (0 <= c < t) is the 16 bytes at row offset ``64 * nb + 16 * c``, the same
+planar order at a quarter of the width: byte ``j`` (0..15) holds codes 16 apart::
+
+    k_i = 256*nb + 64*c + 16*i + j        (bits 2i..2i+1 of byte j, i = 0..3)
+
+So ``(block >> 2*i) & 3`` yields codes for the 64 contiguous k of plane ``i``, and a tail
+chunk's 16 bytes broadcast to four 16-byte lanes shifted by 0, 2, 4, 6 yield its 64
+contiguous k (one variable shift in AVX2 / AVX-512). The packed tensor is uint8
+``(N, Kp // 4)``; scales are separate (fp32 ``(N, n_groups)`` multipliers). Padding never
+changes a result: a padded code is the zero weight, and the kernels never read
+activations past ``K`` (they pad them with zeros internally).
 """
 
 from __future__ import annotations
@@ -34,19 +42,22 @@ import torch
 from torch import Tensor
 
 #: Name and version written into saved metadata; bump the version on any change below.
-LAYOUT_NAME = "bc_i2_planar256"
-LAYOUT_VERSION = 1
+LAYOUT_NAME = "bc_i2_planar256_t64"
+LAYOUT_VERSION = 2
 
-#: K values per block and bytes per block.
+#: K values per full block and bytes per full block.
 BLOCK_K = 256
 BLOCK_BYTES = BLOCK_K // 4
+#: K values per tail chunk (rows are padded to a multiple of this) and bytes per tail chunk.
+PAD_K = 64
+TAIL_BYTES = PAD_K // 4
 
 
 def padded_in_features(in_features: int) -> int:
-    """``K`` rounded up to a whole block (the packed row holds ``padded_in_features(K) // 4`` bytes)."""
+    """``K`` rounded up to a multiple of 64 (the packed row holds ``padded_in_features(K) // 4`` bytes)."""
     if in_features < 0:
         raise ValueError(f"in_features={in_features} must be >= 0")
-    return -(-in_features // BLOCK_K) * BLOCK_K
+    return -(-in_features // PAD_K) * PAD_K
 
 
 def packed_shape(out_features: int, in_features: int) -> tuple[int, int]:
@@ -55,7 +66,7 @@ def packed_shape(out_features: int, in_features: int) -> tuple[int, int]:
 
 
 def pack_codes(codes: Tensor) -> Tensor:
-    """Pack ternary weights ``q`` (int8 ``(N, K)`` in {-1, 0, 1}) into the v1 layout.
+    """Pack ternary weights ``q`` (int8 ``(N, K)`` in {-1, 0, 1}) into the v2 layout.
 
     Args:
         codes (Tensor[int8], N x K): ternary codes as :func:`reference.quantize_weight`
@@ -86,9 +97,11 @@ def pack_codes(codes: Tensor) -> Tensor:
     kp = padded_in_features(k)
     c = torch.ones((n, kp), dtype=torch.uint8, device=codes.device)  # pad with c = 1 (q = 0)
     c[:, :k] = (codes.to(torch.int16) + 1).to(torch.uint8)
-    planes = c.view(n, kp // BLOCK_K, 4, BLOCK_BYTES)  # [row, block, plane i, byte j]
-    out = planes[:, :, 0] | (planes[:, :, 1] << 2) | (planes[:, :, 2] << 4) | (planes[:, :, 3] << 6)
-    return out.reshape(n, kp // 4).contiguous()
+    nb, t = kp // BLOCK_K, (kp % BLOCK_K) // PAD_K
+    full = c[:, : nb * BLOCK_K].reshape(n, nb, 4, BLOCK_BYTES)  # [row, block, plane i, byte j]
+    tail = c[:, nb * BLOCK_K :].reshape(n, t, 4, TAIL_BYTES)  # [row, tail chunk, plane i, byte j]
+    full, tail = (p[:, :, 0] | (p[:, :, 1] << 2) | (p[:, :, 2] << 4) | (p[:, :, 3] << 6) for p in (full, tail))
+    return torch.cat([full.reshape(n, nb * BLOCK_BYTES), tail.reshape(n, t * TAIL_BYTES)], dim=1).contiguous()
 
 
 def unpack_codes(packed: Tensor, in_features: int) -> Tensor:
@@ -101,11 +114,13 @@ def unpack_codes(packed: Tensor, in_features: int) -> Tensor:
     if packed.shape[1] != kp // 4:
         raise ValueError(
             f"unpack_codes: packed has {packed.shape[1]} bytes per row but in_features={in_features} needs "
-            f"{kp // 4} (layout {LAYOUT_NAME} v{LAYOUT_VERSION} pads K to a multiple of {BLOCK_K})"
+            f"{kp // 4} (layout {LAYOUT_NAME} v{LAYOUT_VERSION} pads K to a multiple of {PAD_K})"
         )
+    nb, t = kp // BLOCK_K, (kp % BLOCK_K) // PAD_K
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device).view(1, 1, 4, 1)
-    c = (packed.reshape(n, kp // BLOCK_K, 1, BLOCK_BYTES) >> shifts) & 3
-    c = c.reshape(n, kp)
+    full = (packed[:, : nb * BLOCK_BYTES].reshape(n, nb, 1, BLOCK_BYTES) >> shifts) & 3
+    tail = (packed[:, nb * BLOCK_BYTES :].reshape(n, t, 1, TAIL_BYTES) >> shifts) & 3
+    c = torch.cat([full.reshape(n, nb * BLOCK_K), tail.reshape(n, t * PAD_K)], dim=1)
     if c.numel() and int(c.max()) > 2:
         raise ValueError(f"unpack_codes: found the invalid 2-bit code 3; the tensor is not {LAYOUT_NAME} v{LAYOUT_VERSION}")
     return (c[:, :in_features].to(torch.int8) - 1).contiguous()
@@ -125,7 +140,7 @@ def check_packed_args(
     if packed.shape[1] != padded_in_features(in_features) // 4:
         raise ValueError(
             f"{where}: packed has {packed.shape[1]} bytes per row, in_features={in_features} needs "
-            f"{padded_in_features(in_features) // 4} ({LAYOUT_NAME} v{LAYOUT_VERSION} pads K to a multiple of {BLOCK_K})"
+            f"{padded_in_features(in_features) // 4} ({LAYOUT_NAME} v{LAYOUT_VERSION} pads K to a multiple of {PAD_K})"
         )
     if x.dim() != 2 or x.shape[1] != in_features:
         raise ValueError(f"{where}: activations must be 2-D (M, {in_features}), got shape {tuple(x.shape)}")

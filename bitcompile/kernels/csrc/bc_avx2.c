@@ -20,6 +20,21 @@ INLINE __m256i plane_var(__m256i raw, int i) {
     return _mm256_and_si256(_mm256_srl_epi16(raw, _mm_cvtsi32_si128(2 * i)), _mm256_set1_epi8(3));
 }
 
+/* the 64 codes of chunk ch (row with nb full blocks) as two halves of 32; a tail chunk's
+ * 16 bytes (planes of 16) are broadcast to both 128-bit lanes and shifted per lane */
+INLINE void chunk_codes(const uint8_t *w, int ch, int nb, __m256i *lo, __m256i *hi) {
+    if (ch < 4 * nb) {
+        const uint8_t *blk = w + 64 * (ch / 4);
+        *lo = plane_var(_mm256_loadu_si256((const __m256i *)blk), ch % 4);
+        *hi = plane_var(_mm256_loadu_si256((const __m256i *)(blk + 32)), ch % 4);
+    } else {
+        __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(w + 64 * nb + BC_TAIL_BYTES * (ch - 4 * nb))));
+        const __m256i m3 = _mm256_set1_epi8(3);
+        *lo = _mm256_and_si256(_mm256_srlv_epi32(raw, _mm256_set_epi32(2, 2, 2, 2, 0, 0, 0, 0)), m3);
+        *hi = _mm256_and_si256(_mm256_srlv_epi32(raw, _mm256_set_epi32(6, 6, 6, 6, 4, 4, 4, 4)), m3);
+    }
+}
+
 INLINE int32_t hsum_epi32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
@@ -39,6 +54,7 @@ INLINE void tile_i8(const bc_gemm_args *a, int m0, int n0, const int MR, const i
     const int nchk = (a->K + BC_CHUNK_K - 1) / BC_CHUNK_K;
     const int grouped = a->group > 0;
     const int uc = grouped ? a->unit_chunks : nchk;
+    const int nb = a->Kp / BC_BLOCK_K;
     const __m256i ones16 = _mm256_set1_epi16(1);
     const uint8_t *wp[2];
     const int8_t *xp[4];
@@ -55,11 +71,7 @@ INLINE void tile_i8(const bc_gemm_args *a, int m0, int n0, const int MR, const i
         int ch1 = (u + 1) * uc < nchk ? (u + 1) * uc : nchk;
         for (int ch = u * uc; ch < ch1; ch++) {
             __m256i wlo[2], whi[2];
-            for (int n = 0; n < NR; n++) {
-                const uint8_t *blk = wp[n] + 64 * (ch / 4);
-                wlo[n] = plane_var(_mm256_loadu_si256((const __m256i *)blk), ch % 4);
-                whi[n] = plane_var(_mm256_loadu_si256((const __m256i *)(blk + 32)), ch % 4);
-            }
+            for (int n = 0; n < NR; n++) chunk_codes(wp[n], ch, nb, &wlo[n], &whi[n]);
             for (int m = 0; m < MR; m++) {
                 __m256i xlo = _mm256_loadu_si256((const __m256i *)(xp[m] + 64 * ch));
                 __m256i xhi = _mm256_loadu_si256((const __m256i *)(xp[m] + 64 * ch + 32));
@@ -129,6 +141,7 @@ INLINE void tile_f32(const bc_gemm_args *a, int m0, int n, const int MR) {
     const int nfull = a->K / BC_CHUNK_K;  /* chunks fully inside K: SIMD; the rest scalar */
     const int g = a->group;
     const int uc = g > 0 ? g / 64 : (nfull > 0 ? nfull : 1);
+    const int nb = a->Kp / BC_BLOCK_K;
     const uint8_t *wp = a->w + (int64_t)n * ldw;
     const float *sw = a->sw + (int64_t)n * a->G;
     const __m256 one = _mm256_set1_ps(1.f);
@@ -136,10 +149,13 @@ INLINE void tile_f32(const bc_gemm_args *a, int m0, int n, const int MR) {
     __m256 acc[4], facc[4];
     for (int m = 0; m < MR; m++) acc[m] = facc[m] = _mm256_setzero_ps();
     for (int ch = 0; ch < nfull; ch++) {
-        const uint8_t *blk = wp + 64 * (ch / 4);
-        __m128i sh = _mm_cvtsi32_si128(2 * (ch % 4));
+        const int tail = ch >= 4 * nb;
+        const uint8_t *blk = tail ? wp + 64 * nb + BC_TAIL_BYTES * (ch - 4 * nb) : wp + 64 * (ch / 4);
         for (int j = 0; j < 64; j += 8) {
-            __m256i c = _mm256_and_si256(_mm256_srl_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + j))), sh), m3);
+            /* full block: bytes j.., plane ch % 4; tail chunk: bytes j % 16.., plane j / 16 */
+            __m128i sh = _mm_cvtsi32_si128(tail ? 2 * (j / 16) : 2 * (ch % 4));
+            const uint8_t *src = tail ? blk + j % 16 : blk + j;
+            __m256i c = _mm256_and_si256(_mm256_srl_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)src)), sh), m3);
             __m256 w = _mm256_sub_ps(_mm256_cvtepi32_ps(c), one);
             for (int m = 0; m < MR; m++)
                 acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(a->xf + (int64_t)(m0 + m) * a->ldxf + 64 * ch + j), w, acc[m]);
@@ -156,7 +172,7 @@ INLINE void tile_f32(const bc_gemm_args *a, int m0, int n, const int MR) {
         const float *x = a->xf + (int64_t)(m0 + m) * a->ldxf;
         float tail = 0.f;
         for (int k = 64 * nfull; k < a->K; k++) {
-            int c = (wp[64 * (k / 256) + k % 64] >> (2 * ((k % 256) / 64))) & 3;
+            int c = bc_code_at(wp, k, nb);
             tail += x[k] * (float)(c - 1);
         }
         float y = hsum_ps(facc[m]);

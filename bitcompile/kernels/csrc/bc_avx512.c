@@ -30,6 +30,18 @@ INLINE __m512i plane_var(__m512i raw, int i) {
     return _mm512_and_si512(_mm512_srl_epi16(raw, _mm_cvtsi32_si128(2 * i)), _mm512_set1_epi8(3));
 }
 
+/* the 64 codes of tail chunk p (16 bytes, planes of 16): broadcast to 4 lanes, shift lane i by 2i */
+INLINE __m512i tail_codes(const uint8_t *p) {
+    __m512i raw = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)p));
+    return _mm512_and_si512(_mm512_srlv_epi64(raw, _mm512_set_epi64(6, 6, 4, 4, 2, 2, 0, 0)), _mm512_set1_epi8(3));
+}
+
+/* the 64 codes of chunk ch of a packed row with nb full blocks */
+INLINE __m512i chunk_codes(const uint8_t *w, int ch, int nb) {
+    if (ch < 4 * nb) return plane_var(_mm512_loadu_si512(w + 64 * (ch / 4)), ch % 4);
+    return tail_codes(w + 64 * nb + BC_TAIL_BYTES * (ch - 4 * nb));
+}
+
 /* ---- int8 x i2, one scale column (per row / per tensor): exact int32 sums ---- */
 INLINE void tile_i8_row(const bc_gemm_args *a, int m0, int n0, const int MR, const int NR) {
     const int64_t ldw = a->Kp / 4;
@@ -61,11 +73,12 @@ INLINE void tile_i8_row(const bc_gemm_args *a, int m0, int n0, const int MR, con
             }
         }
     }
-    for (int ch = 4 * nfull; ch < nchk; ch++) {  /* chunks of a last, partial block */
-        for (int n = 0; n < NR; n++) {
-            __m512i wv = plane_var(_mm512_loadu_si512(wp[n] + 64 * (ch / 4)), ch % 4);
-            for (int m = 0; m < MR; m++)
-                acc[m][n] = _mm512_dpbusd_epi32(acc[m][n], wv, _mm512_loadu_si512(xp[m] + 64 * ch));
+    for (int ch = 4 * nfull; ch < nchk; ch++) {  /* tail chunks: decode NR rows, then one x load per m */
+        __m512i wv[4];
+        for (int n = 0; n < NR; n++) wv[n] = tail_codes(wp[n] + 64 * nfull + BC_TAIL_BYTES * (ch - 4 * nfull));
+        for (int m = 0; m < MR; m++) {
+            __m512i xv = _mm512_loadu_si512(xp[m] + 64 * ch);
+            for (int n = 0; n < NR; n++) acc[m][n] = _mm512_dpbusd_epi32(acc[m][n], wv[n], xv);
         }
     }
     for (int m = 0; m < MR; m++) {
@@ -83,6 +96,7 @@ INLINE void tile_i8_group(const bc_gemm_args *a, int m0, int n0, const int MR, c
     const int64_t ldw = a->Kp / 4;
     const int nchk = (a->K + BC_CHUNK_K - 1) / BC_CHUNK_K;
     const int g = a->group, uc = a->unit_chunks;
+    const int nb = a->Kp / BC_BLOCK_K;
     __m512 facc[4][2];
     const uint8_t *wp[2];
     const float *sw[2];
@@ -102,7 +116,7 @@ INLINE void tile_i8_group(const bc_gemm_args *a, int m0, int n0, const int MR, c
         for (int ch = u * uc; ch < ch1; ch++) {
             if (do_pf && (ch * NR) % 4 == 0) _mm_prefetch(pf + 64 * (ch * NR / 4), _MM_HINT_T0);  /* see tile_i8_row */
             __m512i wv[2];
-            for (int n = 0; n < NR; n++) wv[n] = plane_var(_mm512_loadu_si512(wp[n] + 64 * (ch / 4)), ch % 4);
+            for (int n = 0; n < NR; n++) wv[n] = chunk_codes(wp[n], ch, nb);
             for (int m = 0; m < MR; m++) {
                 __m512i xv = _mm512_loadu_si512(a->xq + (int64_t)(m0 + m) * a->Kp + 64 * ch);
                 for (int n = 0; n < NR; n++) acc[m][n] = _mm512_dpbusd_epi32(acc[m][n], wv[n], xv);
@@ -168,6 +182,7 @@ INLINE void tile_f32(const bc_gemm_args *a, int m0, int n, const int MR) {
     const int64_t ldw = a->Kp / 4;
     const int nchk = (a->K + BC_CHUNK_K - 1) / BC_CHUNK_K;
     const int g = a->group;
+    const int nb = a->Kp / BC_BLOCK_K;
     const uint8_t *wp = a->w + (int64_t)n * ldw;
     const float *sw = a->sw + (int64_t)n * a->G;
     const int per_sub = g > 0 && g % 64 != 0;             /* flush every 16 k (g % 16 == 0) */
@@ -176,7 +191,7 @@ INLINE void tile_f32(const bc_gemm_args *a, int m0, int n, const int MR) {
     __m512 ap[4], am[4], facc[4];
     for (int m = 0; m < MR; m++) ap[m] = am[m] = facc[m] = _mm512_setzero_ps();
     for (int ch = 0; ch < nchk; ch++) {
-        __m512i v = plane_var(_mm512_loadu_si512(wp + 64 * (ch / 4)), ch % 4);
+        __m512i v = chunk_codes(wp, ch, nb);
         __mmask64 valid = a->K - 64 * ch >= 64 ? ~0ULL : (1ULL << (a->K - 64 * ch)) - 1;
         __mmask64 kp = _mm512_cmpeq_epi8_mask(v, two) & valid, km = _mm512_cmpeq_epi8_mask(v, zero) & valid;
         for (int j = 0; j < 4; j++) {

@@ -10,11 +10,18 @@
 
 /* Unpack row n of the packed weight into q[0..Kp) in {-1, 0, 1}. */
 static void unpack_row(const uint8_t *wrow, int Kp, int8_t *q) {
-    for (int b = 0; b < Kp / BC_BLOCK_K; b++) {
+    int nb = Kp / BC_BLOCK_K;
+    for (int b = 0; b < nb; b++) {
         const uint8_t *blk = wrow + 64 * b;
         int8_t *qb = q + BC_BLOCK_K * b;
         for (int i = 0; i < 4; i++)
             for (int j = 0; j < 64; j++) qb[64 * i + j] = (int8_t)((blk[j] >> (2 * i)) & 3) - 1;
+    }
+    for (int c = 0; c < (Kp % BC_BLOCK_K) / BC_CHUNK_K; c++) {  /* tail chunks: planes of 16 */
+        const uint8_t *blk = wrow + 64 * nb + BC_TAIL_BYTES * c;
+        int8_t *qb = q + BC_BLOCK_K * nb + BC_CHUNK_K * c;
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 16; j++) qb[16 * i + j] = (int8_t)((blk[j] >> (2 * i)) & 3) - 1;
     }
 }
 
@@ -115,14 +122,15 @@ void bc_prep_i8_generic(const bc_prep_args *a, int m0, int m1) {
     }
 }
 
-/* Pack ternary rows n0..n1 of q (N x K, values in {-1,0,1}, row stride ldq) into bc_i2_planar256. */
+/* Pack ternary rows n0..n1 of q (N x K, values in {-1,0,1}, row stride ldq) into bc_i2_planar256_t64. */
 void bc_pack_i2_generic(const int8_t *q, int64_t ldq, int N, int K, uint8_t *out, int n0, int n1) {
-    int Kp = (K + BC_BLOCK_K - 1) / BC_BLOCK_K * BC_BLOCK_K;
+    int Kp = (K + BC_PAD_K - 1) / BC_PAD_K * BC_PAD_K;
+    int nb = Kp / BC_BLOCK_K;
     (void)N;
     for (int n = n0; n < n1; n++) {
         const int8_t *row = q + (int64_t)n * ldq;
         uint8_t *o = out + (int64_t)n * (Kp / 4);
-        for (int b = 0; b < Kp / BC_BLOCK_K; b++) {
+        for (int b = 0; b < nb; b++) {
             for (int j = 0; j < 64; j++) {
                 uint8_t byte = 0;
                 for (int i = 0; i < 4; i++) {
@@ -131,6 +139,17 @@ void bc_pack_i2_generic(const int8_t *q, int64_t ldq, int N, int K, uint8_t *out
                     byte |= (uint8_t)(c << (2 * i));
                 }
                 o[64 * b + j] = byte;
+            }
+        }
+        for (int c = 0; c < (Kp % BC_BLOCK_K) / BC_CHUNK_K; c++) {
+            for (int j = 0; j < 16; j++) {
+                uint8_t byte = 0;
+                for (int i = 0; i < 4; i++) {
+                    int k = BC_BLOCK_K * nb + BC_CHUNK_K * c + 16 * i + j;
+                    int cc = k < K ? row[k] + 1 : 1;
+                    byte |= (uint8_t)(cc << (2 * i));
+                }
+                o[64 * nb + BC_TAIL_BYTES * c + j] = byte;
             }
         }
     }

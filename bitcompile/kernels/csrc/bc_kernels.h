@@ -1,9 +1,11 @@
 /* Ternary CPU kernels of bitcompile: shared declarations.
  *
- * Weights use the packed layout bc_i2_planar256 v1 (kernels/packing.py has the diagram):
- * row n is Kp/4 bytes, Kp = K rounded up to 256; byte j of 64-byte block b holds the
- * 2-bit codes c = q + 1 of k = 256*b + 64*i + j at bits 2i..2i+1. A 64-k "chunk" is one
- * plane of one block: chunk ch = 4*b + i covers k = 64*ch .. 64*ch + 63.
+ * Weights use the packed layout bc_i2_planar256_t64 v2 (kernels/packing.py has the diagram):
+ * row n is Kp/4 bytes, Kp = K rounded up to 64: nb = Kp/256 full blocks, then
+ * t = (Kp%256)/64 tail chunks. Byte j of 64-byte block b holds the 2-bit codes c = q + 1
+ * of k = 256*b + 64*i + j at bits 2i..2i+1; byte j (0..15) of the 16-byte tail chunk c
+ * (row offset 64*nb + 16*c) holds k = 256*nb + 64*c + 16*i + j. A 64-k "chunk" is one
+ * plane of one block or one tail chunk: chunk ch covers k = 64*ch .. 64*ch + 63.
  *
  * Names follow bc_<op>_<wtype>_<atype>_<isa> (i2 = 2-bit ternary, i8 = int8, f32).
  */
@@ -15,6 +17,8 @@
 
 #define BC_BLOCK_K 256
 #define BC_CHUNK_K 64
+#define BC_PAD_K 64      /* rows are padded to a multiple of this */
+#define BC_TAIL_BYTES 16 /* bytes of one tail chunk */
 
 enum { BC_ISA_GENERIC = 0, BC_ISA_AVX2 = 1, BC_ISA_AVX512 = 2 };
 
@@ -75,6 +79,13 @@ void bc_prep_i8_avx512(const bc_prep_args *a, int m0, int m1);
 #endif
 
 /* helpers shared by the kernels */
+
+/* 2-bit code c (0..2) of k in a packed row with nb full blocks */
+static inline int bc_code_at(const uint8_t *w, int k, int nb) {
+    if (k < BC_BLOCK_K * nb) return (w[64 * (k / 256) + k % 64] >> (2 * ((k % 256) / 64))) & 3;
+    int r = k - BC_BLOCK_K * nb;
+    return (w[64 * nb + BC_TAIL_BYTES * (r / 64) + r % 16] >> (2 * ((r % 64) / 16))) & 3;
+}
 static inline uint16_t bc_f32_to_bf16(float f) {
     union { float f; uint32_t u; } v = { f };
     if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);  /* quiet NaN */

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from bitcompile.kernels import get_kernel
 from bitcompile.kernels.groups import EPS, PER_TENSOR
-from bitcompile.runtime.ops import _check_shapes, _empty, ternary_forward
+from bitcompile.runtime.ops import _check_shapes, _empty, save_for_ternary_backward, ternary_backward, ternary_forward
 
 
 @torch.library.custom_op("bitcpm::tensor_scale_marker", mutates_args=())
@@ -102,33 +102,12 @@ def _ternary_linear_prescaled_fake(x, weight, bias, weight_scale, quantize_activ
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, _weight_scale, quantize_activations, kernel = inputs
-    _, x_codes, x_scales, w_codes, w_scales = output
-    if quantize_activations:
-        ctx.save_for_backward(x_codes, x_scales, w_codes, w_scales)
-    else:
-        ctx.save_for_backward(x, None, w_codes, w_scales)
-    ctx.x_shape = x.shape
-    ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.kernel = kernel
+    save_for_ternary_backward(ctx, x, weight, bias, quantize_activations, output, PER_TENSOR, kernel)
 
 
 def _backward(ctx, grad_y, *_grads_of_saved_outputs):
-    saved_x, x_scales, w_codes, w_scales = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    n, k = w_codes.shape
-    gi, gw, gb = torch.ops.bitcpm.ternary_linear_backward(
-        grad_y.reshape(-1, n), saved_x.reshape(-1, k), x_scales, w_codes, w_scales, PER_TENSOR,
-        ctx.x_dtype, ctx.w_dtype, need_x, need_w, need_b and ctx.bias_dtype is not None, ctx.kernel,
-    )  # fmt: skip
-    return (
-        gi.reshape(ctx.x_shape) if need_x else None,
-        gw if need_w else None,
-        gb.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None,
-        None,  # the scale is a statistic of the weight: straight-through, no gradient
-        None,
-        None,
-    )
+    # The scale is a statistic of the weight: straight-through, no gradient.
+    return (*ternary_backward(ctx, grad_y), None, None, None)
 
 
 ternary_linear_prescaled.register_autograd(_backward, setup_context=_setup_context)

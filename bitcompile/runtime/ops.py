@@ -168,9 +168,11 @@ def _ternary_linear_backward_fake(
     return gi, gw, gb
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, group_size, quantize_activations, kernel = inputs[:6]
-    ctx.backward_precision = inputs[6] if len(inputs) > 6 else "fp32"
+def save_for_ternary_backward(
+    ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], quantize_activations: bool, output,
+    group_size: int, kernel: str, backward_precision: str = "fp32",
+) -> None:  # fmt: skip
+    """setup_context shared by the ternary training ops: keep the int8 codes and scales they returned."""
     _, x_codes, x_scales, w_codes, w_scales = output
     if quantize_activations:
         ctx.save_for_backward(x_codes, x_scales, w_codes, w_scales)
@@ -179,28 +181,34 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.x_shape = x.shape
     ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
     ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.group_size, ctx.kernel = group_size, kernel
+    ctx.group_size, ctx.kernel, ctx.backward_precision = group_size, kernel, backward_precision
 
 
-def _backward(ctx, grad_y, *_grads_of_saved_outputs):
+def ternary_backward(ctx, grad_y: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(grad_input, grad_weight, grad_bias) through the fused op, from what :func:`save_for_ternary_backward` kept."""
     saved_x, x_scales, w_codes, w_scales = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and ctx.bias_dtype is not None
     n, k = w_codes.shape
-    grad_2d = grad_y.reshape(-1, n)
     gi, gw, gb = torch.ops.bitcpm.ternary_linear_backward(
-        grad_2d, saved_x.reshape(-1, k), x_scales, w_codes, w_scales, ctx.group_size,
-        ctx.x_dtype, ctx.w_dtype, need_x, need_w, need_b and ctx.bias_dtype is not None, ctx.kernel,
-        ctx.backward_precision,
+        grad_y.reshape(-1, n), saved_x.reshape(-1, k), x_scales, w_codes, w_scales, ctx.group_size,
+        ctx.x_dtype, ctx.w_dtype, need_x, need_w, need_b, ctx.kernel, ctx.backward_precision,
     )  # fmt: skip
     return (
         gi.reshape(ctx.x_shape) if need_x else None,
         gw if need_w else None,
-        gb.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None,
-        None,
-        None,
-        None,
-        None,
+        gb.to(ctx.bias_dtype) if need_b else None,
     )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, group_size, quantize_activations, kernel = inputs[:6]
+    precision = inputs[6] if len(inputs) > 6 else "fp32"
+    save_for_ternary_backward(ctx, x, weight, bias, quantize_activations, output, group_size, kernel, precision)
+
+
+def _backward(ctx, grad_y, *_grads_of_saved_outputs):
+    return (*ternary_backward(ctx, grad_y), None, None, None, None)
 
 
 ternary_linear.register_autograd(_backward, setup_context=_setup_context)

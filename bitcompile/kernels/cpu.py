@@ -65,6 +65,14 @@ class _PrepArgs(ctypes.Structure):
     ]  # fmt: skip
 
 
+class _DenseArgs(ctypes.Structure):
+    _fields_ = [
+        ("M", ctypes.c_int), ("N", ctypes.c_int), ("K", ctypes.c_int),
+        ("x", ctypes.c_void_p), ("ldx", ctypes.c_int64), ("w", ctypes.c_void_p), ("ldw", ctypes.c_int64),
+        ("bias", ctypes.c_void_p), ("out", ctypes.c_void_p), ("ldo", ctypes.c_int64),
+    ]  # fmt: skip
+
+
 def _find_library() -> Path | None:
     override = os.environ.get("BITCOMPILE_CPU_LIB")
     if override:
@@ -97,6 +105,8 @@ def _load():
         ("bc_gemm_i8", [ctypes.POINTER(_GemmArgs), I, I], None),
         ("bc_gemm_f32", [ctypes.POINTER(_GemmArgs), I, I], None),
         ("bc_prep_i8", [ctypes.POINTER(_PrepArgs), I, I], None),
+        ("bc_linear_i8", [ctypes.POINTER(_GemmArgs), P, I64, I, I, P, I, I], I),
+        ("bc_dense_f32", [ctypes.POINTER(_DenseArgs), I, I], None),
         ("bc_pack_i2", [P, I64, I, I, P, I], I),
         ("bc_read_bytes", [P, ctypes.c_size_t, I], ctypes.c_uint64),
     ):
@@ -502,3 +512,105 @@ def ternary_linear_backward(
         grad_weight = gw.float()
     grad_bias = g.float().sum(dim=0) if need_grad_bias else None
     return grad_input, grad_weight, grad_bias
+
+
+# ---- serving: one foreign call per layer ----
+
+
+class PreparedPackedLinear:
+    """A packed layer's constant kernel arguments, validated and laid out once.
+
+    Why: a decode step calls every layer with one token, where the kernel itself takes a few
+    microseconds; validating, converting and allocating on every call cost several times
+    that (docs/kernels.md "Serving overhead"). Calling this object quantizes the activations
+    and runs the GEMM in one C call. It holds references to the tensors it points at; build
+    a new one when any of them is replaced or changed (:meth:`matches` tells).
+    """
+
+    def __init__(self, packed: Tensor, w_scales: Tensor, in_features: int, group_code: int, bias: Tensor | None):
+        if _lib() is None:
+            raise RuntimeError(f"PreparedPackedLinear needs the C kernels: {_UNAVAILABLE_REASON}")
+        probe = torch.empty((0, in_features))
+        check_packed_args("PreparedPackedLinear", probe, packed, w_scales, in_features, group_code, bias)
+        if not _on_cpu(packed, w_scales, *([bias] if bias is not None else [])):
+            raise ValueError("PreparedPackedLinear: packed, scales and bias must be CPU tensors")
+        self._sources = (packed, w_scales, bias)
+        self._versions = self._versions_of(packed, w_scales, bias)
+        self.isa_id = _isa_id()  # NOTE: fixed here; BITCOMPILE_ISA set later needs a new object
+        self._tensors = (packed.contiguous(), w_scales.float().contiguous(), None if bias is None else bias.float().contiguous())
+        w, sw, b = self._tensors
+        kp = padded_in_features(in_features)
+        uc = ctypes.c_int()
+        self.run_isa = _LIB.bc_plan_i8(self.isa_id, group_code, kp, ctypes.byref(uc))
+        n_units = -(-(kp // 64) // uc.value) if self.run_isa != 0 else 0
+        self.out_features = n = packed.shape[0]
+        self._args = _GemmArgs(
+            0, n, in_features, kp, group_code, num_groups(in_features, group_code), None, None, None, uc.value, n_units,
+            None, 0, _ptr(w), _ptr(sw), _ptr(b), None, n, 0,
+        )  # fmt: skip
+        self._args_bf16 = _GemmArgs.from_buffer_copy(self._args)
+        self._args_bf16.out_bf16 = 1
+
+    @staticmethod
+    def _versions_of(packed: Tensor, w_scales: Tensor, bias: Tensor | None) -> tuple[int, int, int]:
+        return packed._version, w_scales._version, -1 if bias is None else bias._version
+
+    def is_current(self, packed: Tensor, w_scales: Tensor, bias: Tensor | None) -> bool:
+        """Whether these are the tensors this object was built from, unchanged since (in-place
+        updates bump a tensor's version; a replaced buffer is another object)."""
+        src = self._sources
+        return (
+            packed is src[0] and w_scales is src[1] and bias is src[2]
+            and (packed._version, w_scales._version, -1 if bias is None else bias._version) == self._versions
+        )  # fmt: skip
+
+    def __call__(self, x: Tensor, out_dtype: torch.dtype) -> Tensor:
+        """``packed_linear(x, ..., quantize_activations=True, out_dtype)`` for CPU fp32/bf16 ``x``
+        of shape ``(..., in_features)``; the output has shape ``(..., out_features)``."""
+        if not x.is_contiguous():
+            x = x.contiguous()
+        k = self._args.K
+        if x.shape[-1] != k:
+            raise ValueError(f"PreparedPackedLinear: activations have {x.shape[-1]} features, the layer takes {k}")
+        m = x.numel() // k if k else 0
+        bf16 = out_dtype == torch.bfloat16
+        y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.bfloat16 if bf16 else torch.float32)
+        if m and self.out_features:
+            args = self._args_bf16 if bf16 else self._args
+            kind = 0 if x.dtype == torch.float32 else 1
+            if _LIB.bc_linear_i8(args, x.data_ptr(), k, kind, m, y.data_ptr(), self.run_isa, _threads()):
+                raise MemoryError(f"bitcompile: no memory for the int8 activations of {m} tokens x {k} features")
+        return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+DENSE_MAX_M = 8  # above this, torch's (multi-threaded) GEMM is the faster path
+
+
+def dense_linear(x2d: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """fp32 ``x2d @ weight^T (+ bias)`` for small M on all threads (torch's M=1 fp32 GEMV is
+    single-threaded); torch's ``F.linear`` otherwise. Agrees with it within fp32 rounding."""
+    if (
+        _lib() is None
+        or x2d.dim() != 2
+        or x2d.shape[0] > DENSE_MAX_M
+        or x2d.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or (bias is not None and bias.dtype != torch.float32)
+        or not _on_cpu(x2d, weight)
+        or weight.stride(-1) != 1
+        or x2d.requires_grad
+        or weight.requires_grad and torch.is_grad_enabled()
+    ):
+        return torch.nn.functional.linear(x2d, weight, bias)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    n, k = weight.shape
+    if x2d.shape[1] != k:
+        raise ValueError(f"dense_linear: activations have {x2d.shape[1]} features, the weight has {k}")
+    m = x2d.shape[0]
+    y = torch.empty((m, n), dtype=torch.float32)
+    if m and n:
+        b = None if bias is None else bias.contiguous()
+        a = _DenseArgs(m, n, k, x2d.data_ptr(), x2d.stride(0), weight.data_ptr(), weight.stride(0), _ptr(b), y.data_ptr(), n)
+        _LIB.bc_dense_f32(ctypes.byref(a), _isa_id(), _threads())
+    return y

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 import bitcompile.runtime.ops  # noqa: F401  (registers torch.ops.bitcpm.*)
 from bitcompile.config import TernaryConfig
+from bitcompile.kernels import cpu as cpu_kernels
 from bitcompile.kernels import get_kernel, resolve_target
 from bitcompile.kernels.groups import describe, num_groups
 from bitcompile.kernels.packing import pack_codes, packed_shape, unpack_codes
@@ -25,6 +26,7 @@ from bitcompile.policy import layer_skip_reason
 from bitcompile.runtime.prequantized import detect_ternary
 
 PreQuantized = Literal["auto"] | bool
+_PREPARED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class PackedTernaryLinear(nn.Module):
@@ -84,11 +86,34 @@ class PackedTernaryLinear(nn.Module):
         )  # fmt: skip
 
     def _eager_forward(self, x: Tensor) -> Tensor:
+        prepared = self.__dict__.get("_prepared")
+        buffers = self._buffers
+        if prepared is None or not prepared.is_current(buffers["packed"], buffers["scales"], buffers["bias"]):
+            prepared = self._prepare_cpu_call(x)
+        if prepared is not None and x.is_cpu and x.dtype in _PREPARED_DTYPES:
+            return prepared(x, x.dtype)
+        x2d = x.reshape(-1, self.in_features)
         y = get_kernel(self.kernel).packed_linear(
-            x.reshape(-1, self.in_features), self.packed, self.scales, self.in_features, self.group_code,
+            x2d, self.packed, self.scales, self.in_features, self.group_code,
             self.bias, self.quantize_activations, x.dtype,
         )  # fmt: skip
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _prepare_cpu_call(self, x: Tensor) -> cpu_kernels.PreparedPackedLinear | None:
+        """The one-C-call path (W1.58A8 on CPU), kept until a buffer is replaced or changed in place."""
+        self.__dict__.pop("_prepared", None)
+        if not (self.kernel == "cpu" and self.quantize_activations and cpu_kernels.available() and self.packed.is_cpu):
+            return None
+        prepared = self.__dict__["_prepared"] = cpu_kernels.PreparedPackedLinear(
+            self.packed, self.scales, self.in_features, self.group_code, self.bias
+        )
+        return prepared
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_prepared", None)  # ctypes pointers: neither picklable nor valid in a copy
+        return state
 
     def codes(self) -> Tensor:
         """The ternary codes as int8 ``(out, in)``."""
@@ -104,6 +129,49 @@ class PackedTernaryLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"{describe(self.group_code)} scales, {acts}, kernel={self.kernel}"
         )
+
+
+class FloatGemvLinear(nn.Linear):
+    """An ``nn.Linear`` that :func:`pack` keeps in fp32 (the tied ``lm_head`` above all),
+    served by bitcompile's multi-threaded fp32 GEMV when a no-grad CPU call has at most
+    ``DENSE_MAX_M`` tokens, by ``F.linear`` otherwise (compiled graphs, training, prefill).
+
+    Why: after packing, the tied head is the largest weight left, and torch's fp32 GEMV at
+    M = 1 is single-threaded (docs/kernels.md "Float layers of a packed model"). ``pack``
+    switches the class of a plain ``nn.Linear`` in place, so its parameters (tied ones stay
+    tied), hooks and state_dict keys are untouched. Results agree with ``F.linear`` within
+    fp32 rounding (another summation order), not bitwise.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            x.numel() <= cpu_kernels.DENSE_MAX_M * self.in_features
+            and not torch.is_grad_enabled()
+            and x.is_cpu
+            and x.dtype == torch.float32
+            and not torch.compiler.is_compiling()
+            and x.shape[-1] == self.in_features
+        ):
+            y = cpu_kernels.dense_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def _serve_float_layers(model: nn.Module, plan: list[PackDecision], config: TernaryConfig) -> None:
+    """Route the fp32 CPU ``nn.Linear`` layers that stay float through :class:`FloatGemvLinear`."""
+    if resolve_target(config.target) != "cpu" or not cpu_kernels.available():
+        return
+    for decision in plan:
+        module = model.get_submodule(decision.name) if decision.name else model
+        if (
+            not decision.packed
+            and type(module) is nn.Linear
+            and module.weight.dtype == torch.float32
+            and module.weight.is_cpu
+            and module.weight.stride(-1) == 1
+        ):
+            module.__class__ = FloatGemvLinear
+            decision.reason += "; kept fp32, served by bitcompile's fp32 GEMV for decode"
 
 
 @dataclasses.dataclass
@@ -194,7 +262,11 @@ def _ternary_codes(name: str, weight: Tensor, config: TernaryConfig, pre_quantiz
 
 
 def pack(
-    model: nn.Module | str | os.PathLike, config: TernaryConfig | None = None, *, pre_quantized: PreQuantized = "auto"
+    model: nn.Module | str | os.PathLike,
+    config: TernaryConfig | None = None,
+    *,
+    pre_quantized: PreQuantized = "auto",
+    float_gemv: bool = True,
 ) -> nn.Module:
     """Replace approved linear layers of ``model`` (in place) by :class:`PackedTernaryLinear`.
 
@@ -209,6 +281,9 @@ def pack(
         pre_quantized: ``"auto"`` packs weights that are already ternary losslessly and
             quantizes the others; ``True`` requires every packed layer to be already ternary;
             ``False`` always applies the absmean quantizer.
+        float_gemv: serve the plain fp32 ``nn.Linear`` layers that stay float (e.g. a tied
+            ``lm_head``) with bitcompile's multi-threaded GEMV at decode sizes
+            (:class:`FloatGemvLinear`; the CPU target only). ``False`` leaves them untouched.
 
     Returns:
         ``model`` itself; ``model.bitcompile_pack_plan`` lists every decision.
@@ -233,6 +308,8 @@ def pack(
         ).to(view.parameter.device)
     for name, packed in replacements.items():  # nothing above mutated the model; swapping cannot fail
         replace_submodule(model, name, packed)
+    if float_gemv:
+        _serve_float_layers(model, plan, config)
     model.bitcompile_pack_plan = plan
     return model
 

@@ -284,6 +284,89 @@ void bc_prep_i8(const bc_prep_args *a, int isa, int nthreads) {
     run_parallel(prep_task, &j, nth);
 }
 
+/* ---------------------------------------------------------------- one call per layer */
+
+/* NOTE: serving calls a layer per token; a malloc + two foreign calls per layer cost more
+ * than a decode GEMV, so the int8 activations live in a per-thread buffer that is kept
+ * while small (decode) and released after large calls (prefill, training). */
+#define BC_SCRATCH_KEEP (1 << 20)
+static __thread void *scratch;
+static __thread size_t scratch_cap;
+
+static void *scratch_get(size_t n) {
+    if (n <= scratch_cap) return scratch;
+    free(scratch);
+    scratch_cap = 0;
+    if (posix_memalign(&scratch, 64, n) != 0) return scratch = NULL;
+    scratch_cap = n;
+    return scratch;
+}
+
+static void scratch_trim(void) {
+    if (scratch_cap > BC_SCRATCH_KEEP) {
+        free(scratch);
+        scratch = NULL;
+        scratch_cap = 0;
+    }
+}
+
+/* Quantize float x (x_kind 0 fp32 / 1 bf16, row stride ldx) per token and run the int8
+ * GEMM with base's weights, scales, bias and plan (unit_chunks, n_units: n_units == 0
+ * means the kernel takes no corr); writes M x N into out (row stride base->ldo).
+ * isa must be the one bc_plan_i8 returned. Returns 0, or -1 when memory ran out. */
+int bc_linear_i8(const bc_gemm_args *base, const void *x, int64_t ldx, int x_kind, int M, void *out, int isa,
+                 int nthreads) {
+    size_t xq_bytes = ((size_t)M * base->Kp + 63) & ~(size_t)63;
+    size_t sx_bytes = ((size_t)M * sizeof(float) + 63) & ~(size_t)63;
+    size_t corr_bytes = (size_t)M * base->n_units * 16 * sizeof(int32_t);
+    char *buf = scratch_get(xq_bytes + sx_bytes + corr_bytes);
+    if (!buf) return -1;
+    bc_prep_args p = { M, base->K, base->Kp, x, ldx, x_kind, (int8_t *)buf, (float *)(buf + xq_bytes),
+                       base->n_units ? (int32_t *)(buf + xq_bytes + sx_bytes) : NULL, base->unit_chunks, base->n_units };
+    bc_prep_i8(&p, isa, nthreads);
+    bc_gemm_args a = *base;
+    a.M = M;
+    a.xq = p.xq;
+    a.sx = p.sx;
+    a.corr = p.corr;
+    a.out = out;
+    bc_gemm_i8(&a, isa, nthreads);
+    scratch_trim();
+    return 0;
+}
+
+/* ---------------------------------------------------------------- dense fp32 GEMV */
+
+typedef struct {
+    const bc_dense_args *a;
+    bc_dense_fn fn;
+    int chunk;
+    atomic_int next;
+} dense_job;
+
+static void dense_task(void *p, int tid, int nth) {
+    dense_job *j = p;
+    (void)tid, (void)nth;
+    for (;;) {
+        int n0 = atomic_fetch_add(&j->next, j->chunk);
+        if (n0 >= j->a->N) break;
+        j->fn(j->a, n0, n0 + j->chunk < j->a->N ? n0 + j->chunk : j->a->N);
+    }
+}
+
+void bc_dense_f32(const bc_dense_args *a, int isa, int nthreads) {
+    dense_job j = { a, bc_dense_f32_generic, 0, 0 };
+#ifdef BC_X86
+    if (isa == BC_ISA_AVX512) j.fn = bc_dense_f32_avx512;
+    else if (isa == BC_ISA_AVX2) j.fn = bc_dense_f32_avx2;
+#endif
+    int nth = pick_threads(nthreads, (int64_t)a->M * a->N * a->K * 4, a->N);
+    int chunk = (a->N + nth * 8 - 1) / (nth * 8);
+    j.chunk = nth > 1 ? (chunk + 3) / 4 * 4 : a->N;
+    if (j.chunk < 4) j.chunk = 4;
+    run_parallel(dense_task, &j, nth);
+}
+
 typedef struct {
     const int8_t *q;
     int64_t ldq;

@@ -60,6 +60,20 @@ typedef struct {
 
 typedef void (*bc_prep_fn)(const bc_prep_args *a, int m0, int m1);
 
+/* Dense fp32 y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), for the float layers of a packed model. */
+typedef struct {
+    int M, N, K;
+    const float *x;
+    int64_t ldx;
+    const float *w;
+    int64_t ldw;
+    const float *bias;           /* N or NULL */
+    float *out;
+    int64_t ldo;
+} bc_dense_args;
+
+typedef void (*bc_dense_fn)(const bc_dense_args *a, int n0, int n1);
+
 /* Which group modes a SIMD int8 / float kernel handles (others run the generic kernel). */
 typedef int (*bc_supports_fn)(int group);
 
@@ -68,6 +82,7 @@ void bc_gemm_i2_i8_generic(const bc_gemm_args *a, int n0, int n1);
 void bc_gemm_i2_f32_generic(const bc_gemm_args *a, int n0, int n1);
 void bc_prep_i8_generic(const bc_prep_args *a, int m0, int m1);
 void bc_pack_i2_generic(const int8_t *q, int64_t ldq, int N, int K, uint8_t *out, int n0, int n1);
+void bc_dense_f32_generic(const bc_dense_args *a, int n0, int n1);
 
 #if defined(__x86_64__) || defined(_M_X64)
 void bc_gemm_i2_i8_avx2(const bc_gemm_args *a, int n0, int n1);
@@ -76,6 +91,8 @@ void bc_prep_i8_avx2(const bc_prep_args *a, int m0, int m1);
 void bc_gemm_i2_i8_avx512(const bc_gemm_args *a, int n0, int n1);
 void bc_gemm_i2_f32_avx512(const bc_gemm_args *a, int n0, int n1);
 void bc_prep_i8_avx512(const bc_prep_args *a, int m0, int m1);
+void bc_dense_f32_avx2(const bc_dense_args *a, int n0, int n1);
+void bc_dense_f32_avx512(const bc_dense_args *a, int n0, int n1);
 #endif
 
 /* helpers shared by the kernels */

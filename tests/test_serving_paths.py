@@ -1,0 +1,145 @@
+"""The serving fast paths: one C call per packed layer, the fp32 GEMV for float layers a packed model keeps.
+
+Both must compute exactly what the general kernel entry points compute (the prepared call is
+the same C kernel, so bit-equal) and follow every change of the tensors they were built from.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bitcompile
+import reference_impl as ref
+from bitcompile.kernels import cpu, packing
+from bitcompile.models import TinyLlama, TinyLlamaConfig
+from bitcompile.runtime.modules import FloatGemvLinear
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"C kernels not built: {cpu.unavailable_reason()}")
+
+
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
+def isa(request, monkeypatch):
+    if not cpu.isa_supported(request.param):
+        pytest.skip(f"this CPU has no {request.param}")
+    monkeypatch.setenv("BITCOMPILE_ISA", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("group", [(-1, -1), (0, "tensor"), (64, 64), (96, 96), (100, 100)])
+@pytest.mark.parametrize("shape", [(1, 13, 100), (1, 67, 576), (3, 5, 257), (2, 4, 1), (40, 9, 700)])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
+def test_prepared_call_is_the_packed_kernel_bit_for_bit(isa, group, shape, dtypes):
+    code, group_size = group
+    m, n, k = shape
+    x_dtype, out_dtype = dtypes
+    g = torch.Generator().manual_seed(m * 7 + k)
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    x = (torch.randn(m, k, generator=g) * 3).to(x_dtype)
+    q, s = ref.ternary_codes(w, group_size)
+    packed = packing.pack_codes(q.to(torch.int8))
+    prepared = cpu.PreparedPackedLinear(packed, s, k, code, b)
+    got = prepared(x, out_dtype)
+    assert got.dtype == out_dtype and got.shape == (m, n)
+    assert torch.equal(got, cpu.packed_linear(x, packed, s, k, code, b, True, out_dtype))
+    # and against the independent formulas (fp32 out; bf16 adds one rounding)
+    if out_dtype == torch.float32:
+        torch.testing.assert_close(got.double(), ref.ternary_linear_forward(x.float(), w, b, group_size, "int8"), rtol=1e-5, atol=1e-4)
+    # leading dimensions and a non-contiguous input are handled like a reshape
+    x3 = torch.cat([x, x], dim=1).reshape(m, 2, k)[:, 0:1, :]  # (m, 1, k), strided
+    assert torch.equal(prepared(x3, out_dtype).reshape(m, n), got)
+
+
+def test_prepared_call_rejects_bad_arguments():
+    q = torch.randint(-1, 2, (8, 64), dtype=torch.int8)
+    packed = packing.pack_codes(q)
+    with pytest.raises(ValueError, match="w_scales must have shape"):
+        cpu.PreparedPackedLinear(packed, torch.ones(7, 1), 64, -1, None)
+    with pytest.raises(ValueError, match="bias shape"):
+        cpu.PreparedPackedLinear(packed, torch.ones(8, 1), 64, -1, torch.zeros(3))
+    prepared = cpu.PreparedPackedLinear(packed, torch.ones(8, 1), 64, -1, None)
+    with pytest.raises(ValueError, match="activations have 63 features, the layer takes 64"):
+        prepared(torch.randn(2, 63), torch.float32)
+
+
+def _packed_mlp(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 32))
+    return bitcompile.pack(model)
+
+
+def test_packed_layer_follows_in_place_updates_and_replaced_buffers():
+    model = _packed_mlp()
+    layer = model[2]
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        before = model(x)
+        hidden = model[1](model[0](x))
+        layer.scales.mul_(2)  # in place: the prepared call must see it
+        torch.testing.assert_close(model(x), 2 * (before - layer.bias) + layer.bias, rtol=1e-5, atol=1e-5)
+        layer.bias = torch.zeros(32)  # replaced buffer
+        expected = cpu.packed_linear(hidden, layer.packed, layer.scales, 64, layer.group_code, None, True, torch.float32)
+        assert torch.equal(model(x), expected)
+        other = _packed_mlp(seed=1)
+        model.load_state_dict(other.state_dict())  # copies into the same tensors
+        assert torch.equal(model(x), other(x))
+
+
+def test_packed_model_copies_and_pickles_after_serving():
+    model = _packed_mlp()
+    x = torch.randn(2, 96)
+    with torch.no_grad():
+        y = model(x)  # builds the prepared calls (ctypes pointers)
+        assert torch.equal(copy.deepcopy(model)(x), y)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        assert torch.equal(torch.load(buffer, weights_only=False)(x), y)
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize("nk", [(1, 1), (5, 7), (67, 576), (33, 1000), (4, 17)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_gemv_matches_float64(isa, m, nk, bias):
+    n, k = nk
+    g = torch.Generator().manual_seed(n * k + m)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    got = cpu.dense_linear(x, w, b)
+    exact = x.double() @ w.double().t() + (b.double() if bias else 0)
+    bound = (x.abs().double() @ w.abs().double().t()) * k * 2**-24 + 1e-6  # fp32 summation bound
+    assert got.dtype == torch.float32 and ((got.double() - exact).abs() <= bound).all()
+    assert torch.equal(cpu.dense_linear(x[:, None, :].squeeze(1), w, b), got)
+
+
+def test_dense_gemv_leaves_other_cases_to_torch():
+    w = torch.randn(10, 16)
+    x = torch.randn(cpu.DENSE_MAX_M + 1, 16)
+    assert torch.equal(cpu.dense_linear(x, w, None), F.linear(x, w))  # prefill sizes: torch's GEMM
+    assert torch.equal(cpu.dense_linear(x[:1].double(), w.double(), None), F.linear(x[:1].double(), w.double()))
+    with pytest.raises(ValueError, match="activations have 15 features, the weight has 16"):
+        cpu.dense_linear(torch.randn(1, 15), w, None)
+
+
+def test_pack_serves_the_tied_head_with_the_gemv_and_keeps_it_tied():
+    torch.manual_seed(0)
+    model = TinyLlama(TinyLlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96)).eval()
+    tokens = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        plain = bitcompile.pack(copy.deepcopy(model), float_gemv=False)
+        assert type(plain.lm_head) is nn.Linear
+        bitcompile.pack(model)
+        assert type(model.lm_head) is FloatGemvLinear and isinstance(model.lm_head, nn.Linear)
+        assert model.lm_head.weight is model.embed_tokens.weight and set(model.state_dict()) == set(plain.state_dict())
+        reason = {d.name: d.reason for d in model.bitcompile_pack_plan}["lm_head"]
+        assert "embed_tokens.weight" in reason and "GEMV" in reason
+        # prefill (M > 8) runs F.linear, bit-equal; a one-token step runs the GEMV, within fp32 rounding
+        assert torch.equal(model(tokens), plain(tokens))
+        torch.testing.assert_close(model(tokens[:, :1]), plain(tokens[:, :1]), rtol=1e-5, atol=1e-5)
+    with torch.enable_grad():  # autograd through the head needs torch's op
+        assert torch.equal(model(tokens[:, :1]), plain(tokens[:, :1]))

@@ -8,6 +8,7 @@ variant runs in its own process so its resident memory is its own. Reports prefi
 decode (KV cache) tokens/s with ratios against fp32 eager measured in the same run, weight
 memory of the linear layers and of the whole model, process RSS, and for the packed model
 a profile of where decode time goes (linear layers, lm_head, attention, everything else).
+``packed-int8-head`` is ``pack(model, head="int8")``: the tied head and embedding as int8 (W8A8).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = ("fp32-eager", "bf16-eager", "fp32-inductor", "packed-eager", "packed-bitcpm")
+VARIANTS = ("fp32-eager", "bf16-eager", "fp32-inductor", "packed-eager", "packed-bitcpm", "packed-int8-head")
+HEAD_OPS = ("bitcompile::float_gemv", "bitcpm::int8_dense_linear")  # the head's kernels as the profiler names them
 SMOLLM_135M = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
     num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,
@@ -66,7 +68,7 @@ def _run_variant(variant: str, prefill: int, decode_tokens: int, repeats: int) -
     if variant == "bf16-eager":
         model = model.to(torch.bfloat16)
     if variant.startswith("packed"):
-        bitcompile.pack(model)
+        bitcompile.pack(model, head="int8" if variant == "packed-int8-head" else "float")
     forward = model
     if variant == "fp32-inductor":
         forward = torch.compile(model, dynamic=True)
@@ -130,13 +132,13 @@ def _decode_breakdown(forward, prefill_once, decode) -> dict:
         for _ in range(tokens):
             logits = forward(input_ids=token, past_key_values=cache, use_cache=True).logits
             token = logits[:, -1:].argmax(-1)
-    groups = {"ternary linear layers": 0.0, "lm_head (tied, float)": 0.0, "attention": 0.0, "everything else": 0.0}
+    groups = {"ternary linear layers": 0.0, "lm_head (tied)": 0.0, "attention": 0.0, "everything else": 0.0}
     for event in prof.key_averages():
         name, self_ms = event.key, event.self_cpu_time_total / 1e3
         if "ternary_linear_packed" in name:
             groups["ternary linear layers"] += self_ms
-        elif name in ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul") or "mkl" in name:
-            groups["lm_head (tied, float)"] += self_ms
+        elif name in ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul") or "mkl" in name or name in HEAD_OPS:
+            groups["lm_head (tied)"] += self_ms
         elif "attention" in name or "sdpa" in name or "flash" in name:
             groups["attention"] += self_ms
         else:

@@ -70,6 +70,8 @@ class _DenseArgs(ctypes.Structure):
         ("M", ctypes.c_int), ("N", ctypes.c_int), ("K", ctypes.c_int),
         ("x", ctypes.c_void_p), ("ldx", ctypes.c_int64), ("w", ctypes.c_void_p), ("ldw", ctypes.c_int64),
         ("bias", ctypes.c_void_p), ("out", ctypes.c_void_p), ("ldo", ctypes.c_int64),
+        ("xq", ctypes.c_void_p), ("sx", ctypes.c_void_p), ("Kp", ctypes.c_int),
+        ("wq", ctypes.c_void_p), ("sw", ctypes.c_void_p), ("wsum", ctypes.c_void_p),
     ]  # fmt: skip
 
 
@@ -107,6 +109,8 @@ def _load():
         ("bc_prep_i8", [ctypes.POINTER(_PrepArgs), I, I], None),
         ("bc_linear_i8", [ctypes.POINTER(_GemmArgs), P, I64, I, I, P, I, I], I),
         ("bc_dense_f32", [ctypes.POINTER(_DenseArgs), I, I], None),
+        ("bc_dense_i8", [ctypes.POINTER(_DenseArgs), I, I], None),
+        ("bc_plan_dense_i8", [I], I),
         ("bc_pack_i2", [P, I64, I, I, P, I], I),
         ("bc_read_bytes", [P, ctypes.c_size_t, I], ctypes.c_uint64),
     ):
@@ -564,9 +568,24 @@ class PreparedPackedLinear:
             and (packed._version, w_scales._version, -1 if bias is None else bias._version) == self._versions
         )  # fmt: skip
 
-    def __call__(self, x: Tensor, out_dtype: torch.dtype) -> Tensor:
+    def serves(self, x: Tensor, buffers: dict[str, Tensor | None]) -> bool:
+        """Whether this object computes the layer whose buffers are ``buffers`` for input ``x``:
+        ``is_current`` for ``buffers["packed"]`` / ``["scales"]`` / ``["bias"]``, and ``x`` is a CPU
+        fp32/bf16 tensor of ``in_features`` (inlined: it runs once per layer and token)."""
+        src = self._sources
+        bias = buffers["bias"]
+        return (
+            x.dtype in _FLOAT_ACTIVATIONS and x.is_cpu and x.shape[-1] == self._args.K
+            and buffers["packed"] is src[0] and buffers["scales"] is src[1] and bias is src[2]
+            and (src[0]._version, src[1]._version, -1 if bias is None else bias._version) == self._versions
+        )  # fmt: skip
+
+    def __call__(self, x: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
         """``packed_linear(x, ..., quantize_activations=True, out_dtype)`` for CPU fp32/bf16 ``x``
-        of shape ``(..., in_features)``; the output has shape ``(..., out_features)``."""
+        of shape ``(..., in_features)``; the output has shape ``(..., out_features)`` and
+        ``out_dtype`` (default: ``x.dtype``)."""
+        if out_dtype is None:
+            out_dtype = x.dtype
         if not x.is_contiguous():
             x = x.contiguous()
         k = self._args.K
@@ -583,6 +602,7 @@ class PreparedPackedLinear:
         return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
+_FLOAT_ACTIVATIONS = (torch.float32, torch.bfloat16)
 DENSE_MAX_M = 8  # above this, torch's (multi-threaded) GEMM is the faster path
 
 
@@ -611,6 +631,50 @@ def dense_linear(x2d: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     y = torch.empty((m, n), dtype=torch.float32)
     if m and n:
         b = None if bias is None else bias.contiguous()
-        a = _DenseArgs(m, n, k, x2d.data_ptr(), x2d.stride(0), weight.data_ptr(), weight.stride(0), _ptr(b), y.data_ptr(), n)
+        a = _DenseArgs(m, n, k, x2d.data_ptr(), x2d.stride(0), weight.data_ptr(), weight.stride(0), _ptr(b), y.data_ptr(), n)  # fmt: skip
         _LIB.bc_dense_f32(ctypes.byref(a), _isa_id(), _threads())
+    return y
+
+
+def int8_dense_linear(
+    x2d: Tensor, w_codes: Tensor, w_scales: Tensor, bias: Tensor | None, out_dtype: torch.dtype, w_sums: Tensor | None = None
+) -> Tensor:
+    """W8A8 dense layer (contract of :func:`reference.int8_dense_linear`, bit-identical): per-token
+    int8 activations x per-row int8 weights with VNNI, on all threads.
+
+    ``w_sums`` (int32 ``(N,)``, ``w_codes.sum(1)``) may be passed to skip recomputing it per call.
+    """
+    n, k = w_codes.shape
+    if x2d.dim() != 2 or x2d.shape[1] != k:
+        raise ValueError(f"int8_dense_linear: activations must be 2-D (M, {k}), got shape {tuple(x2d.shape)}")
+    if w_codes.dtype != torch.int8 or tuple(w_scales.shape) != (n, 1):
+        raise ValueError(
+            f"int8_dense_linear: weights must be int8 (N, K) codes with fp32 (N, 1) scales, got "
+            f"{w_codes.dtype} {tuple(w_codes.shape)} and {tuple(w_scales.shape)}"
+        )
+    m = x2d.shape[0]
+    if (
+        _lib() is None
+        or _is_degenerate(m, n, k)
+        or not _on_cpu(x2d, w_codes)
+        or x2d.dtype not in _FLOAT_ACTIVATIONS
+        or out_dtype != torch.float32
+    ):
+        return reference.int8_dense_linear(x2d, w_codes, w_scales, bias, out_dtype)
+    x = x2d.detach()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    kp = padded_in_features(k)
+    run_isa = _LIB.bc_plan_dense_i8(_isa_id())
+    xq, sx, _, _ = _prep(x, 0 if x.dtype == torch.float32 else 1, k, kp, run_isa, None)
+    wq = w_codes if w_codes.stride(-1) == 1 else w_codes.contiguous()
+    sw = w_scales.float().contiguous()
+    sums = w_sums if w_sums is not None else wq.sum(dim=1, dtype=torch.int32)
+    b = None if bias is None else bias.float().contiguous()
+    y = torch.empty((m, n), dtype=torch.float32)
+    a = _DenseArgs(
+        m, n, k, None, 0, None, wq.stride(0), _ptr(b), y.data_ptr(), n,
+        xq.data_ptr(), sx.data_ptr(), kp, wq.data_ptr(), sw.data_ptr(), sums.data_ptr(),
+    )  # fmt: skip
+    _LIB.bc_dense_i8(ctypes.byref(a), run_isa, _threads())
     return y

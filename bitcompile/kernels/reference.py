@@ -191,3 +191,26 @@ def packed_linear(
         x_codes, x_scales = _quantize_activations(x2d)
         return packed_int8_matmul(x_codes, x_scales, packed, w_scales, in_features, group_code, bias, out_dtype)
     return packed_float_matmul(x2d, packed, w_scales, in_features, group_code, bias, out_dtype)
+
+
+# ---- int8 (W8A8) dense layers: the opt-in int8 lm_head of a packed model ----
+
+
+def quantize_rows_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row absmax int8: ``codes`` int8 ``(N, K)`` in [-127, 127], ``scales`` fp32 ``(N, 1)``
+    with ``weight ~ codes * scales`` (error at most half a step, ``scales / 2``, per element)."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1, keepdim=True) if w.shape[1] else w.new_zeros((w.shape[0], 1))).clamp_min(EPS) / 127
+    codes = torch.clamp(torch.round(w / scales), -127, 127).to(torch.int8)
+    return codes, scales
+
+
+def int8_dense_linear(x2d: Tensor, w_codes: Tensor, w_scales: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """W8A8: ``(q_x @ q_w^T) * s_w * s_x (+ bias)`` with the per-token activation quantizer
+    (:func:`quantize_activations`); the integer sums are exact (fp64), then rounded to fp32 once."""
+    x_codes, x_scales = quantize_activations(x2d)
+    dot = (x_codes.double() @ w_codes.double().t()).float()
+    y = dot * w_scales[:, 0].float() * x_scales[:, None]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)

@@ -150,9 +150,8 @@ class TinyLlama(nn.Module):
         """Logits ``(batch, seq, vocab)``; with ``cache`` the tokens continue the cached ones."""
         start = cache.length if cache is not None else 0
         positions = slice(start, start + tokens.shape[1])
-        dtype = self.embed_tokens.weight.dtype
-        cos, sin = self.rope_cos[positions].to(dtype), self.rope_sin[positions].to(dtype)
-        x = self.embed_tokens(tokens)
+        x = self.embed_tokens(tokens)  # its dtype, not its weight's: a packed embedding has no float weight
+        cos, sin = self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, index)
         return self.lm_head(self.norm(x))

@@ -18,10 +18,12 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from bitcompile.kernels.packing import LAYOUT_NAME, LAYOUT_VERSION
+from bitcompile.runtime.int8_head import Int8Embedding, Int8Linear
 from bitcompile.runtime.modules import PackedTernaryLinear, linear_view, replace_submodule
 
 FORMAT = "bitcompile-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added "int8_layers" (the int8 head of pack(head="int8")); 1 is still read
+READABLE_VERSIONS = ("1", "2")
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -40,6 +42,21 @@ def _layer_metadata(layer: PackedTernaryLinear) -> dict:
     }
 
 
+def _int8_metadata(model: nn.Module) -> dict:
+    """Per int8 module: its kind and shape, and for a head the embedding it shares codes with."""
+    embeddings = {id(m.codes): name for name, m in model.named_modules() if isinstance(m, Int8Embedding)}
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, Int8Embedding):
+            layers[name] = {"kind": "embedding", "num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim,
+                            "padding_idx": m.padding_idx, "original_dtype": str(m.original_dtype).removeprefix("torch.")}  # fmt: skip
+        elif isinstance(m, Int8Linear):
+            layers[name] = {"kind": "linear", "in_features": m.in_features, "out_features": m.out_features,
+                            "bias": m.bias is not None, "original_dtype": str(m.original_dtype).removeprefix("torch."),
+                            "tied_to": embeddings.get(id(m.codes))}  # fmt: skip
+    return layers
+
+
 def save_packed(model: nn.Module, directory: str | Path) -> Path:
     """Write ``directory/model.safetensors`` with every tensor of a packed model and its metadata."""
     layers = {name: _layer_metadata(m) for name, m in model.named_modules() if isinstance(m, PackedTernaryLinear)}
@@ -54,6 +71,7 @@ def save_packed(model: nn.Module, directory: str | Path) -> Path:
         "layout_version": str(LAYOUT_VERSION),
         "scale_convention": "multiplier",
         "layers": json.dumps(layers),
+        "int8_layers": json.dumps(_int8_metadata(model)),
     }
     path = out / WEIGHTS_FILE
     save_model(model, str(path), metadata=metadata)  # drops duplicate names of tied tensors
@@ -66,8 +84,13 @@ def _read_metadata(path: Path) -> dict:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"cannot read {path}: {error}") from None
-    expected = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "layout": LAYOUT_NAME,
-                "layout_version": str(LAYOUT_VERSION), "scale_convention": "multiplier"}  # fmt: skip
+    if metadata.get("format_version") not in READABLE_VERSIONS:
+        raise CheckpointError(
+            f"{path}: metadata format_version={metadata.get('format_version')!r}, this version of bitcompile "
+            f"reads format_version in {READABLE_VERSIONS}"
+        )
+    expected = {"format": FORMAT, "layout": LAYOUT_NAME, "layout_version": str(LAYOUT_VERSION),
+                "scale_convention": "multiplier"}  # fmt: skip
     for key, value in expected.items():
         if metadata.get(key) != value:
             raise CheckpointError(
@@ -75,6 +98,7 @@ def _read_metadata(path: Path) -> dict:
             )
     try:
         metadata["layers"] = json.loads(metadata["layers"])
+        metadata["int8_layers"] = json.loads(metadata.get("int8_layers", "{}"))
     except (KeyError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path}: metadata 'layers' is missing or not JSON ({error})") from None
     return metadata
@@ -102,6 +126,49 @@ def _packed_replacements(model: nn.Module, layers: dict) -> dict[str, PackedTern
             activations=info["activations"], dtype=getattr(torch, info["original_dtype"]),
         )  # fmt: skip
     return replacements
+
+
+def _int8_replacements(model: nn.Module, layers: dict) -> dict[str, nn.Module]:
+    """Empty int8 embeddings and heads of the recorded shapes (tied heads share their embedding's codes)."""
+    replacements: dict[str, nn.Module] = {}
+    for name, info in sorted(layers.items(), key=lambda item: item[1].get("kind") != "embedding"):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"checkpoint layer {name!r} does not exist in the model") from None
+        dtype = getattr(torch, info.get("original_dtype", "float32"))
+        if info.get("kind") == "embedding":
+            shape, want = (info["num_embeddings"], info["embedding_dim"]), nn.Embedding
+            replacements[name] = Int8Embedding(*shape, padding_idx=info["padding_idx"], dtype=dtype)
+        elif info.get("kind") == "linear":
+            shape, want = (info["out_features"], info["in_features"]), nn.Linear
+            head = replacements[name] = Int8Linear(info["in_features"], info["out_features"], bias=info["bias"], dtype=dtype)
+            if info.get("tied_to"):
+                if not isinstance(replacements.get(info["tied_to"]), Int8Embedding):
+                    raise CheckpointError(f"layer {name!r} is tied to {info['tied_to']!r}, which the checkpoint does not store as int8")
+                head.share_codes_with(replacements[info["tied_to"]])
+        else:
+            raise CheckpointError(f"int8 layer {name!r} has unknown kind {info.get('kind')!r}")
+        if not isinstance(module, want) or tuple(module.weight.shape) != shape:
+            got = tuple(module.weight.shape) if isinstance(getattr(module, "weight", None), torch.Tensor) else None
+            raise CheckpointError(
+                f"layer {name!r}: checkpoint has an int8 {want.__name__} of weight shape {shape}, "
+                f"the model has {type(module).__name__} {got}"
+            )
+    return replacements
+
+
+def _int8_aliases(replacements: dict[str, nn.Module]) -> dict[str, set[str]]:
+    """The state_dict keys of a tied int8 head and its embedding name the same tensors."""
+    aliases: dict[str, set[str]] = {}
+    by_tensor: dict[int, set[str]] = {}
+    for name, module in replacements.items():
+        for key, tensor in module.named_buffers():
+            by_tensor.setdefault(id(tensor), set()).add(f"{name}.{key}")
+    for names in by_tensor.values():
+        for key in names:
+            aliases[key] = names - {key}
+    return aliases
 
 
 def _expected_state(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -136,7 +203,9 @@ def load_packed(directory: str | Path, model_or_factory: nn.Module | Callable[[]
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"cannot read {path}: {error}") from None
     # Everything is checked against the packed architecture before the user's model is touched.
-    replacements = _packed_replacements(model, metadata["layers"])
+    replacements: dict[str, nn.Module] = dict(_packed_replacements(model, metadata["layers"]))
+    int8_modules = _int8_replacements(model, metadata["int8_layers"])
+    replacements.update(int8_modules)
     expected = _expected_state(model, replacements)
     for name, tensor in tensors.items():
         if name not in expected:
@@ -149,10 +218,14 @@ def load_packed(directory: str | Path, model_or_factory: nn.Module | Callable[[]
             )
         if name.endswith(".packed"):
             _check_codes(name, tensor)
+        if name.endswith(".codes") and name.rpartition(".")[0] in int8_modules and bool((tensor == -128).any()):
+            raise CheckpointError(f"tensor {name!r} holds the int8 code -128, outside the symmetric range [-127, 127]")
         if name.endswith(".scales") and not bool((torch.isfinite(tensor) & (tensor > 0)).all()):
             raise CheckpointError(f"tensor {name!r} has non-finite or non-positive scales")
     missing = set(expected) - set(tensors)
     aliases = _tied_aliases(model)
+    for key, names in _int8_aliases(int8_modules).items():
+        aliases[key] = aliases.get(key, set()) | names
     unexplained = sorted(k for k in missing if not (aliases.get(k, set()) & set(tensors)))
     if unexplained:
         raise CheckpointError(f"{path.name} lacks tensor(s) the model needs: {', '.join(unexplained[:5])}")

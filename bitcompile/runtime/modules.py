@@ -26,7 +26,6 @@ from bitcompile.policy import layer_skip_reason
 from bitcompile.runtime.prequantized import detect_ternary
 
 PreQuantized = Literal["auto"] | bool
-_PREPARED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class PackedTernaryLinear(nn.Module):
@@ -73,13 +72,21 @@ class PackedTernaryLinear(nn.Module):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.compiler.is_compiling() and x.shape[-1] == self.in_features and x.is_floating_point():
+        if torch.compiler.is_compiling():
+            return self._op(x)
+        prepared = self.__dict__.get("_prepared")
+        if prepared is not None and prepared.serves(x, self._buffers) and not torch.autograd._profiler_enabled():
+            return prepared(x)  # the decode hot path: one C call
+        if x.shape[-1] == self.in_features and x.is_floating_point():
             # Eager serving: call the kernel directly. The op's dispatch costs about as much as
             # a small decode GEMV itself; compiled graphs and export still see the op.
             if torch.autograd._profiler_enabled():  # keep the layer visible to torch.profiler
                 with torch.profiler.record_function("bitcpm::ternary_linear_packed"):
                     return self._eager_forward(x)
             return self._eager_forward(x)
+        return self._op(x)
+
+    def _op(self, x: Tensor) -> Tensor:
         return torch.ops.bitcpm.ternary_linear_packed(
             x, self.packed, self.scales, self.bias, self.in_features, self.group_code,
             self.quantize_activations, self.kernel,
@@ -90,8 +97,8 @@ class PackedTernaryLinear(nn.Module):
         buffers = self._buffers
         if prepared is None or not prepared.is_current(buffers["packed"], buffers["scales"], buffers["bias"]):
             prepared = self._prepare_cpu_call(x)
-        if prepared is not None and x.is_cpu and x.dtype in _PREPARED_DTYPES:
-            return prepared(x, x.dtype)
+        if prepared is not None and prepared.serves(x, buffers):
+            return prepared(x)
         x2d = x.reshape(-1, self.in_features)
         y = get_kernel(self.kernel).packed_linear(
             x2d, self.packed, self.scales, self.in_features, self.group_code,
@@ -152,7 +159,11 @@ class FloatGemvLinear(nn.Linear):
             and not torch.compiler.is_compiling()
             and x.shape[-1] == self.in_features
         ):
-            y = cpu_kernels.dense_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+            if torch.autograd._profiler_enabled():  # visible to torch.profiler as one op
+                with torch.profiler.record_function("bitcompile::float_gemv"):
+                    y = cpu_kernels.dense_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+            else:
+                y = cpu_kernels.dense_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
             return y.reshape(*x.shape[:-1], self.out_features)
         return nn.functional.linear(x, self.weight, self.bias)
 
@@ -267,6 +278,7 @@ def pack(
     *,
     pre_quantized: PreQuantized = "auto",
     float_gemv: bool = True,
+    head: Literal["float", "int8"] = "float",
 ) -> nn.Module:
     """Replace approved linear layers of ``model`` (in place) by :class:`PackedTernaryLinear`.
 
@@ -284,17 +296,23 @@ def pack(
         float_gemv: serve the plain fp32 ``nn.Linear`` layers that stay float (e.g. a tied
             ``lm_head``) with bitcompile's multi-threaded GEMV at decode sizes
             (:class:`FloatGemvLinear`; the CPU target only). ``False`` leaves them untouched.
+        head: ``"int8"`` stores the output head (``get_output_embeddings()`` or ``lm_head``)
+            as per-row int8 and runs it W8A8 (:mod:`bitcompile.runtime.int8_head`); an
+            embedding tied to it reads its rows from the same codes. ``"float"`` keeps it.
 
     Returns:
         ``model`` itself; ``model.bitcompile_pack_plan`` lists every decision.
     """
     config = config or TernaryConfig()
+    if head not in ("float", "int8"):
+        raise ValueError(f"pack: head={head!r} is not one of 'float', 'int8'")
     if not isinstance(model, nn.Module):
         from bitcompile.model_loader import load_model
 
         model, _ = load_model(os.fspath(model))
     _check_not_packed(model)
     plan = plan_packing(model, config)
+    int8_modules = _int8_head_replacements(model, plan) if head == "int8" else {}
     replacements: dict[str, PackedTernaryLinear] = {}
     for decision in plan:
         if not decision.packed:
@@ -308,10 +326,47 @@ def pack(
         ).to(view.parameter.device)
     for name, packed in replacements.items():  # nothing above mutated the model; swapping cannot fail
         replace_submodule(model, name, packed)
+    for name, module in int8_modules.items():
+        replace_submodule(model, name, module)
     if float_gemv:
         _serve_float_layers(model, plan, config)
     model.bitcompile_pack_plan = plan
     return model
+
+
+def _int8_head_replacements(model: nn.Module, plan: list[PackDecision]) -> dict[str, nn.Module]:
+    """The int8 output head (and the embedding tied to it), built without touching ``model``."""
+    from bitcompile.runtime.int8_head import Int8Embedding, Int8Linear
+
+    getter = getattr(model, "get_output_embeddings", None)
+    head_module = getter() if callable(getter) else getattr(model, "lm_head", None)
+    names = {id(m): n for n, m in model.named_modules()}
+    if not isinstance(head_module, nn.Linear) or id(head_module) not in names or not names[id(head_module)]:
+        raise ValueError(
+            "pack(head='int8'): the model has no nn.Linear output head (get_output_embeddings() or an "
+            f"'lm_head' submodule); found {type(head_module).__name__}"
+        )
+    head_name = names[id(head_module)]
+    decision = next(d for d in plan if d.name == head_name)
+    if decision.packed:
+        raise ValueError(
+            f"pack(head='int8'): layer {head_name!r} would be packed ternary; exclude it from ternary "
+            "(TernaryConfig(exclude=[...])) to store it as int8"
+        )
+    head = Int8Linear.from_weight(head_module.weight, head_module.bias)
+    replacements: dict[str, nn.Module] = {head_name: head}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and module.weight is head_module.weight:
+            embedding = Int8Embedding.from_embedding(module)
+            head.share_codes_with(embedding)
+            replacements[name] = embedding
+            decision.reason += f"; int8 (W8A8), tied to {name} (int8 rows)"
+            break
+    else:
+        decision.reason += "; int8 (W8A8)"
+    decision.source = "int8"
+    device = head_module.weight.device
+    return {name: module.to(device) for name, module in replacements.items()}
 
 
 def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -1,4 +1,5 @@
-/* Dense fp32 GEMV for the float layers a packed model keeps (the tied lm_head above all).
+/* Dense GEMV for the layers a packed model keeps out of ternary (the tied lm_head above all):
+ * fp32 weights, or int8 weights with int8 activations (W8A8, pack(head="int8")).
  *
  * Why: torch's fp32 F.linear at M = 1 runs MKL's single-threaded GEMV (measured 16.9 GB/s on
  * the 576 x 49152 SmolLM head, no faster with 2 threads), which after packing is a third of
@@ -30,6 +31,24 @@ static void dense_tile_generic(const bc_dense_args *a, int n, int nr) {
 
 void bc_dense_f32_generic(const bc_dense_args *a, int n0, int n1) {
     for (int n = n0; n < n1; n += NR) dense_tile_generic(a, n, n1 - n < NR ? n1 - n : NR);
+}
+
+/* W8A8: y = (float)dot * sw[n] * sx[m] (+ bias), the ternary kernels' order of roundings */
+static inline float i8_finish(const bc_dense_args *a, int m, int n, int32_t dot) {
+    float y = (float)dot * a->sw[n] * a->sx[m];
+    return a->bias ? y + a->bias[n] : y;
+}
+
+void bc_dense_i8_generic(const bc_dense_args *a, int n0, int n1) {
+    for (int n = n0; n < n1; n++) {
+        const int8_t *w = a->wq + (int64_t)n * a->ldw;
+        for (int m = 0; m < a->M; m++) {
+            const int8_t *x = a->xq + (int64_t)m * a->Kp;
+            int32_t dot = 0;
+            for (int k = 0; k < a->K; k++) dot += (int32_t)x[k] * w[k];
+            a->out[(int64_t)m * a->ldo + n] = i8_finish(a, m, n, dot);
+        }
+    }
 }
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -90,6 +109,56 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))) void bc_dense_f32_
                 float y = _mm512_reduce_add_ps(acc[j]);
                 if (a->bias) y += a->bias[n + j];
                 a->out[(int64_t)m * a->ldo + n + j] = y;
+            }
+        }
+    }
+}
+
+/* vpdpbusd multiplies unsigned by signed bytes: feed x + 128 (x ^ 0x80) against the signed
+ * weights and subtract 128 * sum_k w[n, k] from the exact int32 sum. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static inline void
+i8_tile_avx512(const bc_dense_args *a, int m0, int n, const int MR, const int NR_) {
+    __m512i acc[4][NR];
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int m = 0; m < MR; m++)
+        for (int j = 0; j < NR_; j++) acc[m][j] = _mm512_setzero_si512();
+    const int8_t *w0 = a->wq + (int64_t)n * a->ldw;
+    /* NOTE: as in the fp32 kernel: prefetch the tile 4 KiB past the next one, NR lines a step */
+    const char *pf = (const char *)(w0 + (int64_t)NR_ * a->ldw) + 4096;
+    const int do_pf = m0 == 0 && a->ldw == a->K && pf + (int64_t)NR_ * a->K <= (const char *)(a->wq + (int64_t)a->N * a->ldw);
+    for (int k = 0; k < a->K; k += 64) {
+        __mmask64 mk = a->K - k >= 64 ? ~0ULL : (1ULL << (a->K - k)) - 1;
+        if (do_pf)
+            for (int j = 0; j < NR_; j++) _mm_prefetch(pf + (int64_t)NR_ * k + 64 * j, _MM_HINT_T0);
+        __m512i wv[NR];
+        for (int j = 0; j < NR_; j++) wv[j] = _mm512_maskz_loadu_epi8(mk, w0 + j * a->ldw + k);
+        for (int m = 0; m < MR; m++) {
+            __m512i xv = _mm512_xor_si512(_mm512_loadu_si512(a->xq + (int64_t)(m0 + m) * a->Kp + k), flip);
+            for (int j = 0; j < NR_; j++) acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], xv, wv[j]);
+        }
+    }
+    for (int m = 0; m < MR; m++)
+        for (int j = 0; j < NR_; j++) {
+            int32_t dot = _mm512_reduce_add_epi32(acc[m][j]) - 128 * a->wsum[n + j];
+            a->out[(int64_t)(m0 + m) * a->ldo + n + j] = i8_finish(a, m0 + m, n + j, dot);
+        }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void bc_dense_i8_avx512(const bc_dense_args *a,
+                                                                                            int n0, int n1) {
+    for (int n = n0; n < n1; n += NR) {
+        int nr = n1 - n < NR ? n1 - n : NR;
+        for (int m = 0; m < a->M; m += 4) {
+            int mr = a->M - m < 4 ? a->M - m : 4;
+            if (nr == NR) {
+                switch (mr) {
+                case 1: i8_tile_avx512(a, m, n, 1, NR); break;
+                case 2: i8_tile_avx512(a, m, n, 2, NR); break;
+                case 3: i8_tile_avx512(a, m, n, 3, NR); break;
+                default: i8_tile_avx512(a, m, n, 4, NR); break;
+                }
+            } else {
+                for (int j = 0; j < nr; j++) i8_tile_avx512(a, m, n + j, mr, 1);
             }
         }
     }

@@ -60,16 +60,26 @@ typedef struct {
 
 typedef void (*bc_prep_fn)(const bc_prep_args *a, int m0, int m1);
 
-/* Dense fp32 y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), for the float layers of a packed model. */
+/* Dense y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for the layers a packed model keeps
+ * out of ternary (the tied lm_head): fp32 x fp32, or int8 x int8 (W8A8, y = sx[m] * sw[n] *
+ * exact int32 dot, the per-token activation quantizer of the ternary layers). */
 typedef struct {
     int M, N, K;
-    const float *x;
+    const float *x;              /* fp32 path */
     int64_t ldx;
-    const float *w;
+    const float *w;              /* fp32 path: N x K, row stride ldw */
     int64_t ldw;
     const float *bias;           /* N or NULL */
     float *out;
     int64_t ldo;
+    /* int8 path: xq M x Kp (zero padded, Kp = K rounded up to 64), wq N x K (row stride ldw),
+     * wsum[n] = sum_k wq[n, k] (the kernels feed x + 128 as unsigned bytes) */
+    const int8_t *xq;
+    const float *sx;
+    int Kp;
+    const int8_t *wq;
+    const float *sw;
+    const int32_t *wsum;
 } bc_dense_args;
 
 typedef void (*bc_dense_fn)(const bc_dense_args *a, int n0, int n1);
@@ -83,6 +93,7 @@ void bc_gemm_i2_f32_generic(const bc_gemm_args *a, int n0, int n1);
 void bc_prep_i8_generic(const bc_prep_args *a, int m0, int m1);
 void bc_pack_i2_generic(const int8_t *q, int64_t ldq, int N, int K, uint8_t *out, int n0, int n1);
 void bc_dense_f32_generic(const bc_dense_args *a, int n0, int n1);
+void bc_dense_i8_generic(const bc_dense_args *a, int n0, int n1);
 
 #if defined(__x86_64__) || defined(_M_X64)
 void bc_gemm_i2_i8_avx2(const bc_gemm_args *a, int n0, int n1);
@@ -93,6 +104,7 @@ void bc_gemm_i2_f32_avx512(const bc_gemm_args *a, int n0, int n1);
 void bc_prep_i8_avx512(const bc_prep_args *a, int m0, int m1);
 void bc_dense_f32_avx2(const bc_dense_args *a, int n0, int n1);
 void bc_dense_f32_avx512(const bc_dense_args *a, int n0, int n1);
+void bc_dense_i8_avx512(const bc_dense_args *a, int n0, int n1);
 #endif
 
 /* helpers shared by the kernels */

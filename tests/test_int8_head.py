@@ -1,0 +1,140 @@
+"""pack(head="int8"): the output head (and the embedding tied to it) as per-row int8, run W8A8.
+
+Checked against the formulas written out here (per-row absmax int8 weights, per-token absmax
+int8 activations, exact integer sums), for every ISA; the model-level error against the fp32
+head is bounded; checkpoints round-trip bit-exactly and bad ones fail naming the tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import bitcompile
+from bitcompile import CheckpointError
+from bitcompile.kernels import cpu, reference
+from bitcompile.models import TinyLlama, TinyLlamaConfig, greedy_generate_cached
+from bitcompile.runtime.int8_head import Int8Embedding, Int8Linear
+
+
+def int8_rows(w):
+    """Independent per-row absmax int8: s = max|w| / 127, q = round(w / s) in [-127, 127]."""
+    s = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-5) / 127
+    return torch.round(w / s).clamp(-127, 127), s
+
+
+def w8a8(x, w, b):
+    qw, sw = int8_rows(w)
+    sx = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-5) / 127
+    qx = torch.round(x / sx).clamp(-128, 127)
+    return (qx.double() @ qw.double().t()) * sw.double().t() * sx.double() + (0 if b is None else b.double())
+
+
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
+def isa(request, monkeypatch):
+    if not cpu.isa_supported(request.param):
+        pytest.skip(f"this CPU has no {request.param}")
+    monkeypatch.setenv("BITCOMPILE_ISA", request.param)
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 7), (1, 67, 576), (3, 33, 1000), (9, 4, 64), (130, 9, 129)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_w8a8_kernel_matches_the_formulas(isa, shape, bias):
+    m, n, k = shape
+    g = torch.Generator().manual_seed(m + n + k)
+    x, w = torch.randn(m, k, generator=g) * 2, torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    codes, scales = reference.quantize_rows_int8(w)
+    assert torch.equal(codes.double(), int8_rows(w)[0]) and torch.allclose(scales, int8_rows(w)[1])
+    got = cpu.int8_dense_linear(x, codes, scales, b, torch.float32)
+    assert torch.equal(got, reference.int8_dense_linear(x, codes, scales, b, torch.float32))  # same roundings
+    torch.testing.assert_close(got.double(), w8a8(x, w, b), rtol=1e-5, atol=1e-4)
+    for bad_scales in (torch.ones(n), torch.ones(n + 1, 1)):
+        with pytest.raises(ValueError, match=r"fp32 \(N, 1\) scales"):
+            cpu.int8_dense_linear(x, codes, bad_scales, b, torch.float32)
+
+
+def _tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    return TinyLlama(TinyLlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96)).eval()
+
+
+def test_int8_head_ties_the_embedding_and_bounds_the_error():
+    model = _tiny_llama()
+    tokens = torch.randint(0, 300, (2, 12))
+    float_head = bitcompile.pack(copy.deepcopy(model))
+    packed = bitcompile.pack(copy.deepcopy(model), head="int8")
+    assert isinstance(packed.lm_head, Int8Linear) and isinstance(packed.embed_tokens, Int8Embedding)
+    assert packed.lm_head.codes is packed.embed_tokens.codes and packed.lm_head.scales is packed.embed_tokens.scales
+    reason = {d.name: d.reason for d in packed.bitcompile_pack_plan}["lm_head"]
+    assert "int8 (W8A8), tied to embed_tokens" in reason
+    # embedding rows are within half an int8 step of the float rows
+    w = model.embed_tokens.weight.detach()
+    rows = packed.embed_tokens(torch.arange(300))
+    assert ((rows - w).abs() <= int8_rows(w)[1] / 2 + 1e-7).all()
+    with torch.no_grad():
+        want, got = float_head(tokens), packed(tokens)
+    # the int8 head and embedding add a small relative error to the logits; the argmax rarely moves
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    # the tied fp32 table is gone: the int8 codes + scales replace it once
+    nbytes = lambda m: sum(t.nbytes for t in {id(t): t for t in m.state_dict(keep_vars=True).values()}.values())  # noqa: E731
+    assert nbytes(float_head) - nbytes(packed) == 300 * 64 * 4 - (300 * 64 + 300 * 4)
+
+
+def test_int8_head_generates_under_eager_and_compile():
+    model = bitcompile.pack(_tiny_llama(), head="int8")
+    prompt = torch.randint(0, 300, (1, 6))
+    eager = greedy_generate_cached(model, prompt, 6)
+    compiled = greedy_generate_cached(model, prompt, 6, forward=torch.compile(model, backend="bitcpm", options={"inner": "aot_eager"}))
+    assert torch.equal(eager, compiled)
+
+
+def test_int8_head_on_a_hugging_face_llama_generates():
+    config = transformers.LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = bitcompile.pack(transformers.LlamaForCausalLM(config).eval(), head="int8")
+    assert isinstance(model.get_input_embeddings(), Int8Embedding) and isinstance(model.get_output_embeddings(), Int8Linear)
+    out = model.generate(torch.randint(0, 500, (1, 8)), max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 13)
+
+
+def test_int8_head_errors_are_clear_and_leave_the_model_untouched():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="no nn.Linear output head"):
+        bitcompile.pack(model, head="int8")
+    with pytest.raises(ValueError, match="head='fp8' is not one of"):
+        bitcompile.pack(model, head="fp8")
+    untied = _tiny_llama()
+    untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach().clone())  # untied: would be packed ternary
+    with pytest.raises(ValueError, match="'lm_head' would be packed ternary; exclude it"):
+        bitcompile.pack(untied, head="int8")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.values()))
+    assert type(untied.lm_head) is nn.Linear and type(untied.embed_tokens) is nn.Embedding
+    excluded = bitcompile.pack(untied, bitcompile.TernaryConfig(exclude=["lm_head"]), head="int8")
+    assert isinstance(excluded.lm_head, Int8Linear) and type(excluded.embed_tokens) is nn.Embedding
+
+
+def test_int8_head_checkpoint_round_trip_and_bad_codes(tmp_path):
+    model = bitcompile.pack(_tiny_llama(), head="int8")
+    tokens = torch.randint(0, 300, (1, 9))
+    bitcompile.save_packed(model, tmp_path)
+    loaded = bitcompile.load_packed(tmp_path, _tiny_llama(seed=1))
+    assert loaded.lm_head.codes is loaded.embed_tokens.codes
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
+    # a checkpoint whose head has the code -128 is refused, naming the tensor
+    model.embed_tokens.codes[3, 5] = -128
+    bitcompile.save_packed(model, tmp_path / "bad")
+    with pytest.raises(CheckpointError, match=r"codes' holds the int8 code -128"):
+        bitcompile.load_packed(tmp_path / "bad", _tiny_llama())
+    # loading into a model whose vocabulary differs names the layer
+    other = TinyLlama(TinyLlamaConfig(vocab_size=301, hidden_size=64, intermediate_size=96))
+    with pytest.raises(CheckpointError, match="embed_tokens"):
+        bitcompile.load_packed(tmp_path, other)

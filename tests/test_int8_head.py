@@ -90,7 +90,9 @@ def test_int8_head_generates_under_eager_and_compile():
     model = bitcompile.pack(_tiny_llama(), head="int8")
     prompt = torch.randint(0, 300, (1, 6))
     eager = greedy_generate_cached(model, prompt, 6)
-    compiled = greedy_generate_cached(model, prompt, 6, forward=torch.compile(model, backend="bitcpm", options={"inner": "aot_eager"}))
+    compiled = greedy_generate_cached(
+        model, prompt, 6, forward=torch.compile(model, backend="bitcpm", options={"inner": "aot_eager"})
+    )
     assert torch.equal(eager, compiled)
 
 
@@ -99,7 +101,9 @@ def test_int8_head_on_a_hugging_face_llama_generates():
                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
     torch.manual_seed(0)
     model = bitcompile.pack(transformers.LlamaForCausalLM(config).eval(), head="int8")
-    assert isinstance(model.get_input_embeddings(), Int8Embedding) and isinstance(model.get_output_embeddings(), Int8Linear)
+    assert isinstance(model.get_input_embeddings(), Int8Embedding) and isinstance(
+        model.get_output_embeddings(), Int8Linear
+    )
     out = model.generate(torch.randint(0, 500, (1, 8)), max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 13)
 

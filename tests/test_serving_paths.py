@@ -33,7 +33,9 @@ def isa(request, monkeypatch):
 
 @pytest.mark.parametrize("group", [(-1, -1), (0, "tensor"), (64, 64), (96, 96), (100, 100)])
 @pytest.mark.parametrize("shape", [(1, 13, 100), (1, 67, 576), (3, 5, 257), (2, 4, 1), (40, 9, 700)])
-@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)]
+)
 def test_prepared_call_is_the_packed_kernel_bit_for_bit(isa, group, shape, dtypes):
     code, group_size = group
     m, n, k = shape
@@ -49,7 +51,9 @@ def test_prepared_call_is_the_packed_kernel_bit_for_bit(isa, group, shape, dtype
     assert torch.equal(got, cpu.packed_linear(x, packed, s, k, code, b, True, out_dtype))
     # and against the independent formulas (fp32 out; bf16 adds one rounding)
     if out_dtype == torch.float32:
-        torch.testing.assert_close(got.double(), ref.ternary_linear_forward(x.float(), w, b, group_size, "int8"), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(
+            got.double(), ref.ternary_linear_forward(x.float(), w, b, group_size, "int8"), rtol=1e-5, atol=1e-4
+        )
     # leading dimensions and a non-contiguous input are handled like a reshape
     x3 = torch.cat([x, x], dim=1).reshape(m, 2, k)[:, 0:1, :]  # (m, 1, k), strided
     assert torch.equal(prepared(x3, out_dtype).reshape(m, n), got)
@@ -83,7 +87,9 @@ def test_packed_layer_follows_in_place_updates_and_replaced_buffers():
         layer.scales.mul_(2)  # in place: the prepared call must see it
         torch.testing.assert_close(model(x), 2 * (before - layer.bias) + layer.bias, rtol=1e-5, atol=1e-5)
         layer.bias = torch.zeros(32)  # replaced buffer
-        expected = cpu.packed_linear(hidden, layer.packed, layer.scales, 64, layer.group_code, None, True, torch.float32)
+        expected = cpu.packed_linear(
+            hidden, layer.packed, layer.scales, 64, layer.group_code, None, True, torch.float32
+        )
         assert torch.equal(model(x), expected)
         other = _packed_mlp(seed=1)
         model.load_state_dict(other.state_dict())  # copies into the same tensors

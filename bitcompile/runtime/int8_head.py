@@ -99,7 +99,12 @@ class Int8Embedding(nn.Module):
     """``nn.Embedding`` whose table is per-row int8: row ``i`` is ``codes[i] * scales[i]``."""
 
     def __init__(
-        self, num_embeddings: int, embedding_dim: int, *, padding_idx: int | None = None, dtype: torch.dtype = torch.float32
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        padding_idx: int | None = None,
+        dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx

@@ -16,7 +16,7 @@ from bitcompile.kernels import cpu, get_kernel, packing, reference, resolve_targ
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"C kernels not built: {cpu.unavailable_reason()}")
 
-ISAS = ["scalar", "avx2", "avx512"]
+ISAS = ["scalar", "avx2", "avx512", "avx512-nogfni"]  # the last: AVX-512 without the GFNI plane extraction
 # group code as the kernels take it, and the same mode as tests/reference_impl spells it
 GROUPS = [(-1, -1), (0, "tensor"), (32, 32), (64, 64), (128, 128), (96, 96), (48, 48), (100, 100)]
 SHAPES = [  # (M, N, K): GEMV M <= 8, GEMM above
@@ -41,11 +41,14 @@ SHAPES = [  # (M, N, K): GEMV M <= 8, GEMM above
 
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
-    if not cpu.isa_supported(request.param):
-        pytest.skip(f"this CPU has no {request.param}")
-    monkeypatch.setenv("BITCOMPILE_ISA", request.param)
-    assert cpu.isa() == request.param
-    return request.param
+    name, _, variant = request.param.partition("-")
+    if not cpu.isa_supported(name):
+        pytest.skip(f"this CPU has no {name}")
+    monkeypatch.setenv("BITCOMPILE_ISA", name)
+    if variant == "nogfni":
+        monkeypatch.setenv("BITCOMPILE_NO_GFNI", "1")
+    assert cpu.isa() == name
+    return name
 
 
 def _problem(m, n, k, group_size, seed=0, x_dtype=torch.float32):

@@ -102,6 +102,7 @@ void bc_prep_i8_avx2(const bc_prep_args *a, int m0, int m1);
 void bc_gemm_i2_i8_avx512(const bc_gemm_args *a, int n0, int n1);
 void bc_gemm_i2_f32_avx512(const bc_gemm_args *a, int n0, int n1);
 void bc_prep_i8_avx512(const bc_prep_args *a, int m0, int m1);
+void bc_gemm_i2_i8_avx512_gfni(const bc_gemm_args *a, int n0, int n1);
 void bc_dense_f32_avx2(const bc_dense_args *a, int n0, int n1);
 void bc_dense_f32_avx512(const bc_dense_args *a, int n0, int n1);
 void bc_dense_i8_avx512(const bc_dense_args *a, int n0, int n1);

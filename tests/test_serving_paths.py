@@ -149,3 +149,20 @@ def test_pack_serves_the_tied_head_with_the_gemv_and_keeps_it_tied():
         torch.testing.assert_close(model(tokens[:, :1]), plain(tokens[:, :1]), rtol=1e-5, atol=1e-5)
     with torch.enable_grad():  # autograd through the head needs torch's op
         assert torch.equal(model(tokens[:, :1]), plain(tokens[:, :1]))
+
+
+def test_packed_op_reuses_its_prepared_call_and_lets_the_weights_go():
+    import gc
+    import weakref
+
+    q = torch.randint(-1, 2, (24, 130), dtype=torch.int8)
+    packed, scales, x = packing.pack_codes(q), torch.rand(24, 1) + 0.5, torch.randn(3, 130)
+    op = torch.ops.bitcpm.ternary_linear_packed
+    y = op(x, packed, scales, None, 130, -1, True, "cpu")
+    assert torch.equal(y, cpu.packed_linear(x, packed, scales, 130, -1, None, True, torch.float32))
+    scales.mul_(2)  # in place: the cached call must notice
+    torch.testing.assert_close(op(x, packed, scales, None, 130, -1, True, "cpu"), 2 * y)
+    alive = weakref.ref(packed)
+    del packed
+    gc.collect()
+    assert alive() is None  # the cache does not keep weights alive

@@ -24,6 +24,7 @@ import ctypes
 import importlib.machinery
 import logging
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -538,16 +539,20 @@ class PreparedPackedLinear:
         check_packed_args("PreparedPackedLinear", probe, packed, w_scales, in_features, group_code, bias)
         if not _on_cpu(packed, w_scales, *([bias] if bias is not None else [])):
             raise ValueError("PreparedPackedLinear: packed, scales and bias must be CPU tensors")
-        self._sources = (packed, w_scales, bias)
+        # NOTE: weak references to the caller's tensors (their owner keeps them alive; a cache
+        # keyed by them must not), strong ones only to the converted copies the C code reads
+        self._sources = tuple(None if t is None else weakref.ref(t) for t in (packed, w_scales, bias))
         self._versions = self._versions_of(packed, w_scales, bias)
         self.isa_id = _isa_id()  # NOTE: fixed here; BITCOMPILE_ISA set later needs a new object
-        self._tensors = (packed.contiguous(), w_scales.float().contiguous(), None if bias is None else bias.float().contiguous())
-        w, sw, b = self._tensors
+        w, sw = packed.contiguous(), w_scales.float().contiguous()
+        b = None if bias is None else bias.float().contiguous()
+        self._copies = tuple(c for c, t in ((w, packed), (sw, w_scales), (b, bias)) if c is not t)
         kp = padded_in_features(in_features)
         uc = ctypes.c_int()
         self.run_isa = _LIB.bc_plan_i8(self.isa_id, group_code, kp, ctypes.byref(uc))
         n_units = -(-(kp // 64) // uc.value) if self.run_isa != 0 else 0
         self.out_features = n = packed.shape[0]
+        self.in_features, self.group_code = in_features, group_code
         self._args = _GemmArgs(
             0, n, in_features, kp, group_code, num_groups(in_features, group_code), None, None, None, uc.value, n_units,
             None, 0, _ptr(w), _ptr(sw), _ptr(b), None, n, 0,
@@ -564,7 +569,7 @@ class PreparedPackedLinear:
         updates bump a tensor's version; a replaced buffer is another object)."""
         src = self._sources
         return (
-            packed is src[0] and w_scales is src[1] and bias is src[2]
+            packed is src[0]() and w_scales is src[1]() and (bias is None if src[2] is None else bias is src[2]())
             and (packed._version, w_scales._version, -1 if bias is None else bias._version) == self._versions
         )  # fmt: skip
 
@@ -573,11 +578,11 @@ class PreparedPackedLinear:
         ``is_current`` for ``buffers["packed"]`` / ``["scales"]`` / ``["bias"]``, and ``x`` is a CPU
         fp32/bf16 tensor of ``in_features`` (inlined: it runs once per layer and token)."""
         src = self._sources
-        bias = buffers["bias"]
+        packed, scales, bias = buffers["packed"], buffers["scales"], buffers["bias"]
         return (
             x.dtype in _FLOAT_ACTIVATIONS and x.is_cpu and x.shape[-1] == self._args.K
-            and buffers["packed"] is src[0] and buffers["scales"] is src[1] and bias is src[2]
-            and (src[0]._version, src[1]._version, -1 if bias is None else bias._version) == self._versions
+            and packed is src[0]() and scales is src[1]() and (bias is None if src[2] is None else bias is src[2]())
+            and (packed._version, scales._version, -1 if bias is None else bias._version) == self._versions
         )  # fmt: skip
 
     def __call__(self, x: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:

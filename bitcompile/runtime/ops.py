@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from bitcompile.kernels import get_kernel
 from bitcompile.kernels.groups import check_group_code, num_groups
@@ -260,6 +261,9 @@ def ternary_linear_packed(
         quantize_activations (bool): W1.58A8 when True, weight-only otherwise.
         kernel (str): kernel module name (``"reference"``, ``"cpu"`` ...).
     """
+    prepared = _prepared_cpu_call(x, packed, scales, bias, in_features, group_size, quantize_activations, kernel)
+    if prepared is not None:
+        return prepared(x)
     _check_packed(x, packed, scales, bias, in_features, group_size)
     x2d = x.reshape(-1, in_features)
     # One kernel entry, so a kernel can fuse activation quantization into its matmul.
@@ -267,6 +271,29 @@ def ternary_linear_packed(
         x2d, packed, scales, in_features, group_size, bias, quantize_activations, x.dtype
     )
     return y2d.reshape(*x.shape[:-1], packed.shape[0])
+
+
+# packed weight tensor (by identity) -> its prepared CPU call; entries go with the weights
+_PREPARED_CALLS = WeakIdKeyDictionary()
+
+
+def _prepared_cpu_call(x, packed, scales, bias, in_features, group_size, quantize_activations, kernel):
+    """The one-C-call path for compiled graphs (each call of the op would otherwise validate
+    and convert its arguments again: a decode step calls it once per layer)."""
+    if kernel != "cpu" or not quantize_activations or not x.is_cpu or x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    from bitcompile.kernels import cpu
+
+    if not cpu.available() or packed.dtype != torch.uint8 or scales.dtype != torch.float32:
+        return None
+    buffers = {"packed": packed, "scales": scales, "bias": bias}
+    prepared = _PREPARED_CALLS.get(packed)
+    if prepared is not None and prepared.in_features == in_features and prepared.group_code == group_size:
+        if prepared.serves(x, buffers):
+            return prepared
+    _check_packed(x, packed, scales, bias, in_features, group_size)
+    prepared = _PREPARED_CALLS[packed] = cpu.PreparedPackedLinear(packed, scales, in_features, group_size, bias)
+    return prepared
 
 
 @ternary_linear_packed.register_fake

@@ -32,7 +32,13 @@ from torch import Tensor
 
 from bitcompile.kernels import reference
 from bitcompile.kernels.groups import EPS, PER_TENSOR, check_group_code, num_groups
-from bitcompile.kernels.packing import BLOCK_K, check_packed_args, padded_in_features
+from bitcompile.kernels.packing import (
+    BLOCK_K,
+    check_packed_args,
+    check_packed_float_args,
+    check_packed_int8_args,
+    padded_in_features,
+)
 
 log = logging.getLogger(__name__)
 
@@ -290,11 +296,7 @@ def packed_int8_matmul(
         Tensor (M, N) of ``out_dtype``; integer sums exact, equal to :func:`reference.packed_int8_matmul`
         within fp32 rounding (bit-exact for per-row and per-tensor scales).
     """
-    check_packed_args("packed_int8_matmul", x_codes, packed, w_scales, in_features, group_code, bias)
-    if x_codes.dtype != torch.int8:
-        raise TypeError(f"packed_int8_matmul: x_codes must be int8 (quantize_activations output), got {x_codes.dtype}")
-    if tuple(x_scales.shape) != (x_codes.shape[0],):
-        raise ValueError(f"packed_int8_matmul: x_scales must have shape ({x_codes.shape[0]},), got {tuple(x_scales.shape)}")
+    check_packed_int8_args("packed_int8_matmul", x_codes, x_scales, packed, w_scales, in_features, group_code, bias)
     if _lib() is None or _is_degenerate(x_codes.shape[0], packed.shape[0], in_features) or not _on_cpu(x_codes, packed):
         return reference.packed_int8_matmul(x_codes, x_scales, packed, w_scales, in_features, group_code, bias, out_dtype)
     x = x_codes if x_codes.stride(-1) == 1 else x_codes.contiguous()
@@ -311,9 +313,7 @@ def packed_float_matmul(
     out_dtype: torch.dtype,
 ) -> Tensor:
     """Weight-only serving: ``x @ (q_w * s_w)^T (+ bias)`` in fp32 from 2-bit packed weights, ``(M, N)``."""
-    check_packed_args("packed_float_matmul", x2d, packed, w_scales, in_features, group_code, bias)
-    if not x2d.is_floating_point():
-        raise TypeError(f"packed_float_matmul: x2d must be floating point, got {x2d.dtype}")
+    check_packed_float_args("packed_float_matmul", x2d, packed, w_scales, in_features, group_code, bias)
     if _lib() is None or _is_degenerate(x2d.shape[0], packed.shape[0], in_features) or not _on_cpu(x2d, packed):
         return reference.packed_float_matmul(x2d, packed, w_scales, in_features, group_code, bias, out_dtype)
     isa_id = _LIB.bc_plan_f32(_isa_id(), group_code)
@@ -346,9 +346,7 @@ def packed_linear(
     quantization is fused into the kernel's activation-preparation pass (one read of x)."""
     if not quantize_activations:
         return packed_float_matmul(x2d, packed, w_scales, in_features, group_code, bias, out_dtype)
-    check_packed_args("packed_linear", x2d, packed, w_scales, in_features, group_code, bias)
-    if not x2d.is_floating_point():
-        raise TypeError(f"packed_linear: x2d must be floating point, got {x2d.dtype}")
+    check_packed_float_args("packed_linear", x2d, packed, w_scales, in_features, group_code, bias)
     if (
         _lib() is None
         or _is_degenerate(x2d.shape[0], packed.shape[0], in_features)

@@ -154,3 +154,24 @@ def check_packed_args(
         raise TypeError(f"{where}: w_scales must be floating point (fp32 multipliers), got {w_scales.dtype}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"{where}: bias shape {tuple(bias.shape)} does not match out_features {n}")
+
+
+def check_packed_int8_args(
+    where: str, x_codes: Tensor, x_scales: Tensor, packed: Tensor, w_scales: Tensor, in_features: int,
+    group_code: int, bias: Tensor | None,
+) -> None:  # fmt: skip
+    """:func:`check_packed_args` plus int8 activation codes with one scale per row."""
+    check_packed_args(where, x_codes, packed, w_scales, in_features, group_code, bias)
+    if x_codes.dtype != torch.int8:
+        raise TypeError(f"{where}: x_codes must be int8 (quantize_activations output), got {x_codes.dtype}")
+    if tuple(x_scales.shape) != (x_codes.shape[0],):
+        raise ValueError(f"{where}: x_scales must have shape ({x_codes.shape[0]},), got {tuple(x_scales.shape)}")
+
+
+def check_packed_float_args(
+    where: str, x2d: Tensor, packed: Tensor, w_scales: Tensor, in_features: int, group_code: int, bias: Tensor | None
+) -> None:
+    """:func:`check_packed_args` plus floating-point activations."""
+    check_packed_args(where, x2d, packed, w_scales, in_features, group_code, bias)
+    if not x2d.is_floating_point():
+        raise TypeError(f"{where}: x2d must be floating point, got {x2d.dtype}")

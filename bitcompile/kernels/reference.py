@@ -148,11 +148,9 @@ def packed_int8_matmul(
     out_dtype: torch.dtype,
 ) -> Tensor:
     """W1.58A8 on 2-bit packed weights ``(N, Kp/4) uint8``: :func:`int8_ternary_matmul` of the unpacked codes."""
-    from bitcompile.kernels.packing import check_packed_args, unpack_codes
+    from bitcompile.kernels.packing import check_packed_int8_args, unpack_codes
 
-    check_packed_args("packed_int8_matmul", x_codes, packed, w_scales, in_features, group_code, bias)
-    if x_codes.dtype != torch.int8:
-        raise TypeError(f"packed_int8_matmul: x_codes must be int8, got {x_codes.dtype}")
+    check_packed_int8_args("packed_int8_matmul", x_codes, x_scales, packed, w_scales, in_features, group_code, bias)
     w_codes = unpack_codes(packed, in_features)
     return int8_ternary_matmul(x_codes, x_scales.float(), w_codes, w_scales.float(), group_code, bias, out_dtype)
 
@@ -167,11 +165,9 @@ def packed_float_matmul(
     out_dtype: torch.dtype,
 ) -> Tensor:
     """Weight-only forward on 2-bit packed weights: :func:`float_ternary_matmul` of the unpacked codes."""
-    from bitcompile.kernels.packing import check_packed_args, unpack_codes
+    from bitcompile.kernels.packing import check_packed_float_args, unpack_codes
 
-    check_packed_args("packed_float_matmul", x2d, packed, w_scales, in_features, group_code, bias)
-    if not x2d.is_floating_point():
-        raise TypeError(f"packed_float_matmul: x2d must be floating point, got {x2d.dtype}")
+    check_packed_float_args("packed_float_matmul", x2d, packed, w_scales, in_features, group_code, bias)
     w_codes = unpack_codes(packed, in_features)
     return float_ternary_matmul(x2d, w_codes, w_scales.float(), group_code, bias, out_dtype)
 

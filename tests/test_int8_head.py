@@ -142,3 +142,25 @@ def test_int8_head_checkpoint_round_trip_and_bad_codes(tmp_path):
     other = TinyLlama(TinyLlamaConfig(vocab_size=301, hidden_size=64, intermediate_size=96))
     with pytest.raises(CheckpointError, match="embed_tokens"):
         bitcompile.load_packed(tmp_path, other)
+
+
+def test_int8_head_exports_to_onnx_with_one_int8_table():
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import tempfile
+
+    model = bitcompile.pack(_tiny_llama(), head="int8")
+    ids = torch.randint(0, 300, (1, 8))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/model.onnx"
+        bitcompile.export_onnx(model, (ids,), path)
+        session = ort.InferenceSession(path)
+        got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
+        graph = onnx.load(path).graph
+    with torch.no_grad():
+        want = model(ids)
+    # the same int8 codes, exact int32 sums, the same order of roundings: fp32-rounding close
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-5)
+    int8_tables = [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert int8_tables == ["lm_head.codes"]  # the tied embedding's Gather reads the same initializer
+    assert "MatMulInteger" in {n.op_type for n in graph.node}

@@ -1,4 +1,4 @@
-"""ONNX translations of the ``bitcpm::`` inference op for ``torch.onnx.export(dynamo=True)``.
+"""ONNX translations of the ``bitcpm::`` inference ops for ``torch.onnx.export(dynamo=True)``.
 
 Rules of this module:
 
@@ -94,12 +94,12 @@ def _tag(value, kind: str, in_features: int, group_size: int, block_size: int, q
     node.metadata_props[TAG_ACTIVATIONS] = "int8" if quantize_activations else "none"
 
 
-def _check_dtype(x) -> None:
+def _check_dtype(x, op_name: str = "ternary_linear_packed") -> None:
     if x.dtype != ir.DataType.FLOAT:
         # MatMulNBits' CPU kernel takes float/float16, and the per-token quantizer below is
         # written in fp32 like the eager op; a bf16 model must be exported in fp32.
         raise UnsupportedLayerError(
-            f"bitcpm::ternary_linear_packed: input dtype {x.dtype} is not supported by the ONNX export; "
+            f"bitcpm::{op_name}: input dtype {x.dtype} is not supported by the ONNX export; "
             "export a float32 model (model.float())"
         )
 
@@ -175,6 +175,35 @@ def bitcpm_ternary_linear_packed_qdq(
     return op.Add(y, bias) if bias is not None else y
 
 
+def bitcpm_int8_dense_linear(x, codes, scales, bias):
+    """int8_dense_linear(Tensor x, Tensor codes, Tensor scales, Tensor? bias) -> Tensor
+
+    The W8A8 head of ``pack(head="int8")`` in standard ONNX: the eager op's per-token int8
+    codes of ``x``, ``MatMulInteger`` with the int8 weight codes (exact int32 sums), then
+    ``(float)sum * s_w * s_x (+ b)``, the eager op's order of roundings. The ``(N, K)`` codes
+    are transposed in the graph so that a tied ``Int8Embedding``'s ``Gather`` and this node
+    read one initializer.
+    """
+    _check_dtype(x, "int8_dense_linear")
+    absmax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
+    x_scale = op.Div(op.Max(absmax, op.Constant(value_float=EPS)), op.Constant(value_float=127.0))
+    rounded = op.Clip(op.Round(op.Div(x, x_scale)), op.Constant(value_float=-128.0), op.Constant(value_float=127.0))
+    x_codes = op.Cast(rounded, to=onnx.TensorProto.INT8)
+    sums = op.MatMulInteger(x_codes, op.Transpose(codes, perm=[1, 0]))
+    y = op.Mul(op.Mul(op.Cast(sums, to=onnx.TensorProto.FLOAT), op.Transpose(scales, perm=[1, 0])), x_scale)
+    return op.Add(y, bias) if bias is not None else y
+
+
+def bitcpm_float_gemv_linear(x, weight, bias):
+    """float_gemv_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor
+
+    ``F.linear``: the op only picks bitcompile's multi-threaded GEMV in PyTorch; ONNX runtimes
+    pick their own.
+    """
+    y = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
+    return op.Add(y, bias) if bias is not None else y
+
+
 def _no_fast_block(group_size: int):
     # export_onnx swaps such layers for a float MatMul before tracing; reaching this is a bug
     # or a direct use of the translation table.
@@ -185,7 +214,13 @@ def translation_table(fmt: str) -> dict:
     """``custom_translation_table`` for ``torch.onnx.export`` in format ``fmt``."""
     import torch
 
+    import bitcompile.runtime.int8_head  # noqa: F401  (registers torch.ops.bitcpm.int8_dense_linear)
+    import bitcompile.runtime.modules  # noqa: F401  (registers torch.ops.bitcpm.float_gemv_linear)
     import bitcompile.runtime.ops  # noqa: F401  (registers torch.ops.bitcpm.*)
 
     function = {"matmulnbits": bitcpm_ternary_linear_packed_matmulnbits, "qdq": bitcpm_ternary_linear_packed_qdq}[fmt]
-    return {torch.ops.bitcpm.ternary_linear_packed.default: function}
+    return {
+        torch.ops.bitcpm.ternary_linear_packed.default: function,
+        torch.ops.bitcpm.int8_dense_linear.default: bitcpm_int8_dense_linear,
+        torch.ops.bitcpm.float_gemv_linear.default: bitcpm_float_gemv_linear,
+    }

@@ -164,3 +164,15 @@ def test_int8_head_exports_to_onnx_with_one_int8_table():
     int8_tables = [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert int8_tables == ["lm_head.codes"]  # the tied embedding's Gather reads the same initializer
     assert "MatMulInteger" in {n.op_type for n in graph.node}
+
+
+@pytest.mark.parametrize("head", ["float", "int8"])
+def test_explain_lists_the_head_a_packed_model_keeps(head):
+    model = bitcompile.pack(_tiny_llama(), head=head)
+    with torch.no_grad():  # the no-grad path: the head is one bitcpm extern op, not F.linear
+        report = bitcompile.explain(model, torch.randint(0, 300, (1, 8)), inner="aot_eager")
+    layers = {layer.name: layer for graph in report.graphs for layer in graph.layers}
+    assert not layers["lm_head"].rewritten
+    expected = "int8 head (W8A8" if head == "int8" else "shared with an embedding"
+    assert expected in layers["lm_head"].reason
+    assert sum(layer.rewritten for layer in layers.values()) == 7 * 2  # every packed layer, once

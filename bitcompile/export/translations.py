@@ -215,7 +215,6 @@ def translation_table(fmt: str) -> dict:
     import torch
 
     import bitcompile.runtime.int8_head  # noqa: F401  (registers torch.ops.bitcpm.int8_dense_linear)
-    import bitcompile.runtime.modules  # noqa: F401  (registers torch.ops.bitcpm.float_gemv_linear)
     import bitcompile.runtime.ops  # noqa: F401  (registers torch.ops.bitcpm.*)
 
     function = {"matmulnbits": bitcpm_ternary_linear_packed_matmulnbits, "qdq": bitcpm_ternary_linear_packed_qdq}[fmt]

@@ -104,13 +104,18 @@ def _strip_transpose(node: Any) -> tuple[Any, bool]:
     return node, False
 
 
+def _is_linear_function(target: Any) -> bool:
+    # bitcpm::float_gemv_linear is F.linear on another kernel (the fp32 head pack keeps)
+    return target in _LINEAR_FUNCTIONS or str(target) in ("bitcpm.float_gemv_linear", "bitcpm.float_gemv_linear.default")
+
+
 def _find_site(node: torch.fx.Node, stored: dict[torch.fx.Node, Any]) -> LinearSite | None:
     def is_stored_2d(n: Any) -> bool:
         t = _stored_tensor(_strip_transpose(n)[0], stored)
         return isinstance(t, torch.Tensor) and t.dim() == 2
 
     target = node.target
-    if node.op == "call_function" and target in _LINEAR_FUNCTIONS:
+    if node.op == "call_function" and _is_linear_function(target):
         x, w, b = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
         inner, transposed = _strip_transpose(w)
         return LinearSite(node, "linear", x, inner, b, "in_out" if transposed else "out_in")
@@ -231,13 +236,38 @@ def _already_packed(node: torch.fx.Node, stored: dict[torch.fx.Node, Any]) -> La
     )
 
 
+def _int8_head(node: torch.fx.Node, stored: dict[torch.fx.Node, Any]) -> LayerDecision | None:
+    """An ``Int8Linear`` call (``pack(head="int8")``): kept out of ternary, stored as int8."""
+    if node.op != "call_function" or str(node.target) not in ("bitcpm.int8_dense_linear", "bitcpm.int8_dense_linear.default"):
+        return None
+    codes_node = node.args[1]
+    codes = _stored_tensor(codes_node, stored)
+    out_features, in_features = tuple(codes.shape) if isinstance(codes, torch.Tensor) else (0, 0)
+    module = calling_module(node)
+    codes_path = placeholder_path(codes_node) if isinstance(codes_node, torch.fx.Node) else None
+    return LayerDecision(
+        name=module[0] if module else (codes_path or node.name).removesuffix(".codes"),
+        weight_name=codes_path or str(codes_node),
+        kind="int8",
+        layout="out_in",
+        out_features=out_features,
+        in_features=in_features,
+        dtype="int8",
+        rewritten=False,
+        reason="int8 head (W8A8, pack(head='int8')): per-row int8 weights, not ternary",
+        group_size="row",
+        fp_bytes=0,
+        packed_bytes=out_features * in_features + 4 * out_features,
+    )
+
+
 def discover(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: TernaryConfig) -> list[LayerDecision]:
     """Every linear-like candidate in ``gm`` with its decision, in graph order."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     stored = dict(zip(placeholders, example_inputs))
     decisions = []
     for node in gm.graph.nodes:
-        if (packed := _already_packed(node, stored)) is not None:
+        if (packed := _already_packed(node, stored) or _int8_head(node, stored)) is not None:
             decisions.append(packed)
             continue
         site = _find_site(node, stored)

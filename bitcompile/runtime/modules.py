@@ -138,18 +138,6 @@ class PackedTernaryLinear(nn.Module):
         )
 
 
-@torch.library.custom_op("bitcpm::float_gemv_linear", mutates_args=())
-def float_gemv_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear`` in fp32, on bitcompile's multi-threaded GEMV for at most ``DENSE_MAX_M`` tokens."""
-    y = cpu_kernels.dense_linear(x.reshape(-1, weight.shape[1]), weight, bias)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
-
-
-@float_gemv_linear.register_fake
-def _float_gemv_linear_fake(x, weight, bias):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
 class FloatGemvLinear(nn.Linear):
     """An ``nn.Linear`` that :func:`pack` keeps in fp32 (the tied ``lm_head`` above all),
     served by bitcompile's multi-threaded fp32 GEMV when a no-grad CPU call has at most
@@ -165,7 +153,8 @@ class FloatGemvLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
             if not torch.is_grad_enabled() and x.is_cpu and x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-                return float_gemv_linear(x, self.weight, self.bias)  # one extern call; the GEMV for decode sizes
+                # one extern call (the GEMV at decode sizes); discovery treats it as F.linear
+                return torch.ops.bitcpm.float_gemv_linear(x, self.weight, self.bias)
             return nn.functional.linear(x, self.weight, self.bias)
         if (
             x.numel() <= cpu_kernels.DENSE_MAX_M * self.in_features

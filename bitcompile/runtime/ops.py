@@ -312,3 +312,18 @@ def ternary_linear_output(
 ) -> Tensor:
     """Convenience wrapper: only the output of ``bitcpm::ternary_linear``."""
     return torch.ops.bitcpm.ternary_linear(x, weight, bias, group_size, quantize_activations, kernel)[0]
+
+
+@torch.library.custom_op("bitcpm::float_gemv_linear", mutates_args=())
+def float_gemv_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.linear`` in fp32 on bitcompile's multi-threaded GEMV for at most ``DENSE_MAX_M``
+    tokens (torch's otherwise): the float head a packed model keeps (``FloatGemvLinear``)."""
+    from bitcompile.kernels import cpu
+
+    y = cpu.dense_linear(x.reshape(-1, weight.shape[1]), weight, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@float_gemv_linear.register_fake
+def _float_gemv_linear_fake(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

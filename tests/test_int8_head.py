@@ -176,3 +176,32 @@ def test_explain_lists_the_head_a_packed_model_keeps(head):
     expected = "int8 head (W8A8" if head == "int8" else "shared with an embedding"
     assert expected in layers["lm_head"].reason
     assert sum(layer.rewritten for layer in layers.values()) == 7 * 2  # every packed layer, once
+
+
+def test_int8_head_follows_replaced_codes_and_checks_its_bias():
+    model = bitcompile.pack(_tiny_llama(), head="int8")
+    head = model.lm_head
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        head(x)
+        head.codes.data = -head.codes.data  # moved data: the row sums must follow
+        want = reference.int8_dense_linear(x, head.codes, head.scales, None, torch.float32)
+        assert torch.equal(head(x), want)
+    with pytest.raises(ValueError, match=r"bias must have shape \(300,\)"):
+        cpu.int8_dense_linear(x, head.codes, head.scales, torch.zeros(1), torch.float32)
+
+
+def test_ternary_only_checkpoints_stay_format_1(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    bitcompile.save_packed(bitcompile.pack(_tiny_llama()), tmp_path / "a")
+    bitcompile.save_packed(bitcompile.pack(_tiny_llama(), head="int8"), tmp_path / "b")
+    versions = []
+    for name in ("a", "b"):
+        with safe_open(str(tmp_path / name / "model.safetensors"), framework="pt") as handle:
+            versions.append(handle.metadata()["format_version"])
+            int8_layers = json.loads(handle.metadata()["int8_layers"])
+            assert sorted(int8_layers) == ([] if name == "a" else ["embed_tokens", "lm_head"])
+    assert versions == ["1", "2"]

@@ -166,3 +166,40 @@ def test_packed_op_reuses_its_prepared_call_and_lets_the_weights_go():
     del packed
     gc.collect()
     assert alive() is None  # the cache does not keep weights alive
+
+
+def test_prepared_call_follows_moved_data_and_outlives_its_sources():
+    torch.manual_seed(3)
+    q = torch.randint(-1, 2, (16, 96), dtype=torch.int8)
+    x = torch.randn(2, 96)
+    packed, scales = packing.pack_codes(q), torch.rand(16, 1) + 0.5
+    prepared = cpu.PreparedPackedLinear(packed, scales, 96, -1, None)
+    want = cpu.packed_linear(x, packed, scales, 96, -1, None, True, torch.float32)
+    scales.data = scales.data * 3  # new storage, same object, no version bump
+    assert not prepared.is_current(packed, scales, None)
+    del packed, scales  # the prepared call keeps the data it reads alive
+    assert torch.equal(prepared(x), want)
+    with pytest.raises(TypeError, match="CPU float32/bfloat16"):
+        prepared(x.half())
+
+
+def test_packed_layer_edge_cases_stay_correct():
+    with torch.inference_mode():  # inference tensors have no version counter
+        model = _packed_mlp()
+        x = torch.randn(2, 96)
+        assert torch.equal(model(x), model(x))
+    model = _packed_mlp()
+    layer = model[0]
+    with torch.no_grad():
+        model(x)
+        layer.quantize_activations = False  # a flag changed after the fast path was built
+        weight_only = cpu.packed_linear(x, layer.packed, layer.scales, 96, -1, layer.bias, False, torch.float32)
+        assert torch.equal(layer(x), weight_only)
+        empty = bitcompile.PackedTernaryLinear(0, 5, bias=True)
+        empty.bias.copy_(torch.arange(5.0))
+        assert torch.equal(empty(torch.randn(3, 0)), torch.arange(5.0).expand(3, 5))  # an empty sum: the bias
+
+
+def test_dense_gemv_leaves_a_broadcast_bias_to_torch():
+    x, w = torch.randn(1, 16), torch.randn(10, 16)
+    assert torch.equal(cpu.dense_linear(x, w, torch.ones(1)), F.linear(x, w, torch.ones(1)))

@@ -520,14 +520,24 @@ def ternary_linear_backward(
 # ---- serving: one foreign call per layer ----
 
 
+def _state(t: Tensor) -> tuple[int, int]:
+    """Where a tensor's data is and how often it was changed in place. Inference-mode tensors
+    have no version counter; they cannot be changed outside inference mode."""
+    return t.data_ptr(), (-2 if t.is_inference() else t._version)
+
+
 class PreparedPackedLinear:
     """A packed layer's constant kernel arguments, validated and laid out once.
 
     Why: a decode step calls every layer with one token, where the kernel itself takes a few
     microseconds; validating, converting and allocating on every call cost several times
-    that (docs/kernels.md "Serving overhead"). Calling this object quantizes the activations
-    and runs the GEMM in one C call. It holds references to the tensors it points at; build
-    a new one when any of them is replaced or changed (:meth:`matches` tells).
+    that (docs/serving.md). Calling this object quantizes the activations and runs the GEMM
+    in one C call.
+
+    It keeps the storage the C code reads alive (so calling it is always memory-safe) but
+    only weak references to the caller's tensor objects (a cache keyed by them must not keep
+    them alive). :meth:`is_current` / :meth:`serves` say whether it still computes the layer
+    those tensors describe: same objects, same data pointers, no in-place change since.
     """
 
     def __init__(self, packed: Tensor, w_scales: Tensor, in_features: int, group_code: int, bias: Tensor | None):
@@ -537,14 +547,13 @@ class PreparedPackedLinear:
         check_packed_args("PreparedPackedLinear", probe, packed, w_scales, in_features, group_code, bias)
         if not _on_cpu(packed, w_scales, *([bias] if bias is not None else [])):
             raise ValueError("PreparedPackedLinear: packed, scales and bias must be CPU tensors")
-        # NOTE: weak references to the caller's tensors (their owner keeps them alive; a cache
-        # keyed by them must not), strong ones only to the converted copies the C code reads
         self._sources = tuple(None if t is None else weakref.ref(t) for t in (packed, w_scales, bias))
-        self._versions = self._versions_of(packed, w_scales, bias)
+        self._snapshot = self._state_of(packed, w_scales, bias)
         self.isa_id = _isa_id()  # NOTE: fixed here; BITCOMPILE_ISA set later needs a new object
         w, sw = packed.contiguous(), w_scales.float().contiguous()
         b = None if bias is None else bias.float().contiguous()
-        self._copies = tuple(c for c, t in ((w, packed), (sw, w_scales), (b, bias)) if c is not t)
+        self._storages = tuple(t.untyped_storage() for t in (w, sw, b) if t is not None)
+        self._bias = b
         kp = padded_in_features(in_features)
         uc = ctypes.c_int()
         self.run_isa = _LIB.bc_plan_i8(self.isa_id, group_code, kp, ctypes.byref(uc))
@@ -559,45 +568,46 @@ class PreparedPackedLinear:
         self._args_bf16.out_bf16 = 1
 
     @staticmethod
-    def _versions_of(packed: Tensor, w_scales: Tensor, bias: Tensor | None) -> tuple[int, int, int]:
-        return packed._version, w_scales._version, -1 if bias is None else bias._version
+    def _state_of(packed: Tensor, w_scales: Tensor, bias: Tensor | None) -> tuple:
+        return _state(packed), _state(w_scales), None if bias is None else _state(bias)
 
     def is_current(self, packed: Tensor, w_scales: Tensor, bias: Tensor | None) -> bool:
-        """Whether these are the tensors this object was built from, unchanged since (in-place
-        updates bump a tensor's version; a replaced buffer is another object)."""
+        """Whether these are the tensors this object was built from, unchanged since (an
+        in-place update bumps a version, ``.data =`` or ``share_memory_()`` moves the data,
+        a replaced buffer is another object)."""
         src = self._sources
         return (
             packed is src[0]() and w_scales is src[1]() and (bias is None if src[2] is None else bias is src[2]())
-            and (packed._version, w_scales._version, -1 if bias is None else bias._version) == self._versions
+            and self._state_of(packed, w_scales, bias) == self._snapshot
         )  # fmt: skip
 
     def serves(self, x: Tensor, buffers: dict[str, Tensor | None]) -> bool:
-        """Whether this object computes the layer whose buffers are ``buffers`` for input ``x``:
-        ``is_current`` for ``buffers["packed"]`` / ``["scales"]`` / ``["bias"]``, and ``x`` is a CPU
-        fp32/bf16 tensor of ``in_features`` (inlined: it runs once per layer and token)."""
-        src = self._sources
-        packed, scales, bias = buffers["packed"], buffers["scales"], buffers["bias"]
+        """:meth:`is_current` for ``buffers["packed"]`` / ``["scales"]`` / ``["bias"]``, and ``x``
+        is a CPU fp32/bf16 tensor of ``in_features`` (runs once per layer and token)."""
         return (
-            x.dtype in _FLOAT_ACTIVATIONS and x.is_cpu and x.shape[-1] == self._args.K
-            and packed is src[0]() and scales is src[1]() and (bias is None if src[2] is None else bias is src[2]())
-            and (packed._version, scales._version, -1 if bias is None else bias._version) == self._versions
+            x.dtype in _FLOAT_ACTIVATIONS and x.is_cpu and x.shape[-1] == self.in_features
+            and self.is_current(buffers["packed"], buffers["scales"], buffers["bias"])
         )  # fmt: skip
 
     def __call__(self, x: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
         """``packed_linear(x, ..., quantize_activations=True, out_dtype)`` for CPU fp32/bf16 ``x``
         of shape ``(..., in_features)``; the output has shape ``(..., out_features)`` and
         ``out_dtype`` (default: ``x.dtype``)."""
+        k = self.in_features
+        if x.dtype not in _FLOAT_ACTIVATIONS or not x.is_cpu:
+            raise TypeError(f"PreparedPackedLinear: activations must be CPU float32/bfloat16, got {x.dtype} on {x.device}")
+        if x.shape[-1] != k:
+            raise ValueError(f"PreparedPackedLinear: activations have {x.shape[-1]} features, the layer takes {k}")
         if out_dtype is None:
             out_dtype = x.dtype
         if not x.is_contiguous():
             x = x.contiguous()
-        k = self._args.K
-        if x.shape[-1] != k:
-            raise ValueError(f"PreparedPackedLinear: activations have {x.shape[-1]} features, the layer takes {k}")
-        m = x.numel() // k if k else 0
         bf16 = out_dtype == torch.bfloat16
         y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.bfloat16 if bf16 else torch.float32)
-        if m and self.out_features:
+        m = x.numel() // k if k else 0
+        if k == 0:  # an empty sum: the bias alone
+            y.copy_(self._bias.expand_as(y)) if self._bias is not None else y.zero_()
+        elif m and self.out_features:
             args = self._args_bf16 if bf16 else self._args
             kind = 0 if x.dtype == torch.float32 else 1
             if _LIB.bc_linear_i8(args, x.data_ptr(), k, kind, m, y.data_ptr(), self.run_isa, _threads()):
@@ -621,10 +631,10 @@ def dense_linear(x2d: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         or (bias is not None and bias.dtype != torch.float32)
         or not _on_cpu(x2d, weight)
         or weight.stride(-1) != 1
-        or x2d.requires_grad
-        or weight.requires_grad and torch.is_grad_enabled()
+        or (bias is not None and (tuple(bias.shape) != (weight.shape[0],) or not bias.is_cpu))
+        or torch.is_grad_enabled() and (x2d.requires_grad or weight.requires_grad or bias is not None and bias.requires_grad)
     ):
-        return torch.nn.functional.linear(x2d, weight, bias)
+        return torch.nn.functional.linear(x2d, weight, bias)  # incl. a broadcast bias
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     n, k = weight.shape
@@ -637,6 +647,9 @@ def dense_linear(x2d: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         a = _DenseArgs(m, n, k, x2d.data_ptr(), x2d.stride(0), weight.data_ptr(), weight.stride(0), _ptr(b), y.data_ptr(), n)  # fmt: skip
         _LIB.bc_dense_f32(ctypes.byref(a), _isa_id(), _threads())
     return y
+
+
+_INT8_DENSE_MAX_K = 65_000  # (x + 128) * w sums stay within int32 up to 66,000 products
 
 
 def int8_dense_linear(
@@ -655,6 +668,8 @@ def int8_dense_linear(
             f"int8_dense_linear: weights must be int8 (N, K) codes with fp32 (N, 1) scales, got "
             f"{w_codes.dtype} {tuple(w_codes.shape)} and {tuple(w_scales.shape)}"
         )
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"int8_dense_linear: bias must have shape ({n},), got {tuple(bias.shape)}")
     m = x2d.shape[0]
     if (
         _lib() is None
@@ -662,6 +677,7 @@ def int8_dense_linear(
         or not _on_cpu(x2d, w_codes)
         or x2d.dtype not in _FLOAT_ACTIVATIONS
         or out_dtype != torch.float32
+        or k > _INT8_DENSE_MAX_K
     ):
         return reference.int8_dense_linear(x2d, w_codes, w_scales, bias, out_dtype)
     x = x2d.detach()

@@ -62,16 +62,18 @@ def save_packed(model: nn.Module, directory: str | Path) -> Path:
     layers = {name: _layer_metadata(m) for name, m in model.named_modules() if isinstance(m, PackedTernaryLinear)}
     if not layers:
         raise CheckpointError("save_packed: the model has no PackedTernaryLinear layers; call bitcompile.pack(model) first")
+    int8_layers = _int8_metadata(model)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        # version 1 when nothing needs 2, so older bitcompile still reads ternary-only checkpoints
+        "format_version": str(FORMAT_VERSION if int8_layers else 1),
         "layout": LAYOUT_NAME,
         "layout_version": str(LAYOUT_VERSION),
         "scale_convention": "multiplier",
         "layers": json.dumps(layers),
-        "int8_layers": json.dumps(_int8_metadata(model)),
+        "int8_layers": json.dumps(int8_layers),
     }
     path = out / WEIGHTS_FILE
     save_model(model, str(path), metadata=metadata)  # drops duplicate names of tied tensors
@@ -96,12 +98,19 @@ def _read_metadata(path: Path) -> dict:
             raise CheckpointError(
                 f"{path}: metadata {key}={metadata.get(key)!r}, this version of bitcompile reads {key}={value!r}"
             )
-    try:
-        metadata["layers"] = json.loads(metadata["layers"])
-        metadata["int8_layers"] = json.loads(metadata.get("int8_layers", "{}"))
-    except (KeyError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: metadata 'layers' is missing or not JSON ({error})") from None
+    for key, default in (("layers", None), ("int8_layers", "{}")):
+        try:
+            metadata[key] = json.loads(metadata[key] if default is None else metadata.get(key, default))
+        except (KeyError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{path}: metadata {key!r} is missing or not JSON ({error})") from None
     return metadata
+
+
+def _dtype(name: str, info: dict) -> torch.dtype:
+    dtype = getattr(torch, str(info.get("original_dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"layer {name!r}: metadata original_dtype={info.get('original_dtype')!r} is not a torch dtype")
+    return dtype
 
 
 def _packed_replacements(model: nn.Module, layers: dict) -> dict[str, PackedTernaryLinear]:
@@ -123,7 +132,7 @@ def _packed_replacements(model: nn.Module, layers: dict) -> dict[str, PackedTern
             )
         replacements[name] = PackedTernaryLinear(
             info["in_features"], info["out_features"], bias=info["bias"], group_size=info["group_size"],
-            activations=info["activations"], dtype=getattr(torch, info["original_dtype"]),
+            activations=info["activations"], dtype=_dtype(name, info),
         )  # fmt: skip
     return replacements
 
@@ -136,7 +145,7 @@ def _int8_replacements(model: nn.Module, layers: dict) -> dict[str, nn.Module]:
             module = model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"checkpoint layer {name!r} does not exist in the model") from None
-        dtype = getattr(torch, info.get("original_dtype", "float32"))
+        dtype = _dtype(name, info)
         if info.get("kind") == "embedding":
             shape, want = (info["num_embeddings"], info["embedding_dim"]), nn.Embedding
             replacements[name] = Int8Embedding(*shape, padding_idx=info["padding_idx"], dtype=dtype)

@@ -45,7 +45,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.ones(out_features, 1))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
-        self._sums: tuple[Tensor, int, int] | None = None  # (row sums, codes id, codes version)
+        self._sums: tuple[Tensor, Tensor, tuple[int, int]] | None = None  # (row sums, codes, codes state)
 
     @classmethod
     def from_weight(cls, weight: Tensor, bias: Tensor | None) -> Int8Linear:
@@ -61,10 +61,13 @@ class Int8Linear(nn.Module):
         self.codes, self.scales = embedding.codes, embedding.scales
 
     def _row_sums(self) -> Tensor:
+        """``codes.sum(1)`` (the kernel's correction term), recomputed when ``codes`` is another
+        tensor, moved (``.data =``) or changed in place."""
         codes = self.codes
+        state = (codes.data_ptr(), -2 if codes.is_inference() else codes._version)
         cached = self._sums
-        if cached is None or cached[1] != id(codes) or cached[2] != codes._version:
-            cached = self._sums = (codes.sum(dim=1, dtype=torch.int32), id(codes), codes._version)
+        if cached is None or cached[1] is not codes or cached[2] != state:
+            cached = self._sums = (codes.sum(dim=1, dtype=torch.int32), codes, state)
         return cached[0]
 
     def forward(self, x: Tensor) -> Tensor:

@@ -75,7 +75,15 @@ class PackedTernaryLinear(nn.Module):
         if torch.compiler.is_compiling():
             return self._op(x)
         prepared = self.__dict__.get("_prepared")
-        if prepared is not None and prepared.serves(x, self._buffers) and not torch.autograd._profiler_enabled():
+        if (
+            prepared is not None
+            and prepared.serves(x, self._buffers)
+            and self.quantize_activations  # attributes a user may have changed since it was built
+            and self.kernel == "cpu"
+            and prepared.group_code == self.group_code
+            and prepared.in_features == self.in_features
+            and not torch.autograd._profiler_enabled()
+        ):
             return prepared(x)  # the decode hot path: one C call
         if x.shape[-1] == self.in_features and x.is_floating_point():
             # Eager serving: call the kernel directly. The op's dispatch costs about as much as
@@ -93,12 +101,17 @@ class PackedTernaryLinear(nn.Module):
         )  # fmt: skip
 
     def _eager_forward(self, x: Tensor) -> Tensor:
-        prepared = self.__dict__.get("_prepared")
-        buffers = self._buffers
-        if prepared is None or not prepared.is_current(buffers["packed"], buffers["scales"], buffers["bias"]):
-            prepared = self._prepare_cpu_call(x)
-        if prepared is not None and prepared.serves(x, buffers):
-            return prepared(x)
+        if self.kernel == "cpu" and self.quantize_activations:
+            prepared = self.__dict__.get("_prepared")
+            buffers = self._buffers
+            if (
+                prepared is None
+                or not prepared.is_current(buffers["packed"], buffers["scales"], buffers["bias"])
+                or (prepared.in_features, prepared.group_code) != (self.in_features, self.group_code)
+            ):
+                prepared = self._prepare_cpu_call(x)
+            if prepared is not None and prepared.serves(x, buffers):
+                return prepared(x)
         x2d = x.reshape(-1, self.in_features)
         y = get_kernel(self.kernel).packed_linear(
             x2d, self.packed, self.scales, self.in_features, self.group_code,

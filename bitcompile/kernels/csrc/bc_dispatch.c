@@ -314,23 +314,54 @@ void bc_prep_i8(const bc_prep_args *a, int isa, int nthreads) {
  * than a decode GEMV, so the int8 activations live in a per-thread buffer that is kept
  * while small (decode) and released after large calls (prefill, training). */
 #define BC_SCRATCH_KEEP (1 << 20)
-static __thread void *scratch;
-static __thread size_t scratch_cap;
 
-static void *scratch_get(size_t n) {
-    if (n <= scratch_cap) return scratch;
-    free(scratch);
-    scratch_cap = 0;
-    if (posix_memalign(&scratch, 64, n) != 0) return scratch = NULL;
-    scratch_cap = n;
-    return scratch;
+/* NOTE: a pthread key rather than __thread, so a thread's buffer is freed when it exits
+ * (servers that recycle threads would otherwise leak up to BC_SCRATCH_KEEP each) */
+typedef struct {
+    void *p;
+    size_t cap;
+} scratch_slot;
+
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+static void scratch_free(void *slot) {
+    if (slot) {
+        free(((scratch_slot *)slot)->p);
+        free(slot);
+    }
 }
 
-static void scratch_trim(void) {
-    if (scratch_cap > BC_SCRATCH_KEEP) {
-        free(scratch);
-        scratch = NULL;
-        scratch_cap = 0;
+static void scratch_key_init(void) { pthread_key_create(&scratch_key, scratch_free); }
+
+static scratch_slot *scratch_mine(void) {
+    pthread_once(&scratch_once, scratch_key_init);
+    scratch_slot *s = pthread_getspecific(scratch_key);
+    if (!s) {
+        s = calloc(1, sizeof *s);
+        if (s && pthread_setspecific(scratch_key, s) != 0) {
+            free(s);
+            s = NULL;
+        }
+    }
+    return s;
+}
+
+static void *scratch_get(scratch_slot *s, size_t n) {
+    if (n <= s->cap) return s->p;
+    free(s->p);
+    s->p = NULL;
+    s->cap = 0;
+    if (posix_memalign(&s->p, 64, n) != 0) return s->p = NULL;
+    s->cap = n;
+    return s->p;
+}
+
+static void scratch_trim(scratch_slot *s) {
+    if (s->cap > BC_SCRATCH_KEEP) {
+        free(s->p);
+        s->p = NULL;
+        s->cap = 0;
     }
 }
 
@@ -343,7 +374,8 @@ int bc_linear_i8(const bc_gemm_args *base, const void *x, int64_t ldx, int x_kin
     size_t xq_bytes = ((size_t)M * base->Kp + 63) & ~(size_t)63;
     size_t sx_bytes = ((size_t)M * sizeof(float) + 63) & ~(size_t)63;
     size_t corr_bytes = (size_t)M * base->n_units * 16 * sizeof(int32_t);
-    char *buf = scratch_get(xq_bytes + sx_bytes + corr_bytes);
+    scratch_slot *slot = scratch_mine();
+    char *buf = slot ? scratch_get(slot, xq_bytes + sx_bytes + corr_bytes + 64) : NULL;
     if (!buf) return -1;
     bc_prep_args p = { M, base->K, base->Kp, x, ldx, x_kind, (int8_t *)buf, (float *)(buf + xq_bytes),
                        base->n_units ? (int32_t *)(buf + xq_bytes + sx_bytes) : NULL, base->unit_chunks, base->n_units };
@@ -355,7 +387,7 @@ int bc_linear_i8(const bc_gemm_args *base, const void *x, int64_t ldx, int x_kin
     a.corr = p.corr;
     a.out = out;
     bc_gemm_i8(&a, isa, nthreads);
-    scratch_trim();
+    scratch_trim(slot);
     return 0;
 }
 

@@ -205,3 +205,15 @@ def test_ternary_only_checkpoints_stay_format_1(tmp_path):
             int8_layers = json.loads(handle.metadata()["int8_layers"])
             assert sorted(int8_layers) == ([] if name == "a" else ["embed_tokens", "lm_head"])
     assert versions == ["1", "2"]
+
+
+def test_gradients_flow_through_the_int8_head():
+    model = bitcompile.pack(_tiny_llama(), head="int8")
+    hidden = torch.randn(2, 3, 64, requires_grad=True)
+    y = model.lm_head(hidden)
+    g = torch.randn_like(y)
+    y.backward(g)
+    w = model.lm_head.codes.double() * model.lm_head.scales.double()
+    torch.testing.assert_close(hidden.grad.double(), g.double() @ w, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(y.detach(), model.lm_head(hidden))

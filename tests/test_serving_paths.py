@@ -203,3 +203,28 @@ def test_packed_layer_edge_cases_stay_correct():
 def test_dense_gemv_leaves_a_broadcast_bias_to_torch():
     x, w = torch.randn(1, 16), torch.randn(10, 16)
     assert torch.equal(cpu.dense_linear(x, w, torch.ones(1)), F.linear(x, w, torch.ones(1)))
+
+
+@pytest.mark.parametrize("group", [(-1, -1), (32, 32)])
+def test_gradients_flow_through_a_packed_layer_to_an_adapter(group):
+    """A packed base with a trainable layer in front (LoRA style): grad_x = g @ (codes * scales)."""
+    code, group_size = group
+    torch.manual_seed(0)
+    adapter = nn.Linear(40, 64)
+    w = torch.randn(24, 64)
+    q, s = ref.ternary_codes(w, group_size)
+    layer = bitcompile.PackedTernaryLinear.from_codes(
+        q.to(torch.int8), s, torch.randn(24), bitcompile.TernaryConfig(group_size=group_size), torch.float32
+    )
+    x = torch.randn(3, 5, 40)
+    y = layer(adapter(x))
+    assert y.requires_grad
+    g = torch.randn_like(y)
+    y.backward(g)
+    hidden = adapter(x).detach()
+    w_q = ref.fake_quant_weight(w, group_size)  # the dequantized ternary weight, independently
+    want_hidden_grad = g.reshape(-1, 24).double() @ w_q.double()
+    want_adapter_grad = want_hidden_grad.t() @ x.reshape(-1, 40).double()
+    torch.testing.assert_close(adapter.weight.grad.double(), want_adapter_grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # and the forward is the packed kernel's
+        assert torch.equal(y.detach(), layer(hidden))

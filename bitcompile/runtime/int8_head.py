@@ -32,6 +32,28 @@ def _int8_dense_linear_fake(x, codes, scales, bias):
     return x.new_empty((*x.shape[:-1], codes.shape[0]), dtype=torch.float32)
 
 
+def _int8_setup_context(ctx, inputs, output):
+    x, codes, scales, _bias = inputs
+    ctx.save_for_backward(codes, scales)
+    ctx.x_dtype = x.dtype
+
+
+def _int8_backward(ctx, grad_out):
+    """Gradients for layers trained in front of the int8 head: the activation quantizer is the
+    identity (STE), the int8 weights are constants: ``grad_x = g @ (codes * scales)``."""
+    codes, scales = ctx.saved_tensors
+    g2d = grad_out.reshape(-1, grad_out.shape[-1]).float()
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = (g2d @ (codes.float() * scales)).reshape(*grad_out.shape[:-1], codes.shape[1]).to(ctx.x_dtype)
+    if ctx.needs_input_grad[3]:
+        grad_bias = g2d.sum(dim=0)
+    return grad_x, None, None, grad_bias
+
+
+int8_dense_linear_op.register_autograd(_int8_backward, setup_context=_int8_setup_context)
+
+
 class Int8Linear(nn.Module):
     """A linear layer with per-row int8 weights, run as W8A8: ``codes`` int8 ``(out, in)``,
     ``scales`` fp32 ``(out, 1)``, ``bias`` (original dtype, optional). Inference only.
@@ -73,7 +95,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Int8Linear: input's last dim {x.shape[-1]} != in_features {self.in_features}")
-        if torch.compiler.is_compiling():
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        if torch.compiler.is_compiling() or needs_grad:  # the op carries the autograd formula
             y = int8_dense_linear_op(x, self.codes, self.scales, self.bias)
         elif torch.autograd._profiler_enabled():  # visible to torch.profiler as one op
             with torch.profiler.record_function("bitcpm::int8_dense_linear"):

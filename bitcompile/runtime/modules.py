@@ -72,8 +72,8 @@ class PackedTernaryLinear(nn.Module):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():
-            return self._op(x)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or self._bias_requires_grad())):
+            return self._op(x)  # the op has the autograd formula (adapters trained on a packed base)
         prepared = self.__dict__.get("_prepared")
         if (
             prepared is not None
@@ -93,6 +93,10 @@ class PackedTernaryLinear(nn.Module):
                     return self._eager_forward(x)
             return self._eager_forward(x)
         return self._op(x)
+
+    def _bias_requires_grad(self) -> bool:
+        bias = self._buffers["bias"]
+        return bias is not None and bias.requires_grad
 
     def _op(self, x: Tensor) -> Tensor:
         return torch.ops.bitcpm.ternary_linear_packed(

@@ -302,6 +302,32 @@ def _ternary_linear_packed_fake(x, packed, scales, bias, in_features, group_size
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
+def _packed_setup_context(ctx, inputs, output):
+    x, packed, scales, bias, in_features, group_size, _quantize_activations, _kernel = inputs
+    ctx.save_for_backward(packed, scales)
+    ctx.in_features, ctx.group_size, ctx.x_dtype = in_features, group_size, x.dtype
+
+
+def _packed_backward(ctx, grad_out):
+    """Gradients for adapters trained on a packed base (LoRA style): the packed weights are
+    constants, the activation quantizer is the identity (the STE, DESIGN.md §3), so
+    ``grad_x = g @ (codes * scales)`` in fp32 and ``grad_bias = sum g``."""
+    from bitcompile.kernels.packing import unpack_codes
+
+    packed, scales = ctx.saved_tensors
+    g2d = grad_out.reshape(-1, grad_out.shape[-1]).float()
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        weight = get_kernel("reference").dequantize_weight(unpack_codes(packed, ctx.in_features), scales, ctx.group_size)
+        grad_x = (g2d @ weight).reshape(*grad_out.shape[:-1], ctx.in_features).to(ctx.x_dtype)
+    if ctx.needs_input_grad[3]:
+        grad_bias = g2d.sum(dim=0)
+    return grad_x, None, None, grad_bias, None, None, None, None
+
+
+ternary_linear_packed.register_autograd(_packed_backward, setup_context=_packed_setup_context)
+
+
 def ternary_linear_output(
     x: Tensor,
     weight: Tensor,

@@ -210,6 +210,22 @@ def packed_nbytes(out_features: int, in_features: int, group_code: int) -> int:
     return rows * row_bytes + 4 * out_features * num_groups(in_features, group_code)
 
 
+def _stored_layer(node: torch.fx.Node, weight_node: Any, stored: dict[torch.fx.Node, Any], suffix: str, **fields) -> LayerDecision:
+    """The decision record of a layer a model already stores in packed form (no rewrite)."""
+    weight = _stored_tensor(weight_node, stored)
+    shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else (0, 0)
+    module = calling_module(node)
+    path = placeholder_path(weight_node) if isinstance(weight_node, torch.fx.Node) else None
+    return LayerDecision(
+        name=module[0] if module else (path or node.name).removesuffix(suffix),
+        weight_name=path or str(weight_node),
+        layout="out_in",
+        out_features=shape[0],
+        fp_bytes=0,
+        **fields,
+    )
+
+
 def _already_packed(node: torch.fx.Node, stored: dict[torch.fx.Node, Any]) -> LayerDecision | None:
     """A ``PackedTernaryLinear`` call (a model that ``pack`` already converted)."""
     packed_op = torch.ops.bitcpm.ternary_linear_packed
@@ -218,47 +234,25 @@ def _already_packed(node: torch.fx.Node, stored: dict[torch.fx.Node, Any]) -> La
     packed_node, in_features, group_code = node.args[1], node.args[4], node.args[5]
     packed = _stored_tensor(packed_node, stored)
     out_features = packed.shape[0] if isinstance(packed, torch.Tensor) else 0
-    module = calling_module(node)
-    packed_path = placeholder_path(packed_node) if isinstance(packed_node, torch.fx.Node) else None
-    return LayerDecision(
-        name=module[0] if module else (packed_path or node.name).removesuffix(".packed"),
-        weight_name=packed_path or str(packed_node),
-        kind="packed",
-        layout="out_in",
-        out_features=out_features,
-        in_features=in_features,
-        dtype="2-bit",
-        rewritten=True,
+    return _stored_layer(
+        node, packed_node, stored, ".packed", kind="packed", in_features=in_features, dtype="2-bit", rewritten=True,
         reason=f"already packed: 2-bit ternary weights ({describe(group_code)} scales)",
         group_size="tensor" if group_code == 0 else group_code,
-        fp_bytes=0,
         packed_bytes=packed_nbytes(out_features, in_features, group_code),
-    )
+    )  # fmt: skip
 
 
 def _int8_head(node: torch.fx.Node, stored: dict[torch.fx.Node, Any]) -> LayerDecision | None:
     """An ``Int8Linear`` call (``pack(head="int8")``): kept out of ternary, stored as int8."""
     if node.op != "call_function" or str(node.target) not in ("bitcpm.int8_dense_linear", "bitcpm.int8_dense_linear.default"):
         return None
-    codes_node = node.args[1]
-    codes = _stored_tensor(codes_node, stored)
+    codes = _stored_tensor(node.args[1], stored)
     out_features, in_features = tuple(codes.shape) if isinstance(codes, torch.Tensor) else (0, 0)
-    module = calling_module(node)
-    codes_path = placeholder_path(codes_node) if isinstance(codes_node, torch.fx.Node) else None
-    return LayerDecision(
-        name=module[0] if module else (codes_path or node.name).removesuffix(".codes"),
-        weight_name=codes_path or str(codes_node),
-        kind="int8",
-        layout="out_in",
-        out_features=out_features,
-        in_features=in_features,
-        dtype="int8",
-        rewritten=False,
+    return _stored_layer(
+        node, node.args[1], stored, ".codes", kind="int8", in_features=in_features, dtype="int8", rewritten=False,
         reason="int8 head (W8A8, pack(head='int8')): per-row int8 weights, not ternary",
-        group_size="row",
-        fp_bytes=0,
-        packed_bytes=out_features * in_features + 4 * out_features,
-    )
+        group_size="row", packed_bytes=out_features * in_features + 4 * out_features,
+    )  # fmt: skip
 
 
 def discover(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: TernaryConfig) -> list[LayerDecision]:

@@ -194,31 +194,42 @@ static void run_parallel(bc_task fn, void *ctx, int nth) {
 
 /* ---------------------------------------------------------------- GEMM / prep entry points */
 
-typedef struct {
-    const bc_gemm_args *a;
-    bc_gemm_fn fn;
-    int chunk;        /* output features per work item, a multiple of 4 */
-    atomic_int next;  /* first feature not yet handed out */
-} gemm_job;
+/* Work cut into [lo, hi) ranges handed out by an atomic counter: any team size works, and a
+ * late or busy core simply takes fewer ranges. run() does one range of the kernel. */
+typedef struct range_job range_job;
+struct range_job {
+    void (*run)(const range_job *j, int lo, int hi);
+    const void *args;
+    union {
+        bc_gemm_fn gemm;
+        bc_prep_fn prep;
+        bc_dense_fn dense;
+    } kernel;
+    int total, chunk;
+    atomic_int next;
+};
 
-static void gemm_task(void *p, int tid, int nth) {
-    gemm_job *j = p;
+static void range_task(void *p, int tid, int nth) {
+    range_job *j = p;
     (void)tid, (void)nth;
     for (;;) {
-        int n0 = atomic_fetch_add(&j->next, j->chunk);
-        if (n0 >= j->a->N) break;
-        j->fn(j->a, n0, n0 + j->chunk < j->a->N ? n0 + j->chunk : j->a->N);
+        int lo = atomic_fetch_add(&j->next, j->chunk);
+        if (lo >= j->total) break;
+        j->run(j, lo, lo + j->chunk < j->total ? lo + j->chunk : j->total);
     }
 }
+
+static void gemm_range(const range_job *j, int lo, int hi) { j->kernel.gemm(j->args, lo, hi); }
+static void prep_range(const range_job *j, int lo, int hi) { j->kernel.prep(j->args, lo, hi); }
+static void dense_range(const range_job *j, int lo, int hi) { j->kernel.dense(j->args, lo, hi); }
 
 static void run_gemm(const bc_gemm_args *a, bc_gemm_fn fn, int nth) {
     /* a few items per thread balance a late or busy core; big M keeps items large because
      * each item streams the activations once */
     int per_thread = a->M > 64 ? 3 : 8;
     int chunk = (a->N + nth * per_thread - 1) / (nth * per_thread);
-    gemm_job j = { a, fn, (chunk + 3) / 4 * 4, 0 };
-    if (nth <= 1) j.chunk = a->N;
-    run_parallel(gemm_task, &j, nth);
+    range_job j = { gemm_range, a, { .gemm = fn }, a->N, nth > 1 ? (chunk + 3) / 4 * 4 : a->N, 0 };
+    run_parallel(range_task, &j, nth);
 }
 
 /* NOTE: in a decode step the other threads have gone to sleep during the framework's
@@ -279,33 +290,17 @@ void bc_gemm_f32(const bc_gemm_args *a, int isa, int nthreads) {
     run_gemm(a, f32_kernel(isa), pick_threads(nthreads, (int64_t)a->M * a->N * a->Kp * 8, a->N));
 }
 
-typedef struct {
-    const bc_prep_args *a;
-    bc_prep_fn fn;
-    int chunk;
-    atomic_int next;
-} prep_job;
-
-static void prep_task(void *p, int tid, int nth) {
-    prep_job *j = p;
-    (void)tid, (void)nth;
-    for (;;) {
-        int m0 = atomic_fetch_add(&j->next, j->chunk);
-        if (m0 >= j->a->M) break;
-        j->fn(j->a, m0, m0 + j->chunk < j->a->M ? m0 + j->chunk : j->a->M);
-    }
-}
-
 void bc_prep_i8(const bc_prep_args *a, int isa, int nthreads) {
-    prep_job j = { a, bc_prep_i8_generic, 1, 0 };
+    bc_prep_fn fn = bc_prep_i8_generic;
 #ifdef BC_X86
-    if (isa == BC_ISA_AVX512) j.fn = bc_prep_i8_avx512;
-    else if (isa == BC_ISA_AVX2) j.fn = bc_prep_i8_avx2;
+    if (isa == BC_ISA_AVX512) fn = bc_prep_i8_avx512;
+    else if (isa == BC_ISA_AVX2) fn = bc_prep_i8_avx2;
 #endif
     int64_t work = (int64_t)a->M * a->Kp;
     int nth = work < (1 << 17) || nthreads < 1 ? 1 : (nthreads < a->M ? nthreads : a->M);
-    j.chunk = nth > 1 ? (a->M + 4 * nth - 1) / (4 * nth) : (a->M > 0 ? a->M : 1);
-    run_parallel(prep_task, &j, nth);
+    int chunk = nth > 1 ? (a->M + 4 * nth - 1) / (4 * nth) : (a->M > 0 ? a->M : 1);
+    range_job j = { prep_range, a, { .prep = fn }, a->M, chunk, 0 };
+    run_parallel(range_task, &j, nth);
 }
 
 /* ---------------------------------------------------------------- one call per layer */
@@ -393,30 +388,12 @@ int bc_linear_i8(const bc_gemm_args *base, const void *x, int64_t ldx, int x_kin
 
 /* ---------------------------------------------------------------- dense fp32 GEMV */
 
-typedef struct {
-    const bc_dense_args *a;
-    bc_dense_fn fn;
-    int chunk;
-    atomic_int next;
-} dense_job;
-
-static void dense_task(void *p, int tid, int nth) {
-    dense_job *j = p;
-    (void)tid, (void)nth;
-    for (;;) {
-        int n0 = atomic_fetch_add(&j->next, j->chunk);
-        if (n0 >= j->a->N) break;
-        j->fn(j->a, n0, n0 + j->chunk < j->a->N ? n0 + j->chunk : j->a->N);
-    }
-}
-
 static void run_dense(const bc_dense_args *a, bc_dense_fn fn, int64_t work, int nthreads) {
-    dense_job j = { a, fn, 0, 0 };
     int nth = pick_threads(nthreads, work, a->N);
     int chunk = (a->N + nth * 8 - 1) / (nth * 8);
-    j.chunk = nth > 1 ? (chunk + 3) / 4 * 4 : a->N;
-    if (j.chunk < 4) j.chunk = 4;
-    run_parallel(dense_task, &j, nth);
+    chunk = nth > 1 ? (chunk + 3) / 4 * 4 : a->N;
+    range_job j = { dense_range, a, { .dense = fn }, a->N, chunk < 4 ? 4 : chunk, 0 };
+    run_parallel(range_task, &j, nth);
 }
 
 void bc_dense_f32(const bc_dense_args *a, int isa, int nthreads) {
@@ -446,18 +423,11 @@ typedef struct {
     int64_t ldq;
     int N, K;
     uint8_t *out;
-    int chunk;
-    atomic_int next;
-} pack_job;
+} pack_args;
 
-static void pack_task(void *p, int tid, int nth) {
-    pack_job *j = p;
-    (void)tid, (void)nth;
-    for (;;) {
-        int n0 = atomic_fetch_add(&j->next, j->chunk);
-        if (n0 >= j->N) break;
-        bc_pack_i2_generic(j->q, j->ldq, j->N, j->K, j->out, n0, n0 + j->chunk < j->N ? n0 + j->chunk : j->N);
-    }
+static void pack_range(const range_job *j, int lo, int hi) {
+    const pack_args *a = j->args;
+    bc_pack_i2_generic(a->q, a->ldq, a->N, a->K, a->out, lo, hi);
 }
 
 /* Pack q (N x K int8 in {-1,0,1}, row stride ldq) into out (N x Kp/4). Returns -1 on an invalid code. */
@@ -469,8 +439,9 @@ int bc_pack_i2(const int8_t *q, int64_t ldq, int N, int K, uint8_t *out, int nth
         if (bad) return -1;
     }
     int nth = (int64_t)N * K < (1 << 20) || nthreads < 1 ? 1 : nthreads;
-    pack_job j = { q, ldq, N, K, out, (N + 4 * nth - 1) / (4 * nth), 0 };
-    run_parallel(pack_task, &j, nth);
+    pack_args args = { q, ldq, N, K, out };
+    range_job j = { pack_range, &args, { 0 }, N, (N + 4 * nth - 1) / (4 * nth), 0 };
+    run_parallel(range_task, &j, nth);
     return 0;
 }
 

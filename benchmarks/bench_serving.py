@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 VARIANTS = ("fp32-eager", "bf16-eager", "fp32-inductor", "packed-eager", "packed-bitcpm", "packed-int8-head")
-HEAD_OPS = ("bitcompile::float_gemv", "bitcpm::float_gemv_linear", "bitcpm::int8_dense_linear")  # the head's kernels as the profiler names them
+HEAD_OPS = ("bitcpm::float_gemv_linear", "bitcpm::int8_dense_linear")  # the head's kernels as the profiler names them
 SMOLLM_135M = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
     num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,

@@ -520,7 +520,7 @@ def ternary_linear_backward(
 # ---- serving: one foreign call per layer ----
 
 
-def _state(t: Tensor) -> tuple[int, int]:
+def tensor_state(t: Tensor) -> tuple[int, int]:
     """Where a tensor's data is and how often it was changed in place. Inference-mode tensors
     have no version counter; they cannot be changed outside inference mode."""
     return t.data_ptr(), (-2 if t.is_inference() else t._version)
@@ -569,7 +569,7 @@ class PreparedPackedLinear:
 
     @staticmethod
     def _state_of(packed: Tensor, w_scales: Tensor, bias: Tensor | None) -> tuple:
-        return _state(packed), _state(w_scales), None if bias is None else _state(bias)
+        return tensor_state(packed), tensor_state(w_scales), None if bias is None else tensor_state(bias)
 
     def is_current(self, packed: Tensor, w_scales: Tensor, bias: Tensor | None) -> bool:
         """Whether these are the tensors this object was built from, unchanged since (an

@@ -9,7 +9,7 @@ names the offending tensor on any mismatch.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -167,19 +167,6 @@ def _int8_replacements(model: nn.Module, layers: dict) -> dict[str, nn.Module]:
     return replacements
 
 
-def _int8_aliases(replacements: dict[str, nn.Module]) -> dict[str, set[str]]:
-    """The state_dict keys of a tied int8 head and its embedding name the same tensors."""
-    aliases: dict[str, set[str]] = {}
-    by_tensor: dict[int, set[str]] = {}
-    for name, module in replacements.items():
-        for key, tensor in module.named_buffers():
-            by_tensor.setdefault(id(tensor), set()).add(f"{name}.{key}")
-    for names in by_tensor.values():
-        for key in names:
-            aliases[key] = names - {key}
-    return aliases
-
-
 def _expected_state(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """The state_dict the model will have once ``replacements`` are swapped in."""
     state = {k: v for k, v in model.state_dict().items() if not any(k.startswith(n + ".") for n in replacements)}
@@ -232,9 +219,9 @@ def load_packed(directory: str | Path, model_or_factory: nn.Module | Callable[[]
         if name.endswith(".scales") and not bool((torch.isfinite(tensor) & (tensor > 0)).all()):
             raise CheckpointError(f"tensor {name!r} has non-finite or non-positive scales")
     missing = set(expected) - set(tensors)
-    aliases = _tied_aliases(model)
-    for key, names in _int8_aliases(int8_modules).items():
-        aliases[key] = aliases.get(key, set()) | names
+    # a tied int8 head and its embedding name the same codes / scales tensors
+    int8_tensors = ((f"{name}.{key}", t) for name, m in int8_modules.items() for key, t in m.named_buffers())
+    aliases = _tied_aliases([*model.state_dict(keep_vars=True).items(), *int8_tensors])
     unexplained = sorted(k for k in missing if not (aliases.get(k, set()) & set(tensors)))
     if unexplained:
         raise CheckpointError(f"{path.name} lacks tensor(s) the model needs: {', '.join(unexplained[:5])}")
@@ -244,9 +231,9 @@ def load_packed(directory: str | Path, model_or_factory: nn.Module | Callable[[]
     return model
 
 
-def _tied_aliases(model: nn.Module) -> dict[str, set[str]]:
+def _tied_aliases(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, set[str]]:
     """state_dict key → the other keys that name the same tensor."""
     by_tensor: dict[int, set[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
+    for name, tensor in named_tensors:
         by_tensor.setdefault(id(tensor), set()).add(name)
     return {name: names - {name} for names in by_tensor.values() for name in names}

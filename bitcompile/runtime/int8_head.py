@@ -23,7 +23,12 @@ from bitcompile.kernels import reference
 @torch.library.custom_op("bitcpm::int8_dense_linear", mutates_args=())
 def int8_dense_linear_op(x: Tensor, codes: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
     """W8A8 ``y = (q_x @ q_w^T) * s_w * s_x (+ bias)`` for ``x`` of shape ``(..., K)``, fp32 out."""
-    y = cpu_kernels.int8_dense_linear(x.reshape(-1, codes.shape[1]), codes, scales, bias, torch.float32)
+    return _int8_linear(x, codes, scales, bias)
+
+
+def _int8_linear(x: Tensor, codes: Tensor, scales: Tensor, bias: Tensor | None, row_sums: Tensor | None = None) -> Tensor:
+    """The op's computation, callable without the dispatcher (eager ``Int8Linear``)."""
+    y = cpu_kernels.int8_dense_linear(x.reshape(-1, codes.shape[1]), codes, scales, bias, torch.float32, row_sums)
     return y.reshape(*x.shape[:-1], codes.shape[0])
 
 
@@ -86,7 +91,7 @@ class Int8Linear(nn.Module):
         """``codes.sum(1)`` (the kernel's correction term), recomputed when ``codes`` is another
         tensor, moved (``.data =``) or changed in place."""
         codes = self.codes
-        state = (codes.data_ptr(), -2 if codes.is_inference() else codes._version)
+        state = cpu_kernels.tensor_state(codes)
         cached = self._sums
         if cached is None or cached[1] is not codes or cached[2] != state:
             cached = self._sums = (codes.sum(dim=1, dtype=torch.int32), codes, state)
@@ -107,10 +112,7 @@ class Int8Linear(nn.Module):
 
     def _eager(self, x: Tensor) -> Tensor:
         # NOTE: the kernel directly, not the op: the dispatcher costs more than a decode GEMV
-        y2d = cpu_kernels.int8_dense_linear(
-            x.reshape(-1, self.in_features), self.codes, self.scales, self.bias, torch.float32, self._row_sums()
-        )
-        return y2d.reshape(*x.shape[:-1], self.out_features)
+        return _int8_linear(x, self.codes, self.scales, self.bias, self._row_sums())
 
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-import bitcompile.runtime.ops  # noqa: F401  (registers torch.ops.bitcpm.*)
+from bitcompile.runtime.ops import float_gemv, prepared_cpu_call  # (importing it registers torch.ops.bitcpm.*)
 from bitcompile.config import TernaryConfig
 from bitcompile.kernels import cpu as cpu_kernels
 from bitcompile.kernels import get_kernel, resolve_target
@@ -105,33 +105,19 @@ class PackedTernaryLinear(nn.Module):
         )  # fmt: skip
 
     def _eager_forward(self, x: Tensor) -> Tensor:
-        if self.kernel == "cpu" and self.quantize_activations:
-            prepared = self.__dict__.get("_prepared")
-            buffers = self._buffers
-            if (
-                prepared is None
-                or not prepared.is_current(buffers["packed"], buffers["scales"], buffers["bias"])
-                or (prepared.in_features, prepared.group_code) != (self.in_features, self.group_code)
-            ):
-                prepared = self._prepare_cpu_call(x)
-            if prepared is not None and prepared.serves(x, buffers):
-                return prepared(x)
+        prepared = prepared_cpu_call(
+            x, self.packed, self.scales, self.bias, self.in_features, self.group_code,
+            self.quantize_activations, self.kernel,
+        )  # fmt: skip
+        if prepared is not None:
+            self.__dict__["_prepared"] = prepared  # forward's hot path while it stays current
+            return prepared(x)
         x2d = x.reshape(-1, self.in_features)
         y = get_kernel(self.kernel).packed_linear(
             x2d, self.packed, self.scales, self.in_features, self.group_code,
             self.bias, self.quantize_activations, x.dtype,
         )  # fmt: skip
         return y.reshape(*x.shape[:-1], self.out_features)
-
-    def _prepare_cpu_call(self, x: Tensor) -> cpu_kernels.PreparedPackedLinear | None:
-        """The one-C-call path (W1.58A8 on CPU), kept until a buffer is replaced or changed in place."""
-        self.__dict__.pop("_prepared", None)
-        if not (self.kernel == "cpu" and self.quantize_activations and cpu_kernels.available() and self.packed.is_cpu):
-            return None
-        prepared = self.__dict__["_prepared"] = cpu_kernels.PreparedPackedLinear(
-            self.packed, self.scales, self.in_features, self.group_code, self.bias
-        )
-        return prepared
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
@@ -161,7 +147,7 @@ class FloatGemvLinear(nn.Linear):
     ``DENSE_MAX_M`` tokens, by ``F.linear`` otherwise (compiled graphs, training, prefill).
 
     Why: after packing, the tied head is the largest weight left, and torch's fp32 GEMV at
-    M = 1 is single-threaded (docs/kernels.md "Float layers of a packed model"). ``pack``
+    M = 1 is single-threaded (docs/serving.md). ``pack``
     switches the class of a plain ``nn.Linear`` in place, so its parameters (tied ones stay
     tied), hooks and state_dict keys are untouched. Results agree with ``F.linear`` within
     fp32 rounding (another summation order), not bitwise.
@@ -173,21 +159,13 @@ class FloatGemvLinear(nn.Linear):
                 # one extern call (the GEMV at decode sizes); discovery treats it as F.linear
                 return torch.ops.bitcpm.float_gemv_linear(x, self.weight, self.bias)
             return nn.functional.linear(x, self.weight, self.bias)
-        if (
-            x.numel() <= cpu_kernels.DENSE_MAX_M * self.in_features
-            and not torch.is_grad_enabled()
-            and x.is_cpu
-            and x.dtype == torch.float32
-            and not torch.compiler.is_compiling()
-            and x.shape[-1] == self.in_features
-        ):
-            if torch.autograd._profiler_enabled():  # visible to torch.profiler as one op
-                with torch.profiler.record_function("bitcompile::float_gemv"):
-                    y = cpu_kernels.dense_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
-            else:
-                y = cpu_kernels.dense_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
-            return y.reshape(*x.shape[:-1], self.out_features)
-        return nn.functional.linear(x, self.weight, self.bias)
+        if x.shape[-1] != self.in_features:
+            return nn.functional.linear(x, self.weight, self.bias)  # torch's own error
+        # dense_linear picks the GEMV or F.linear (prefill sizes, autograd, other dtypes)
+        if torch.autograd._profiler_enabled():  # visible to torch.profiler as one op
+            with torch.profiler.record_function("bitcpm::float_gemv_linear"):
+                return float_gemv(x, self.weight, self.bias)
+        return float_gemv(x, self.weight, self.bias)
 
 
 def _serve_float_layers(model: nn.Module, plan: list[PackDecision], config: TernaryConfig) -> None:

@@ -261,7 +261,7 @@ def ternary_linear_packed(
         quantize_activations (bool): W1.58A8 when True, weight-only otherwise.
         kernel (str): kernel module name (``"reference"``, ``"cpu"`` ...).
     """
-    prepared = _prepared_cpu_call(x, packed, scales, bias, in_features, group_size, quantize_activations, kernel)
+    prepared = prepared_cpu_call(x, packed, scales, bias, in_features, group_size, quantize_activations, kernel)
     if prepared is not None:
         return prepared(x)
     _check_packed(x, packed, scales, bias, in_features, group_size)
@@ -277,14 +277,16 @@ def ternary_linear_packed(
 _PREPARED_CALLS = WeakIdKeyDictionary()
 
 
-def _prepared_cpu_call(x, packed, scales, bias, in_features, group_size, quantize_activations, kernel):
-    """The one-C-call path for compiled graphs (each call of the op would otherwise validate
-    and convert its arguments again: a decode step calls it once per layer)."""
+def prepared_cpu_call(x, packed, scales, bias, in_features, group_size, quantize_activations, kernel):
+    """The one-C-call path (``kernels.cpu.PreparedPackedLinear``) that computes this packed layer
+    for ``x``, or None where it does not apply (not W1.58A8 on the C kernels). One prepared call
+    per weight tensor, shared by the op (compiled graphs) and ``PackedTernaryLinear`` (eager):
+    each call would otherwise validate and convert its arguments again, once per layer and token."""
     if kernel != "cpu" or not quantize_activations or not x.is_cpu or x.dtype not in (torch.float32, torch.bfloat16):
         return None
     from bitcompile.kernels import cpu
 
-    if not cpu.available() or packed.dtype != torch.uint8 or scales.dtype != torch.float32:
+    if not cpu.available() or not packed.is_cpu or packed.dtype != torch.uint8 or scales.dtype != torch.float32:
         return None
     buffers = {"packed": packed, "scales": scales, "bias": bias}
     prepared = _PREPARED_CALLS.get(packed)
@@ -344,6 +346,11 @@ def ternary_linear_output(
 def float_gemv_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``F.linear`` in fp32 on bitcompile's multi-threaded GEMV for at most ``DENSE_MAX_M``
     tokens (torch's otherwise): the float head a packed model keeps (``FloatGemvLinear``)."""
+    return float_gemv(x, weight, bias)
+
+
+def float_gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The op's computation, callable without the dispatcher (eager ``FloatGemvLinear``)."""
     from bitcompile.kernels import cpu
 
     y = cpu.dense_linear(x.reshape(-1, weight.shape[1]), weight, bias)

@@ -152,6 +152,76 @@ def test_quantize_activations_bit_exact(isa, x_dtype, k):
     assert torch.equal(codes.long(), want_codes)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 15, 100])
+def test_quantize_activations_with_column_scale_bit_exact(isa, x_dtype, k):
+    g = torch.Generator().manual_seed(k)
+    x = (torch.randn(5, k, generator=g) * torch.tensor([1.0, 1e-3, 100.0, 0.0, 3.0])[:, None]).to(x_dtype)
+    col = torch.rand(k, generator=g) + 0.01
+    codes, scales = cpu.quantize_activations(x, col_scale=col)
+    want_codes, want_scales = ref.activation_codes(x.float() * col)  # the product formed first
+    assert torch.equal(scales, want_scales) and torch.equal(codes.long(), want_codes)
+
+
+@pytest.mark.parametrize("code,spelled", [(-1, -1), (0, "tensor")])
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 8), (17, 100), (64, 1000)])
+def test_quantize_weight_bit_exact_including_ties(isa, code, spelled, n, k):
+    g = torch.Generator().manual_seed(n * k)
+    w = torch.randn(n, k, generator=g) * 0.05
+    if k == 8:  # mean |w| = 2 exactly, so w / s hits the rounding ties +-0.5 and +-1.5
+        w = torch.tensor([1.0, -1.0, 3.0, -3.0, 2.0, 2.0, 4.0, 0.0]).repeat(n, 1)
+    w_before = w.clone()
+    codes, scales = cpu.quantize_weight(w, code)
+    want_codes, want_scales = ref.ternary_codes(w, spelled)
+    assert codes.dtype == torch.int8 and torch.equal(scales, want_scales)
+    assert torch.equal(codes.long(), want_codes)
+    assert torch.equal(w, w_before)
+    if k == 8 and code < 0:
+        assert codes[0].tolist() == [0, 0, 1, -1, 1, 1, 1, 0]
+
+
+def _special_values(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3
+    if dtype in (torch.int8, torch.int32):
+        lim = 127 if dtype == torch.int8 else 1 << 30
+        return torch.randint(-lim, lim + 1, shape, generator=g, dtype=torch.int64).to(dtype)
+    flat = x.view(-1)
+    specials = [float("nan"), float("inf"), -float("inf"), -0.0, 1e-40, 3.3e38, -1.5e-39, 65504.0]
+    flat[: min(len(specials), flat.numel())] = torch.tensor(specials[: flat.numel()])
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.int8, torch.int32])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("factors", ["none", "row", "col+row+bias", "row+scalar", "all"])
+def test_scale_rows_equals_the_torch_expression(isa, x_dtype, out_dtype, factors):
+    m, n = 7, 45
+    x = _special_values((m, n), x_dtype, seed=len(factors))
+    g = torch.Generator().manual_seed(1)
+    row = torch.rand(m, generator=g) * 4 if "row" in factors or factors == "all" else None
+    col = torch.rand(n, generator=g) * 2 if "col" in factors or factors == "all" else None
+    bias = torch.randn(n, generator=g) if "bias" in factors or factors == "all" else None
+    scalar = 0.37 if "scalar" in factors or factors == "all" else 1.0
+    want = x.float()
+    if col is not None:
+        want = want * col
+    if row is not None:
+        want = want * row[:, None]
+    want = want * scalar
+    if bias is not None:
+        want = want + bias
+    got = cpu.scale_rows(x, row=row, col=col, scalar=scalar, bias=bias, out_dtype=out_dtype)
+    assert got.dtype == out_dtype
+    torch.testing.assert_close(got, want.to(out_dtype), rtol=0, atol=0, equal_nan=True)
+
+
+def test_scale_rows_reads_strided_rows(isa):
+    x = torch.randn(6, 40)[:, 3:30]  # row stride 40, 27 columns
+    row = torch.rand(6)
+    assert torch.equal(cpu.scale_rows(x, row=row), x * row[:, None])
+
+
 @pytest.mark.parametrize("groups", GROUPS)
 @pytest.mark.parametrize("m", [1, 20])
 def test_training_int8_ternary_matmul(isa, groups, m):

@@ -68,7 +68,7 @@ class _PrepArgs(ctypes.Structure):
         ("M", ctypes.c_int), ("K", ctypes.c_int), ("Kp", ctypes.c_int),
         ("x", ctypes.c_void_p), ("ldx", ctypes.c_int64), ("x_kind", ctypes.c_int),
         ("xq", ctypes.c_void_p), ("sx", ctypes.c_void_p), ("corr", ctypes.c_void_p),
-        ("unit_chunks", ctypes.c_int), ("n_units", ctypes.c_int),
+        ("unit_chunks", ctypes.c_int), ("n_units", ctypes.c_int), ("colscale", ctypes.c_void_p),
     ]  # fmt: skip
 
 
@@ -79,6 +79,15 @@ class _DenseArgs(ctypes.Structure):
         ("bias", ctypes.c_void_p), ("out", ctypes.c_void_p), ("ldo", ctypes.c_int64),
         ("xq", ctypes.c_void_p), ("sx", ctypes.c_void_p), ("Kp", ctypes.c_int),
         ("wq", ctypes.c_void_p), ("sw", ctypes.c_void_p), ("wsum", ctypes.c_void_p),
+    ]  # fmt: skip
+
+
+class _EwArgs(ctypes.Structure):
+    _fields_ = [
+        ("op", ctypes.c_int), ("M", ctypes.c_int), ("N", ctypes.c_int),
+        ("x", ctypes.c_void_p), ("ldx", ctypes.c_int64), ("x_kind", ctypes.c_int),
+        ("col", ctypes.c_void_p), ("row", ctypes.c_void_p), ("scalar", ctypes.c_float), ("bias", ctypes.c_void_p),
+        ("out", ctypes.c_void_p), ("ldo", ctypes.c_int64), ("out_bf16", ctypes.c_int),
     ]  # fmt: skip
 
 
@@ -120,6 +129,7 @@ def _load():
         ("bc_plan_dense_i8", [I], I),
         ("bc_pack_i2", [P, I64, I, I, P, I], I),
         ("bc_read_bytes", [P, ctypes.c_size_t, I], ctypes.c_uint64),
+        ("bc_ew", [ctypes.POINTER(_EwArgs), I, I], None),
     ):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, restype
@@ -206,8 +216,9 @@ def _out(m: int, n: int, out_dtype: torch.dtype) -> tuple[Tensor, int]:
     return torch.empty((m, n), dtype=torch.float32), 0
 
 
-def _prep(x: Tensor, kind: int, k: int, kp: int, isa_id: int, unit_chunks: int | None):
-    """Quantize (fp32/bf16 x) or copy (int8 x) into a zero-padded (M, kp) int8 buffer, with corr sums."""
+def _prep(x: Tensor, kind: int, k: int, kp: int, isa_id: int, unit_chunks: int | None, colscale: Tensor | None = None):
+    """Quantize (fp32/bf16 x, times ``colscale`` per column if given) or copy (int8 x) into a
+    zero-padded (M, kp) int8 buffer, with corr sums."""
     m = x.shape[0]
     xq = torch.empty((m, kp), dtype=torch.int8)
     sx = torch.empty((m,), dtype=torch.float32) if kind != 2 else None
@@ -215,19 +226,74 @@ def _prep(x: Tensor, kind: int, k: int, kp: int, isa_id: int, unit_chunks: int |
     if unit_chunks is not None:
         n_units = -(-(kp // 64) // unit_chunks)
         corr = torch.empty((m, n_units * 16), dtype=torch.int32)
-    a = _PrepArgs(m, k, kp, _ptr(x), x.stride(0) if m else k, kind, _ptr(xq), _ptr(sx), _ptr(corr), unit_chunks or 1, n_units)
+    a = _PrepArgs(
+        m, k, kp, _ptr(x), x.stride(0) if m else k, kind, _ptr(xq), _ptr(sx), _ptr(corr), unit_chunks or 1, n_units,
+        _ptr(colscale),
+    )  # fmt: skip
     _LIB.bc_prep_i8(ctypes.byref(a), isa_id, _threads())
     return xq, sx, corr, n_units
 
 
-def quantize_activations(x2d: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token absmax int8 (bit-exact with :func:`reference.quantize_activations`), one fused C pass."""
+_EW_SCALE, _EW_TERNARY = 0, 1
+_EW_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.int32: 3}
+
+
+def _fp32_vector(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.float().contiguous().reshape(-1)
+
+
+def _ew(op: int, x: Tensor, out: Tensor, row=None, col=None, scalar: float = 1.0, bias=None) -> Tensor:
+    """One C elementwise pass (csrc/bc_train.c) over the rows of 2-D ``x`` into ``out``."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, n = x.shape
+    if m and n:
+        row, col, bias = _fp32_vector(row), _fp32_vector(col), _fp32_vector(bias)
+        a = _EwArgs(
+            op, m, n, _ptr(x), x.stride(0), _EW_KINDS[x.dtype], _ptr(col), _ptr(row), scalar, _ptr(bias),
+            _ptr(out), out.stride(0), int(out.dtype == torch.bfloat16),
+        )  # fmt: skip
+        _LIB.bc_ew(ctypes.byref(a), _isa_id(), _threads())
+    return out
+
+
+def scale_rows(
+    x: Tensor,
+    row: Tensor | None = None,
+    col: Tensor | None = None,
+    scalar: float = 1.0,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``(((x.float() * col) * row[:, None]) * scalar + bias).to(out_dtype)`` in one pass.
+
+    ``x`` is 2-D fp32, bf16, int8 or int32; ``row`` ``(M,)``, ``col`` and ``bias`` ``(N,)``
+    (fp32 values; each may be None). Bit-identical with that torch expression: the same IEEE
+    fp32 products in the same order, int32 -> fp32 and fp32 -> bf16 to nearest even.
+    """
+    out = torch.empty(x.shape, dtype=out_dtype)
+    if _lib() is None or x.dtype not in _EW_KINDS or out_dtype not in (torch.float32, torch.bfloat16):
+        y = x.float()
+        for factor in (col, None if row is None else row.float()[:, None]):
+            if factor is not None:
+                y = y * factor.float()
+        y = y * scalar if scalar != 1.0 else y
+        return out.copy_(y + bias.float() if bias is not None else y)
+    return _ew(_EW_SCALE, x, out, row=row, col=col, scalar=scalar, bias=bias)
+
+
+def quantize_activations(x2d: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-token absmax int8 (bit-exact with :func:`reference.quantize_activations`), one fused C pass.
+
+    With ``col_scale`` ``(K,)`` it quantizes ``x2d.float() * col_scale`` without forming that
+    product matrix (the int8 grad_input folds the weight's per-row scales in this way).
+    """
     lib = _lib()
     if lib is None or x2d.dim() != 2 or x2d.shape[1] == 0 or x2d.dtype not in (torch.float32, torch.bfloat16) or x2d.requires_grad:
-        return reference.quantize_activations(x2d)
+        return reference.quantize_activations(x2d if col_scale is None else x2d.float() * col_scale.float())
     x = x2d.contiguous()
     kind = 0 if x.dtype == torch.float32 else 1
-    xq, sx, _, _ = _prep(x, kind, x.shape[1], x.shape[1], _isa_id(), None)
+    xq, sx, _, _ = _prep(x, kind, x.shape[1], x.shape[1], _isa_id(), None, _fp32_vector(col_scale))
     return xq, sx
 
 
@@ -252,22 +318,21 @@ def _packed_int8(x: Tensor, kind: int, x_scales: Tensor | None, packed, w_scales
 
 
 def quantize_weight(weight: Tensor, group_code: int) -> tuple[Tensor, Tensor]:
-    """:func:`reference.quantize_weight` (bit-identical: the same ops in the same order), with one
-    reused ``(N, K)`` fp32 buffer instead of four for per-row / per-tensor scales; it runs on
-    every training step, where the fresh allocations' page faults cost more than the arithmetic."""
-    if group_code > 0 or weight.dim() != 2 or weight.numel() == 0 or not _on_cpu(weight):
+    """:func:`reference.quantize_weight`, bit-identical: the scales by the same torch
+    reductions, the codes ``clamp(round(w / s), -1, 1)`` in one C pass (csrc/bc_train.c)
+    instead of four fp32 ``(N, K)`` passes; it runs on every training step."""
+    if group_code > 0 or weight.dim() != 2 or weight.numel() == 0 or not _on_cpu(weight) or _lib() is None:
         return reference.quantize_weight(weight, group_code)
     check_group_code(group_code)
     w = weight.detach().float()
     n = w.shape[0]
-    buf = torch.abs(w)
+    absw = torch.abs(w)
     if group_code == PER_TENSOR:
-        scales = buf.mean().clamp_min(EPS).expand(n, 1).contiguous()
+        scales = absw.mean().clamp_min(EPS).expand(n, 1).contiguous()
     else:
-        scales = buf.mean(dim=1, keepdim=True).clamp_min(EPS)
-    torch.div(w, scales[:, :1], out=buf)
-    buf.round_().clamp_(-1, 1)
-    return buf.to(torch.int8), scales
+        scales = absw.mean(dim=1, keepdim=True).clamp_min(EPS)
+    del absw
+    return _ew(_EW_TERNARY, w, torch.empty(w.shape, dtype=torch.int8), row=scales), scales
 
 
 def _is_degenerate(m: int, n: int, k: int) -> bool:
@@ -402,14 +467,8 @@ def int8_ternary_matmul(
         return reference.int8_ternary_matmul(x_codes, x_scales, w_codes, w_scales, group_code, bias, out_dtype)
     if group_code <= PER_TENSOR:
         acc = torch._int_mm(x_codes.contiguous(), w_codes.to(torch.int8).t())
-        # The reference's order of scalings, in place (one (M, N) fp32 buffer instead of three).
-        y = acc.float()
-        del acc
-        y.mul_(w_scales[:, 0].float())
-        y.mul_(x_scales.float()[:, None])
-        if bias is not None:
-            y.add_(bias.float())
-        return y.to(out_dtype)
+        # the reference's order of scalings, and the output dtype, in one pass
+        return scale_rows(acc, row=x_scales, col=w_scales[:, 0], bias=bias, out_dtype=out_dtype)
     if _lib() is None:
         return reference.int8_ternary_matmul(x_codes, x_scales, w_codes, w_scales, group_code, bias, out_dtype)
     packed = pack_codes(w_codes.to(torch.int8))
@@ -421,14 +480,11 @@ def int8_ternary_matmul(
 BACKWARD_PRECISIONS = ("fp32", "bf16", "int8")
 
 
-def _rounded_bf16(a: Tensor, scale: Tensor | None) -> Tensor:
-    """``(a * scale)`` computed in fp32 and rounded once to bf16 (one pass; ``scale`` broadcasts)."""
-    if scale is None and a.dtype == torch.bfloat16:
+def _bf16(a: Tensor, row: Tensor | None = None, col: Tensor | None = None) -> Tensor:
+    """``a`` times the fp32 per-row / per-column scales, rounded once to bf16 (one pass)."""
+    if row is None and col is None and a.dtype == torch.bfloat16:
         return a
-    out = torch.empty(a.shape, dtype=torch.bfloat16)
-    if scale is None:
-        return out.copy_(a)
-    return torch.mul(a.float() if a.dtype != torch.float32 else a, scale, out=out)
+    return scale_rows(a, row=row, col=col, out_dtype=torch.bfloat16)
 
 
 def _grad_input_bf16(g: Tensor, w_codes: Tensor, w_scales: Tensor, group_code: int) -> Tensor:
@@ -438,11 +494,11 @@ def _grad_input_bf16(g: Tensor, w_codes: Tensor, w_scales: Tensor, group_code: i
     GEMM exactly; per-tensor scales are applied after; groups round ``W_q`` itself to bf16.
     """
     if group_code == PER_TENSOR:
-        return (_rounded_bf16(g, None) @ w_codes.to(torch.bfloat16)).float().mul_(w_scales[0, 0].float())
+        return (_bf16(g) @ _bf16(w_codes)).float().mul_(w_scales[0, 0].float())
     if group_code < 0:
-        return (_rounded_bf16(g, w_scales[:, 0].float()) @ w_codes.to(torch.bfloat16)).float()
+        return (_bf16(g, col=w_scales[:, 0]) @ _bf16(w_codes)).float()
     wq = reference.dequantize_weight(w_codes, w_scales.float(), group_code).to(torch.bfloat16)
-    return (_rounded_bf16(g, None) @ wq).float()
+    return (_bf16(g) @ wq).float()
 
 
 def _grad_input_int8(g: Tensor, w_codes: Tensor, w_scales: Tensor, group_code: int) -> Tensor:
@@ -453,15 +509,10 @@ def _grad_input_int8(g: Tensor, w_codes: Tensor, w_scales: Tensor, group_code: i
     """
     if group_code > 0:
         return _grad_input_bf16(g, w_codes, w_scales, group_code)
-    gf = g.float()
-    if group_code < 0:
-        gf = gf * w_scales[:, 0].float()  # fold the per-row scale into the summed dimension
-    q_g, s_g = quantize_activations(gf)
-    gi = torch._int_mm(q_g, w_codes.to(torch.int8)).float()  # (M, N) @ (N, K), exact
-    gi.mul_(s_g[:, None])
-    if group_code == PER_TENSOR:
-        gi.mul_(w_scales[0, 0].float())
-    return gi
+    # the per-row scale folds into the summed dimension (N); per tensor it is applied after
+    q_g, s_g = quantize_activations(g, col_scale=w_scales[:, 0] if group_code < 0 else None)
+    acc = torch._int_mm(q_g, w_codes.to(torch.int8))  # (M, N) @ (N, K), exact
+    return scale_rows(acc, row=s_g, scalar=float(w_scales[0, 0]) if group_code == PER_TENSOR else 1.0)
 
 
 def ternary_linear_backward(
@@ -509,9 +560,9 @@ def ternary_linear_backward(
             grad_input = _grad_input_bf16(g, w_codes, w_scales, group_code)
     if need_grad_weight:
         if x_scales is not None:  # W1.58A8: (g * s_x)^T @ q_x, the int8 codes exact in bf16
-            gw = _rounded_bf16(g, x_scales.float()[:, None]).t() @ saved_x.to(torch.bfloat16)
+            gw = _bf16(g, row=x_scales).t() @ _bf16(saved_x)
         else:  # weight-only: the saved activations themselves, rounded to bf16
-            gw = _rounded_bf16(g, None).t() @ _rounded_bf16(saved_x, None)
+            gw = _bf16(g).t() @ _bf16(saved_x)
         grad_weight = gw.float()
     grad_bias = g.float().sum(dim=0) if need_grad_bias else None
     return grad_input, grad_weight, grad_bias

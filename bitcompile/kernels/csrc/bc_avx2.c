@@ -197,13 +197,19 @@ void bc_gemm_i2_f32_avx2(const bc_gemm_args *a, int n0, int n1) {
 
 /* ---- per-token absmax int8 quantization (bit-exact with the reference) + corr ---- */
 INLINE __m256 load8(const bc_prep_args *a, const void *row, int k) {
-    if (a->x_kind == 0) return _mm256_loadu_ps((const float *)row + k);
-    __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + k)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+    __m256 v;
+    if (a->x_kind == 0) {
+        v = _mm256_loadu_ps((const float *)row + k);
+    } else {
+        __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + k)));
+        v = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+    }
+    return a->colscale ? _mm256_mul_ps(v, _mm256_loadu_ps(a->colscale + k)) : v;
 }
 
 INLINE float load1(const bc_prep_args *a, const void *row, int k) {
-    return a->x_kind == 0 ? ((const float *)row)[k] : bc_bf16_to_f32(((const uint16_t *)row)[k]);
+    float v = a->x_kind == 0 ? ((const float *)row)[k] : bc_bf16_to_f32(((const uint16_t *)row)[k]);
+    return a->colscale ? v * a->colscale[k] : v;
 }
 
 void bc_prep_i8_avx2(const bc_prep_args *a, int m0, int m1) {

@@ -287,9 +287,14 @@ void BC_NAME(bc_gemm_i2_f32_avx512)(const bc_gemm_args *a, int n0, int n1) {
 
 /* ---- per-token absmax int8 quantization (bit-exact with the reference) + corr ---- */
 INLINE __m512 load16(const bc_prep_args *a, const void *row, int k, __mmask16 mk) {
-    if (a->x_kind == 0) return _mm512_maskz_loadu_ps(mk, (const float *)row + k);
-    __m256i h = _mm256_maskz_loadu_epi16(mk, (const uint16_t *)row + k);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    __m512 v;
+    if (a->x_kind == 0) {
+        v = _mm512_maskz_loadu_ps(mk, (const float *)row + k);
+    } else {
+        __m256i h = _mm256_maskz_loadu_epi16(mk, (const uint16_t *)row + k);
+        v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return a->colscale ? _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, a->colscale + k)) : v;
 }
 
 void BC_NAME(bc_prep_i8_avx512)(const bc_prep_args *a, int m0, int m1) {

@@ -204,6 +204,7 @@ struct range_job {
         bc_gemm_fn gemm;
         bc_prep_fn prep;
         bc_dense_fn dense;
+        bc_ew_fn ew;
     } kernel;
     int total, chunk;
     atomic_int next;
@@ -222,6 +223,7 @@ static void range_task(void *p, int tid, int nth) {
 static void gemm_range(const range_job *j, int lo, int hi) { j->kernel.gemm(j->args, lo, hi); }
 static void prep_range(const range_job *j, int lo, int hi) { j->kernel.prep(j->args, lo, hi); }
 static void dense_range(const range_job *j, int lo, int hi) { j->kernel.dense(j->args, lo, hi); }
+static void ew_range(const range_job *j, int lo, int hi) { j->kernel.ew(j->args, lo, hi); }
 
 static void run_gemm(const bc_gemm_args *a, bc_gemm_fn fn, int nth) {
     /* a few items per thread balance a late or busy core; big M keeps items large because
@@ -373,7 +375,7 @@ int bc_linear_i8(const bc_gemm_args *base, const void *x, int64_t ldx, int x_kin
     char *buf = slot ? scratch_get(slot, xq_bytes + sx_bytes + corr_bytes + 64) : NULL;
     if (!buf) return -1;
     bc_prep_args p = { M, base->K, base->Kp, x, ldx, x_kind, (int8_t *)buf, (float *)(buf + xq_bytes),
-                       base->n_units ? (int32_t *)(buf + xq_bytes + sx_bytes) : NULL, base->unit_chunks, base->n_units };
+                       base->n_units ? (int32_t *)(buf + xq_bytes + sx_bytes) : NULL, base->unit_chunks, base->n_units, NULL };
     bc_prep_i8(&p, isa, nthreads);
     bc_gemm_args a = *base;
     a.M = M;
@@ -384,6 +386,23 @@ int bc_linear_i8(const bc_gemm_args *base, const void *x, int64_t ldx, int x_kin
     bc_gemm_i8(&a, isa, nthreads);
     scratch_trim(slot);
     return 0;
+}
+
+/* ---------------------------------------------------------------- training elementwise passes */
+
+/* NOTE: threads only from ~256K elements: below that, waking the other threads costs more
+ * than the pass. */
+void bc_ew(const bc_ew_args *a, int isa, int nthreads) {
+    bc_ew_fn fn = bc_ew_generic;
+#ifdef BC_X86
+    if (isa == BC_ISA_AVX512) fn = bc_ew_avx512;
+    else if (isa == BC_ISA_AVX2) fn = bc_ew_avx2;
+#endif
+    int64_t work = (int64_t)a->M * a->N;
+    int nth = work < (1 << 18) || nthreads < 1 ? 1 : (nthreads < a->M ? nthreads : a->M);
+    int chunk = nth > 1 ? (a->M + 4 * nth - 1) / (4 * nth) : (a->M > 0 ? a->M : 1);
+    range_job j = { ew_range, a, { .ew = fn }, a->M, chunk, 0 };
+    run_parallel(range_task, &j, nth);
 }
 
 /* ---------------------------------------------------------------- dense fp32 GEMV */

@@ -102,7 +102,7 @@ void bc_prep_i8_generic(const bc_prep_args *a, int m0, int m1) {
         } else {
             const float *xf = (const float *)a->x + (int64_t)m * a->ldx;
             const uint16_t *xh = (const uint16_t *)a->x + (int64_t)m * a->ldx;
-#define BC_XK(k) (a->x_kind == 0 ? xf[k] : bc_bf16_to_f32(xh[k]))
+#define BC_XK(k) ((a->x_kind == 0 ? xf[k] : bc_bf16_to_f32(xh[k])) * (a->colscale ? a->colscale[k] : 1.f))
             float amax = 0.f;
             for (int k = 0; k < a->K; k++) {
                 float v = fabsf(BC_XK(k));

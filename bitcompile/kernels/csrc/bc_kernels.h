@@ -56,6 +56,7 @@ typedef struct {
     float *sx;                   /* written when quantizing */
     int32_t *corr;
     int unit_chunks, n_units;
+    const float *colscale;       /* K or NULL: quantize x[m, k] * colscale[k] (fp32 product) */
 } bc_prep_args;
 
 typedef void (*bc_prep_fn)(const bc_prep_args *a, int m0, int m1);
@@ -84,6 +85,27 @@ typedef struct {
 
 typedef void (*bc_dense_fn)(const bc_dense_args *a, int n0, int n1);
 
+/* One elementwise pass over an M x N matrix (row strides ldx, ldo in elements), rows split
+ * over threads. BC_EW_SCALE: out = ((x * col[n]) * row[m]) * scalar (+ bias[n]), fp32 or bf16
+ * out (col, row, bias may be NULL). BC_EW_TERNARY: fp32 x, out int8 codes
+ * clamp(round(x / row[m]), -1, 1). */
+enum { BC_EW_SCALE = 0, BC_EW_TERNARY = 1 };
+enum { BC_EW_F32 = 0, BC_EW_BF16 = 1, BC_EW_I8 = 2, BC_EW_I32 = 3 };
+typedef struct {
+    int op, M, N;
+    const void *x;
+    int64_t ldx;
+    int x_kind;
+    const float *col, *row;
+    float scalar;
+    const float *bias;
+    void *out;
+    int64_t ldo;
+    int out_bf16;
+} bc_ew_args;
+
+typedef void (*bc_ew_fn)(const bc_ew_args *a, int m0, int m1);
+
 /* Which group modes a SIMD int8 / float kernel handles (others run the generic kernel). */
 typedef int (*bc_supports_fn)(int group);
 
@@ -94,6 +116,7 @@ void bc_prep_i8_generic(const bc_prep_args *a, int m0, int m1);
 void bc_pack_i2_generic(const int8_t *q, int64_t ldq, int N, int K, uint8_t *out, int n0, int n1);
 void bc_dense_f32_generic(const bc_dense_args *a, int n0, int n1);
 void bc_dense_i8_generic(const bc_dense_args *a, int n0, int n1);
+void bc_ew_generic(const bc_ew_args *a, int m0, int m1);
 
 #if defined(__x86_64__) || defined(_M_X64)
 void bc_gemm_i2_i8_avx2(const bc_gemm_args *a, int n0, int n1);
@@ -106,6 +129,8 @@ void bc_gemm_i2_i8_avx512_gfni(const bc_gemm_args *a, int n0, int n1);
 void bc_dense_f32_avx2(const bc_dense_args *a, int n0, int n1);
 void bc_dense_f32_avx512(const bc_dense_args *a, int n0, int n1);
 void bc_dense_i8_avx512(const bc_dense_args *a, int n0, int n1);
+void bc_ew_avx2(const bc_ew_args *a, int m0, int m1);
+void bc_ew_avx512(const bc_ew_args *a, int m0, int m1);
 #endif
 
 /* helpers shared by the kernels */

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_qat.py [--threads 1,2] [--repeats 5] [--hidden 1024 --intermediate 2816
         --layers 2 --heads 8 --vocab 512 --batch 8 --seq 256] [--precisions fp32,bf16,int8]
-        [--bf16-model-precisions int8] [--variants fp32_eager,bf16_eager,...]
+        [--bf16-model-precisions int8] [--autocast-precisions int8] [--variants fp32_eager,bf16_eager,...]
         [--out benchmarks/results/qat.json]
 
 One step = forward + cross-entropy + backward + ``torch.optim.AdamW.step`` on ``batch * seq``
@@ -19,6 +19,11 @@ its own), all built from the same seeded fp32 model:
   (inner compiler inductor, target auto = the C/oneDNN "cpu" kernels), for each ``p`` asked.
 - ``bitcpm_bf16model[<p>]`` (``--bf16-model-precisions``): the same on the model cast to bf16,
   i.e. the bf16 eager baseline's model with its Linear layers made ternary.
+- ``autocast_eager``: the fp32 model under
+  ``torch.autocast("cpu", torch.bfloat16)``, PyTorch's mixed-precision recipe (fp32 master
+  weights and AdamW, bf16 matmuls and attention).
+- ``bitcpm_autocast[<p>]`` (``--autocast-precisions``): bitcpm on the fp32 model under that
+  autocast: the ternary layers stay int8 x ternary, attention and the float head run bf16.
 
 Workers are started per thread count (inductor fixes the OpenMP thread count at compile
 time), warmed up (compile + ``--warmup`` steps), then driven round-robin: every round runs
@@ -46,7 +51,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE_VARIANTS = ("fp32_eager", "bf16_eager", "fp32_inductor", "fakequant_eager")
+BASE_VARIANTS = ("fp32_eager", "bf16_eager", "autocast_eager", "fp32_inductor", "fakequant_eager")
 
 
 def cpu_info() -> dict:
@@ -112,7 +117,7 @@ def _build(variant: str, args: argparse.Namespace):
         if variant.startswith("bitcpm_bf16model"):
             model = model.to(torch.bfloat16)
         forward = torch.compile(model, backend="bitcpm", options={"backward_precision": precision})
-    elif variant != "fp32_eager":
+    elif variant not in ("fp32_eager", "autocast_eager"):
         raise ValueError(f"unknown variant {variant!r}")
     return model, forward
 
@@ -129,9 +134,13 @@ def _worker(variant: str, threads: int, args: argparse.Namespace, conn) -> None:
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=gen)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
+    autocast = "autocast" in variant
+
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(forward(inputs).flatten(0, 1).float(), targets.flatten())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = forward(inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         loss.backward()
         opt.step()
         return loss.item()
@@ -199,18 +208,21 @@ def run_threads(variants: list[str], threads: int, args: argparse.Namespace) -> 
 
 def table(results: list[dict]) -> str:
     lines = [
-        f"{'T':>2} {'variant':<24} {'ms/step':>9} {'/bf16':>7} {'/fp32':>7} {'peak MiB':>9} {'step+ MiB':>9}  loss first->last",
+        f"{'T':>2} {'variant':<24} {'ms/step':>9} {'/bf16':>7} {'/autocast':>9} {'/fp32':>7} {'peak MiB':>9} "
+        f"{'step+ MiB':>9}  loss first->last",
     ]
     for threads in sorted({r["threads"] for r in results}):
         rows = [r for r in results if r["threads"] == threads]
         by = {r["variant"]: r for r in rows}
         bf16, fp32 = by.get("bf16_eager", {}).get("median_ms"), by.get("fp32_eager", {}).get("median_ms")
+        autocast = by.get("autocast_eager", {}).get("median_ms")
         for r in rows:
             t = r["median_ms"]
             rb = f"{t / bf16:.2f}" if bf16 else "-"
+            ra = f"{t / autocast:.2f}" if autocast else "-"
             rf = f"{t / fp32:.2f}" if fp32 else "-"
             lines.append(
-                f"{threads:>2} {r['variant']:<24} {t:>9.1f} {rb:>7} {rf:>7} {r['peak_rss_mib']:>9.0f} "
+                f"{threads:>2} {r['variant']:<24} {t:>9.1f} {rb:>7} {ra:>9} {rf:>7} {r['peak_rss_mib']:>9.0f} "
                 f"{r['step_peak_above_idle_mib']:>9.0f}  {r['losses'][0]:.3f}->{r['losses'][-1]:.3f}"
             )
     return "\n".join(lines)
@@ -230,9 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--precisions", default="fp32,bf16,int8", help="bitcpm backward_precision values to run")
     ap.add_argument(
-        "--bf16-model-precisions", default="", help="also run bitcpm on the bf16-cast model with these backward precisions"
+        "--bf16-model-precisions", default="int8", help="also run bitcpm on the bf16-cast model with these backward precisions"
     )
-    ap.add_argument("--variants", default=",".join(BASE_VARIANTS), help="baselines to run (comma list)")
+    ap.add_argument(
+        "--autocast-precisions", default="int8", help="also run bitcpm under bf16 autocast with these backward precisions"
+    )
+    ap.add_argument(
+        "--variants", default=",".join(BASE_VARIANTS), help="baselines to run (comma list)"
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "qat.json"))
     args = ap.parse_args(argv)
 
@@ -243,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = [v for v in args.variants.split(",") if v] + [f"bitcpm[{p}]" for p in args.precisions.split(",") if p]
     variants += [f"bitcpm_bf16model[{p}]" for p in args.bf16_model_precisions.split(",") if p]
+    variants += [f"bitcpm_autocast[{p}]" for p in args.autocast_precisions.split(",") if p]
     thread_counts = [int(t) for t in args.threads.split(",")]
     print(
         f"tiny Llama: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, {args.heads} heads, "

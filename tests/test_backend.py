@@ -88,3 +88,23 @@ def test_inductor_end_to_end_bf16_weight_only_groups():
     y.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters())
     assert x.grad is not None and torch.isfinite(x.grad.float()).all()
+
+
+def test_autocast_bf16_keeps_ternary_layers_and_fp32_master_weights():
+    """Mixed precision (fp32 master weights, ``torch.autocast`` bf16): autocast must not turn the
+    rewritten layers back into bf16 ``F.linear`` on float weights; their forward stays the exact
+    int8 x ternary product, the gradients reach the fp32 latent weights."""
+    torch.manual_seed(0)
+    model = MLP(12, [32], 5)
+    compiled = torch.compile(model, backend="bitcpm", options={"inner": "aot_eager", "backward_precision": "int8"})
+    x = torch.randn(6, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = compiled(x)
+    hidden = F.gelu(ref.ternary_linear_forward(x, model.hidden[0].weight, model.hidden[0].bias, -1, "int8").float())
+    expected = ref.ternary_linear_forward(hidden, model.out.weight, model.out.bias, -1, "int8")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    F.cross_entropy(got, torch.arange(6) % 5).backward()
+    for p in model.parameters():
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0

@@ -501,7 +501,9 @@ def _grad_input_bf16(g: Tensor, w_codes: Tensor, w_scales: Tensor, group_code: i
     return (_bf16(g) @ wq).float()
 
 
-def _grad_input_int8(g: Tensor, w_codes: Tensor, w_scales: Tensor, group_code: int) -> Tensor:
+def _grad_input_int8(
+    g: Tensor, w_codes: Tensor, w_scales: Tensor, group_code: int, out_dtype: torch.dtype = torch.float32
+) -> Tensor:
     """``g @ W_q`` as int8 x ternary: ``g * s_w`` quantized per row (absmax int8, the activation
     quantizer), times the exact int8 codes with ``torch._int_mm`` (exact int32), rescaled.
 
@@ -512,7 +514,8 @@ def _grad_input_int8(g: Tensor, w_codes: Tensor, w_scales: Tensor, group_code: i
     # the per-row scale folds into the summed dimension (N); per tensor it is applied after
     q_g, s_g = quantize_activations(g, col_scale=w_scales[:, 0] if group_code < 0 else None)
     acc = torch._int_mm(q_g, w_codes.to(torch.int8))  # (M, N) @ (N, K), exact
-    return scale_rows(acc, row=s_g, scalar=float(w_scales[0, 0]) if group_code == PER_TENSOR else 1.0)
+    scalar = float(w_scales[0, 0]) if group_code == PER_TENSOR else 1.0
+    return scale_rows(acc, row=s_g, scalar=scalar, out_dtype=out_dtype)
 
 
 def ternary_linear_backward(
@@ -526,6 +529,7 @@ def ternary_linear_backward(
     need_grad_weight: bool,
     need_grad_bias: bool,
     precision: str = "fp32",
+    grad_input_dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Straight-through backward (contract of :func:`reference.ternary_linear_backward`).
 
@@ -540,7 +544,10 @@ def ternary_linear_backward(
       as in ``"bf16"`` (the SwitchBack split, arXiv:2304.13013: int8 for the forward and the
       input gradient, 16-bit for the weight gradient).
 
-    All gradients are returned in fp32; ``grad_bias`` is always an fp32 sum.
+    grad_bias is an fp32 sum. grad_input is fp32, or ``grad_input_dtype`` where ``"int8"`` can
+    write that directly (rounded once from the fp32 value); grad_weight is fp32 for ``"fp32"``
+    and bf16, the GEMM's output, for ``"bf16"`` / ``"int8"``. The op converts each to its
+    parameter's dtype, so bf16 models make no round trip through fp32.
     """
     if precision not in BACKWARD_PRECISIONS:
         raise ValueError(f"backward precision {precision!r} is not one of {BACKWARD_PRECISIONS}")
@@ -555,7 +562,7 @@ def ternary_linear_backward(
     grad_input = grad_weight = None
     if need_grad_input:
         if precision == "int8":
-            grad_input = _grad_input_int8(g, w_codes, w_scales, group_code)
+            grad_input = _grad_input_int8(g, w_codes, w_scales, group_code, grad_input_dtype)
         else:
             grad_input = _grad_input_bf16(g, w_codes, w_scales, group_code)
     if need_grad_weight:
@@ -563,7 +570,7 @@ def ternary_linear_backward(
             gw = _bf16(g, row=x_scales).t() @ _bf16(saved_x)
         else:  # weight-only: the saved activations themselves, rounded to bf16
             gw = _bf16(g).t() @ _bf16(saved_x)
-        grad_weight = gw.float()
+        grad_weight = gw
     grad_bias = g.float().sum(dim=0) if need_grad_bias else None
     return grad_input, grad_weight, grad_bias
 

@@ -145,7 +145,7 @@ def ternary_linear_backward(
     impl = get_kernel(kernel)
     args = (grad_out, saved_x, x_scales, w_codes, w_scales, group_size, need_grad_input, need_grad_weight, need_grad_bias)
     if precision != "fp32" and precision in getattr(impl, "BACKWARD_PRECISIONS", ()):
-        gi, gw, gb = impl.ternary_linear_backward(*args, precision=precision)
+        gi, gw, gb = impl.ternary_linear_backward(*args, precision=precision, grad_input_dtype=input_dtype)
     else:
         gi, gw, gb = impl.ternary_linear_backward(*args)
     return (

@@ -92,6 +92,43 @@ def test_packed_linear_int8_matches_reference_impl(isa, shape, groups):
         assert ((got2.double() - want.double()).abs() <= tol + 1e-6).all()
 
 
+@pytest.mark.parametrize("n,k", [(24, 1), (1, 24), (1, 1)])
+def test_training_path_with_one_input_or_output_feature(n, k):
+    """torch 2.13's CPU _int_mm returns garbage for K = 1: the training forward (K = in_features)
+    and the int8 grad_input (whose sum runs over N = out_features) must not."""
+    x, _, b, q, s = _problem(6, n, k, -1, seed=k)
+    xq, sx = reference.quantize_activations(x)
+    want = reference.int8_ternary_matmul(xq, sx, q, s, -1, b, torch.float32)
+    assert torch.equal(cpu.int8_ternary_matmul(xq, sx, q, s, -1, b, torch.float32), want)
+    grad = torch.randn(6, n, generator=torch.Generator().manual_seed(n))
+    got, _, _ = cpu.ternary_linear_backward(grad, xq, sx, q, s, -1, True, False, False, precision="int8")
+    q_g, s_g = ref.activation_codes(grad * s[:, 0])
+    assert torch.equal(got, (q_g @ q.long()).float() * s_g[:, None])
+
+
+@pytest.mark.parametrize("shape", [(5, 67, 600), (9, 130, 257), (3, 70, 63), (4, 64, 1)])
+@pytest.mark.parametrize("groups", [(-1, -1), (0, "tensor")])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_large_m_path_decodes_tiles_for_int_mm_bit_identically(isa, monkeypatch, shape, groups, out_dtype):
+    """From cpu.ONEDNN_MIN_TOKENS on, per-row / per-tensor packed layers decode 2-bit tiles into
+    int8 and run torch._int_mm: forced here at small M, with tiles of 64 rows (the last one
+    partial), the result must equal the packed kernel's and the reference's bit for bit."""
+    code, group_size = groups
+    m, n, k = shape
+    x, _, b, q, s = _problem(m, n, k, group_size, seed=n + k)
+    packed = packing.pack_codes(q)
+    xq, sx = reference.quantize_activations(x)
+    want_float = cpu.packed_linear(x, packed, s, k, code, b, True, out_dtype)  # the VNNI kernel
+    want_codes = reference.packed_int8_matmul(xq, sx, packed, s, k, code, b, out_dtype)
+    monkeypatch.setattr(cpu, "ONEDNN_MIN_TOKENS", 1)
+    monkeypatch.setattr(cpu, "DECODE_TILE_BYTES", 64 * k)
+    got_float = cpu.packed_linear(x, packed, s, k, code, b, True, out_dtype)
+    got_codes = cpu.packed_int8_matmul(xq, sx, packed, s, k, code, b, out_dtype)
+    assert got_float.dtype == out_dtype and got_float.shape == (m, n)
+    assert torch.equal(got_float, want_float)
+    assert torch.equal(got_codes, want_codes)
+
+
 @pytest.mark.parametrize("shape", [(1, 7, 300), (6, 33, 1000), (21, 10, 777), (2, 9, 576), (5, 8, 960)])
 @pytest.mark.parametrize("groups", GROUPS)
 def test_integer_sums_are_exact(isa, shape, groups):

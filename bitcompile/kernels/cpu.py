@@ -234,7 +234,19 @@ def _prep(x: Tensor, kind: int, k: int, kp: int, isa_id: int, unit_chunks: int |
     return xq, sx, corr, n_units
 
 
-_EW_SCALE, _EW_TERNARY = 0, 1
+def int_mm(a: Tensor, b: Tensor) -> Tensor:
+    """``torch._int_mm(a, b)``: exact int32 ``(M, K) @ (K, N)`` of int8 matrices (oneDNN VNNI).
+
+    NOTE: torch 2.13's CPU ``_int_mm`` returns garbage when K = 1 and N > 1 (checked over
+    M, N up to 67, K up to 65: K = 1 is the only failing case, contiguous or transposed ``b``);
+    that case is a broadcast product.
+    """
+    if a.shape[1] == 1:
+        return a.to(torch.int32) * b.to(torch.int32)
+    return torch._int_mm(a, b)
+
+
+_EW_SCALE, _EW_TERNARY, _EW_UNPACK = 0, 1, 2
 _EW_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.int32: 3}
 
 
@@ -243,14 +255,15 @@ def _fp32_vector(t: Tensor | None) -> Tensor | None:
 
 
 def _ew(op: int, x: Tensor, out: Tensor, row=None, col=None, scalar: float = 1.0, bias=None) -> Tensor:
-    """One C elementwise pass (csrc/bc_train.c) over the rows of 2-D ``x`` into ``out``."""
+    """One C pass (csrc/bc_passes.c) over the rows of 2-D ``x`` into the rows of 2-D ``out``
+    (same shape, except for the 2-bit decode: packed rows in, ``(rows, K)`` int8 out)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    m, n = x.shape
+    m, n = out.shape
     if m and n:
         row, col, bias = _fp32_vector(row), _fp32_vector(col), _fp32_vector(bias)
         a = _EwArgs(
-            op, m, n, _ptr(x), x.stride(0), _EW_KINDS[x.dtype], _ptr(col), _ptr(row), scalar, _ptr(bias),
+            op, m, n, _ptr(x), x.stride(0), _EW_KINDS.get(x.dtype, 0), _ptr(col), _ptr(row), scalar, _ptr(bias),
             _ptr(out), out.stride(0), int(out.dtype == torch.bfloat16),
         )  # fmt: skip
         _LIB.bc_ew(ctypes.byref(a), _isa_id(), _threads())
@@ -297,7 +310,37 @@ def quantize_activations(x2d: Tensor, col_scale: Tensor | None = None) -> tuple[
     return xq, sx
 
 
+# NOTE: from this many tokens on, per-row / per-tensor scales, the packed path decodes the
+# 2-bit weights tile by tile into int8 and runs oneDNN's int8 GEMM (torch._int_mm) on each
+# tile: our VNNI microkernel reaches ~330 G int8 MAC/s per core where oneDNN reaches ~410, and
+# at large M the decode (one pass writing K bytes per weight row) is amortized. Measured at
+# K = N = 4096 (docs/kernels.md): M = 512 equal, M = 2048 8-14 % faster; M = 128-256 slower.
+ONEDNN_MIN_TOKENS = 1024
+# int8 weight tile, reused across tiles: 1-4 MiB tiles beat decoding the whole matrix by
+# 10-20 % at M = 2048 (the tile stays in L2/L3 while oneDNN packs it)
+DECODE_TILE_BYTES = 4 << 20
+
+
+def _packed_int8_onednn(x: Tensor, kind: int, x_scales: Tensor | None, packed, w_scales, k, bias, out_dtype):
+    """Large-M per-row / per-tensor W1.58A8: decoded weight tiles x ``torch._int_mm``, scaled in
+    the kernels' order of roundings (bit-identical with the packed C kernel)."""
+    xq, sx = (x, x_scales) if kind == 2 else quantize_activations(x)
+    m, n = x.shape[0], packed.shape[0]
+    y = torch.empty((m, n), dtype=out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32)
+    rows = min(n, max(64, DECODE_TILE_BYTES // max(k, 1)))
+    tile = torch.empty((rows, k), dtype=torch.int8)
+    sw = w_scales[:, 0].float().contiguous()
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        w8 = _ew(_EW_UNPACK, packed[n0:n1], tile[: n1 - n0])
+        acc = int_mm(xq, w8.t())
+        _ew(_EW_SCALE, acc, y[:, n0:n1], row=sx, col=sw[n0:n1], bias=None if bias is None else bias[n0:n1])
+    return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
 def _packed_int8(x: Tensor, kind: int, x_scales: Tensor | None, packed, w_scales, k, group_code, bias, out_dtype):
+    if group_code <= PER_TENSOR and x.shape[0] >= ONEDNN_MIN_TOKENS:
+        return _packed_int8_onednn(x, kind, x_scales, packed, w_scales, k, bias, out_dtype)
     isa_id = _isa_id()
     kp = padded_in_features(k)
     uc = ctypes.c_int()
@@ -466,7 +509,7 @@ def int8_ternary_matmul(
     if _is_degenerate(m, n, k) or not _on_cpu(x_codes, w_codes) or x_codes.dtype != torch.int8:
         return reference.int8_ternary_matmul(x_codes, x_scales, w_codes, w_scales, group_code, bias, out_dtype)
     if group_code <= PER_TENSOR:
-        acc = torch._int_mm(x_codes.contiguous(), w_codes.to(torch.int8).t())
+        acc = int_mm(x_codes.contiguous(), w_codes.to(torch.int8).t())
         # the reference's order of scalings, and the output dtype, in one pass
         return scale_rows(acc, row=x_scales, col=w_scales[:, 0], bias=bias, out_dtype=out_dtype)
     if _lib() is None:
@@ -513,7 +556,7 @@ def _grad_input_int8(
         return _grad_input_bf16(g, w_codes, w_scales, group_code)
     # the per-row scale folds into the summed dimension (N); per tensor it is applied after
     q_g, s_g = quantize_activations(g, col_scale=w_scales[:, 0] if group_code < 0 else None)
-    acc = torch._int_mm(q_g, w_codes.to(torch.int8))  # (M, N) @ (N, K), exact
+    acc = int_mm(q_g, w_codes.to(torch.int8))  # (M, N) @ (N, K), exact
     scalar = float(w_scales[0, 0]) if group_code == PER_TENSOR else 1.0
     return scale_rows(acc, row=s_g, scalar=scalar, out_dtype=out_dtype)
 

@@ -88,8 +88,9 @@ typedef void (*bc_dense_fn)(const bc_dense_args *a, int n0, int n1);
 /* One elementwise pass over an M x N matrix (row strides ldx, ldo in elements), rows split
  * over threads. BC_EW_SCALE: out = ((x * col[n]) * row[m]) * scalar (+ bias[n]), fp32 or bf16
  * out (col, row, bias may be NULL). BC_EW_TERNARY: fp32 x, out int8 codes
- * clamp(round(x / row[m]), -1, 1). */
-enum { BC_EW_SCALE = 0, BC_EW_TERNARY = 1 };
+ * clamp(round(x / row[m]), -1, 1). BC_EW_UNPACK: x = M packed 2-bit rows of ldx bytes, out
+ * the int8 codes of their first N values of k. */
+enum { BC_EW_SCALE = 0, BC_EW_TERNARY = 1, BC_EW_UNPACK = 2 };
 enum { BC_EW_F32 = 0, BC_EW_BF16 = 1, BC_EW_I8 = 2, BC_EW_I32 = 3 };
 typedef struct {
     int op, M, N;

@@ -1,4 +1,5 @@
-/* Elementwise passes of the int8 training path, each one pass over memory.
+/* Elementwise passes of the int8 training path (and the 2-bit decode of large-M serving),
+ * each one pass over memory.
  *
  * Why: around the int8 GEMMs (torch._int_mm) and the bf16 grad_weight GEMM, the training step
  * converts and scales whole activation / gradient matrices: int32 sums -> scaled fp32, g * s
@@ -65,8 +66,32 @@ BODY void ternary_rows(const bc_ew_args *a, int m0, int m1) {
     }
 }
 
+/* 2-bit packed rows (bc_i2_planar256_t64 v2, a->ldx bytes each) -> int8 codes q = c - 1 of
+ * k < a->N: the large-M serving path decodes weight tiles for a dense int8 GEMM. */
+BODY void unpack_rows(const bc_ew_args *a, int m0, int m1) {
+    const int K = a->N, Kp = (K + BC_PAD_K - 1) / BC_PAD_K * BC_PAD_K, nb = Kp / BC_BLOCK_K;
+    for (int m = m0; m < m1; m++) {
+        const uint8_t *row = (const uint8_t *)a->x + (int64_t)m * a->ldx;
+        int8_t *q = (int8_t *)a->out + (int64_t)m * a->ldo;
+        for (int ch = 0; ch < Kp / BC_CHUNK_K; ch++) {
+            const int k0 = BC_CHUNK_K * ch, lim = K - k0 < BC_CHUNK_K ? K - k0 : BC_CHUNK_K;
+            if (ch < 4 * nb) {  /* plane ch % 4 of the 64 bytes of block ch / 4 */
+                const uint8_t *src = row + 64 * (ch / 4);
+                const int shift = 2 * (ch % 4);
+                for (int j = 0; j < lim; j++) q[k0 + j] = (int8_t)(((src[j] >> shift) & 3) - 1);
+            } else {  /* tail chunk: four planes of 16 from one 16-byte group */
+                const uint8_t *src = row + 64 * nb + BC_TAIL_BYTES * (ch - 4 * nb);
+                for (int i = 0; i < 4; i++)
+                    for (int j = 0; j < 16 && 16 * i + j < lim; j++)
+                        q[k0 + 16 * i + j] = (int8_t)(((src[j] >> (2 * i)) & 3) - 1);
+            }
+        }
+    }
+}
+
 BODY void ew_rows(const bc_ew_args *a, int m0, int m1) {
     if (a->op == BC_EW_TERNARY) ternary_rows(a, m0, m1);
+    else if (a->op == BC_EW_UNPACK) unpack_rows(a, m0, m1);
     else scale_rows(a, m0, m1);
 }
 

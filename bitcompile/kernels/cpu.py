@@ -250,8 +250,13 @@ _EW_SCALE, _EW_TERNARY, _EW_UNPACK = 0, 1, 2
 _EW_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.int32: 3}
 
 
-def _fp32_vector(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.float().contiguous().reshape(-1)
+def _fp32_vector(t: Tensor | None, length: int, what: str) -> Tensor | None:
+    """``t`` as a contiguous fp32 vector of exactly ``length`` values (the C code reads that many)."""
+    if t is None:
+        return None
+    if t.numel() != length or sum(d != 1 for d in t.shape) > 1:
+        raise ValueError(f"{what} must hold {length} values (one per {'row' if what == 'row' else 'column'}), got shape {tuple(t.shape)}")
+    return t.float().contiguous().reshape(-1)
 
 
 def _ew(op: int, x: Tensor, out: Tensor, row=None, col=None, scalar: float = 1.0, bias=None) -> Tensor:
@@ -260,10 +265,11 @@ def _ew(op: int, x: Tensor, out: Tensor, row=None, col=None, scalar: float = 1.0
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, n = out.shape
+    kind = 0 if op == _EW_UNPACK else _EW_KINDS[x.dtype]
+    row, col, bias = _fp32_vector(row, m, "row"), _fp32_vector(col, n, "col"), _fp32_vector(bias, n, "bias")
     if m and n:
-        row, col, bias = _fp32_vector(row), _fp32_vector(col), _fp32_vector(bias)
         a = _EwArgs(
-            op, m, n, _ptr(x), x.stride(0), _EW_KINDS.get(x.dtype, 0), _ptr(col), _ptr(row), scalar, _ptr(bias),
+            op, m, n, _ptr(x), x.stride(0), kind, _ptr(col), _ptr(row), scalar, _ptr(bias),
             _ptr(out), out.stride(0), int(out.dtype == torch.bfloat16),
         )  # fmt: skip
         _LIB.bc_ew(ctypes.byref(a), _isa_id(), _threads())
@@ -282,12 +288,18 @@ def scale_rows(
 
     ``x`` is 2-D fp32, bf16, int8 or int32; ``row`` ``(M,)``, ``col`` and ``bias`` ``(N,)``
     (fp32 values; each may be None). Bit-identical with that torch expression: the same IEEE
-    fp32 products in the same order, int32 -> fp32 and fp32 -> bf16 to nearest even.
+    fp32 products in the same order, int32 -> fp32 and fp32 -> bf16 to nearest even (a NaN
+    stays a NaN; its payload bits may differ from torch's, which differ between torch's own
+    scalar and vector paths). A factor of the wrong length raises ValueError.
     """
+    if x.dim() != 2:
+        raise ValueError(f"scale_rows: x must be 2-D, got shape {tuple(x.shape)}")
     out = torch.empty(x.shape, dtype=out_dtype)
     if _lib() is None or x.dtype not in _EW_KINDS or out_dtype not in (torch.float32, torch.bfloat16):
+        m, n = x.shape
+        row, col, bias = _fp32_vector(row, m, "row"), _fp32_vector(col, n, "col"), _fp32_vector(bias, n, "bias")
         y = x.float()
-        for factor in (col, None if row is None else row.float()[:, None]):
+        for factor in (col, None if row is None else row[:, None]):
             if factor is not None:
                 y = y * factor.float()
         y = y * scalar if scalar != 1.0 else y
@@ -301,33 +313,36 @@ def quantize_activations(x2d: Tensor, col_scale: Tensor | None = None) -> tuple[
     With ``col_scale`` ``(K,)`` it quantizes ``x2d.float() * col_scale`` without forming that
     product matrix (the int8 grad_input folds the weight's per-row scales in this way).
     """
+    col_scale = _fp32_vector(col_scale, x2d.shape[-1], "col")
     lib = _lib()
     if lib is None or x2d.dim() != 2 or x2d.shape[1] == 0 or x2d.dtype not in (torch.float32, torch.bfloat16) or x2d.requires_grad:
-        return reference.quantize_activations(x2d if col_scale is None else x2d.float() * col_scale.float())
+        return reference.quantize_activations(x2d if col_scale is None else x2d.float() * col_scale)
     x = x2d.contiguous()
     kind = 0 if x.dtype == torch.float32 else 1
-    xq, sx, _, _ = _prep(x, kind, x.shape[1], x.shape[1], _isa_id(), None, _fp32_vector(col_scale))
+    xq, sx, _, _ = _prep(x, kind, x.shape[1], x.shape[1], _isa_id(), None, col_scale)
     return xq, sx
 
 
 # NOTE: from this many tokens on, per-row / per-tensor scales, the packed path decodes the
 # 2-bit weights tile by tile into int8 and runs oneDNN's int8 GEMM (torch._int_mm) on each
 # tile: our VNNI microkernel reaches ~330 G int8 MAC/s per core where oneDNN reaches ~410, and
-# at large M the decode (one pass writing K bytes per weight row) is amortized. Measured at
-# K = N = 4096 (docs/kernels.md): M = 512 equal, M = 2048 8-14 % faster; M = 128-256 slower.
+# at large M the decode (one pass writing K bytes per weight row) is amortized. Measured
+# (docs/kernels.md, VNNI time / this path's, T = 1 and 2, K x N = 4096^2 and 11008 x 4096):
+# M = 512 0.91-1.06, M = 1024 1.02-1.18, M = 2048 1.11-1.28; M <= 256 slower.
 ONEDNN_MIN_TOKENS = 1024
-# int8 weight tile, reused across tiles: 1-4 MiB tiles beat decoding the whole matrix by
-# 10-20 % at M = 2048 (the tile stays in L2/L3 while oneDNN packs it)
-DECODE_TILE_BYTES = 4 << 20
+# weight rows decoded per tile (one int8 buffer, reused): each tile re-reads the activations,
+# the whole matrix at once left L3 (M = 2048, K = N = 4096: 1024 rows 73 ms, all 4096 95 ms;
+# 256-2048 rows within 10 % of each other at K = 4096 and 11008)
+DECODE_TILE_ROWS = 1024
 
 
-def _packed_int8_onednn(x: Tensor, kind: int, x_scales: Tensor | None, packed, w_scales, k, bias, out_dtype):
-    """Large-M per-row / per-tensor W1.58A8: decoded weight tiles x ``torch._int_mm``, scaled in
-    the kernels' order of roundings (bit-identical with the packed C kernel)."""
+def _packed_int8_onednn(x: Tensor, kind: int, x_scales: Tensor | None, packed, w_scales, k, bias, y: Tensor) -> Tensor:
+    """Large-M per-row / per-tensor W1.58A8 into ``y`` (M, N) fp32/bf16: decoded weight tiles x
+    ``torch._int_mm``, scaled in the kernels' order of roundings (bit-identical with the packed
+    C kernel)."""
     xq, sx = (x, x_scales) if kind == 2 else quantize_activations(x)
-    m, n = x.shape[0], packed.shape[0]
-    y = torch.empty((m, n), dtype=out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32)
-    rows = min(n, max(64, DECODE_TILE_BYTES // max(k, 1)))
+    n = packed.shape[0]
+    rows = min(n, DECODE_TILE_ROWS)
     tile = torch.empty((rows, k), dtype=torch.int8)
     sw = w_scales[:, 0].float().contiguous()
     for n0 in range(0, n, rows):
@@ -335,12 +350,14 @@ def _packed_int8_onednn(x: Tensor, kind: int, x_scales: Tensor | None, packed, w
         w8 = _ew(_EW_UNPACK, packed[n0:n1], tile[: n1 - n0])
         acc = int_mm(xq, w8.t())
         _ew(_EW_SCALE, acc, y[:, n0:n1], row=sx, col=sw[n0:n1], bias=None if bias is None else bias[n0:n1])
-    return y if y.dtype == out_dtype else y.to(out_dtype)
+    return y
 
 
 def _packed_int8(x: Tensor, kind: int, x_scales: Tensor | None, packed, w_scales, k, group_code, bias, out_dtype):
     if group_code <= PER_TENSOR and x.shape[0] >= ONEDNN_MIN_TOKENS:
-        return _packed_int8_onednn(x, kind, x_scales, packed, w_scales, k, bias, out_dtype)
+        y, _ = _out(x.shape[0], packed.shape[0], out_dtype)
+        y = _packed_int8_onednn(x, kind, x_scales, packed, w_scales, k, bias, y)
+        return y if y.dtype == out_dtype else y.to(out_dtype)
     isa_id = _isa_id()
     kp = padded_in_features(k)
     uc = ctypes.c_int()
@@ -362,7 +379,7 @@ def _packed_int8(x: Tensor, kind: int, x_scales: Tensor | None, packed, w_scales
 
 def quantize_weight(weight: Tensor, group_code: int) -> tuple[Tensor, Tensor]:
     """:func:`reference.quantize_weight`, bit-identical: the scales by the same torch
-    reductions, the codes ``clamp(round(w / s), -1, 1)`` in one C pass (csrc/bc_train.c)
+    reductions, the codes ``clamp(round(w / s), -1, 1)`` in one C pass (csrc/bc_passes.c)
     instead of four fp32 ``(N, K)`` passes; it runs on every training step."""
     if group_code > 0 or weight.dim() != 2 or weight.numel() == 0 or not _on_cpu(weight) or _lib() is None:
         return reference.quantize_weight(weight, group_code)
@@ -655,6 +672,8 @@ class PreparedPackedLinear:
         b = None if bias is None else bias.float().contiguous()
         self._storages = tuple(t.untyped_storage() for t in (w, sw, b) if t is not None)
         self._bias = b
+        # new tensor objects on the same storage, for the large-M path (not the caller's objects)
+        self._packed_view, self._scales_view = (torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride()) for t in (w, sw))
         kp = padded_in_features(in_features)
         uc = ctypes.c_int()
         self.run_isa = _LIB.bc_plan_i8(self.isa_id, group_code, kp, ctypes.byref(uc))
@@ -708,6 +727,10 @@ class PreparedPackedLinear:
         m = x.numel() // k if k else 0
         if k == 0:  # an empty sum: the bias alone
             y.copy_(self._bias.expand_as(y)) if self._bias is not None else y.zero_()
+        elif m >= ONEDNN_MIN_TOKENS and self.out_features and self.group_code <= PER_TENSOR:
+            kind = 0 if x.dtype == torch.float32 else 1
+            w, sw, b = self._packed_view, self._scales_view, self._bias
+            _packed_int8_onednn(x.view(m, k), kind, None, w, sw, k, b, y.view(m, -1))
         elif m and self.out_features:
             args = self._args_bf16 if bf16 else self._args
             kind = 0 if x.dtype == torch.float32 else 1

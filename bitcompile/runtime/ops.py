@@ -139,7 +139,9 @@ def ternary_linear_backward(
     ``grad_input = grad_out @ W_q``, ``grad_weight = grad_out^T @ (x_codes * x_scales)`` (or
     ``@ x`` weight-only), ``grad_bias = grad_out.sum(0)``. A gradient that is not needed is
     returned as an empty tensor and its matmul is skipped. ``precision`` (``"fp32"``,
-    ``"bf16"``, ``"int8"``) is passed to kernels that implement it (``BACKWARD_PRECISIONS``).
+    ``"bf16"``, ``"int8"``) is passed to kernels that implement it (those listing
+    ``BACKWARD_PRECISIONS``, which also take ``grad_input_dtype=``, the dtype grad_input may be
+    written in directly); every gradient is converted to its parameter's dtype here.
     """
     _check_precision(precision)
     impl = get_kernel(kernel)

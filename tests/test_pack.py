@@ -3,6 +3,9 @@
 import copy
 import json
 import struct
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -248,3 +251,27 @@ def test_gpt2_conv1d_layers_pack_like_the_compiler_rewrites_them(tmp_path):
     loaded = bitcompile.load_packed(tmp_path, lambda: transformers.GPT2LMHeadModel(config)).eval()
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, packed(tokens).logits)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS from /proc; malloc_trim is glibc's")
+def test_pack_hands_the_freed_float_weights_back_to_the_os():
+    code = textwrap.dedent(
+        """
+        import torch, bitcompile
+        def rss_mib():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmRSS"):
+                    return int(line.split()[1]) / 1024
+        junk = torch.empty(30 << 20, dtype=torch.uint8)
+        junk.fill_(1)
+        del junk  # raises glibc's mmap threshold, as a real process has: the weights below live in the heap
+        model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(24)])  # 96 MiB of fp32
+        before = rss_mib()
+        bitcompile.pack(model)
+        print("dropped", before - rss_mib())
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    dropped = float(result.stdout.split("dropped")[-1])
+    assert dropped > 48, f"RSS dropped only {dropped:.0f} MiB after packing 96 MiB of fp32 weights"

@@ -292,17 +292,23 @@ void bc_gemm_f32(const bc_gemm_args *a, int isa, int nthreads) {
     run_gemm(a, f32_kernel(isa), pick_threads(nthreads, (int64_t)a->M * a->N * a->Kp * 8, a->N));
 }
 
+/* Row passes (activation prep, elementwise): M rows split over threads once the pass has
+ * min_work elements (below that, waking the other threads costs more than the pass). */
+static void run_rows(range_job *j, int M, int64_t work, int64_t min_work, int nthreads) {
+    int nth = work < min_work || nthreads < 1 ? 1 : (nthreads < M ? nthreads : M);
+    j->total = M;
+    j->chunk = nth > 1 ? (M + 4 * nth - 1) / (4 * nth) : (M > 0 ? M : 1);
+    run_parallel(range_task, j, nth);
+}
+
 void bc_prep_i8(const bc_prep_args *a, int isa, int nthreads) {
     bc_prep_fn fn = bc_prep_i8_generic;
 #ifdef BC_X86
     if (isa == BC_ISA_AVX512) fn = bc_prep_i8_avx512;
     else if (isa == BC_ISA_AVX2) fn = bc_prep_i8_avx2;
 #endif
-    int64_t work = (int64_t)a->M * a->Kp;
-    int nth = work < (1 << 17) || nthreads < 1 ? 1 : (nthreads < a->M ? nthreads : a->M);
-    int chunk = nth > 1 ? (a->M + 4 * nth - 1) / (4 * nth) : (a->M > 0 ? a->M : 1);
-    range_job j = { prep_range, a, { .prep = fn }, a->M, chunk, 0 };
-    run_parallel(range_task, &j, nth);
+    range_job j = { prep_range, a, { .prep = fn }, 0, 0, 0 };
+    run_rows(&j, a->M, (int64_t)a->M * a->Kp, 1 << 17, nthreads);
 }
 
 /* ---------------------------------------------------------------- one call per layer */
@@ -390,19 +396,14 @@ int bc_linear_i8(const bc_gemm_args *base, const void *x, int64_t ldx, int x_kin
 
 /* ---------------------------------------------------------------- training elementwise passes */
 
-/* NOTE: threads only from ~256K elements: below that, waking the other threads costs more
- * than the pass. */
 void bc_ew(const bc_ew_args *a, int isa, int nthreads) {
     bc_ew_fn fn = bc_ew_generic;
 #ifdef BC_X86
     if (isa == BC_ISA_AVX512) fn = bc_ew_avx512;
     else if (isa == BC_ISA_AVX2) fn = bc_ew_avx2;
 #endif
-    int64_t work = (int64_t)a->M * a->N;
-    int nth = work < (1 << 18) || nthreads < 1 ? 1 : (nthreads < a->M ? nthreads : a->M);
-    int chunk = nth > 1 ? (a->M + 4 * nth - 1) / (4 * nth) : (a->M > 0 ? a->M : 1);
-    range_job j = { ew_range, a, { .ew = fn }, a->M, chunk, 0 };
-    run_parallel(range_task, &j, nth);
+    range_job j = { ew_range, a, { .ew = fn }, 0, 0, 0 };
+    run_rows(&j, a->M, (int64_t)a->M * a->N, 1 << 18, nthreads);
 }
 
 /* ---------------------------------------------------------------- dense fp32 GEMV */

@@ -19,6 +19,9 @@ GroupSize = int | Literal["tensor"]
 TARGETS = ("auto", "reference", "cpu", "cann")
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 ACTIVATION_MODES = ("int8", None)
+#: The C kernels take the group length as a C ``int``; a larger one would wrap around silently.
+#: (A group longer than a layer's K is one group of K: the last group is always cut at K.)
+MAX_GROUP_SIZE = 2**31 - 1
 BACKWARD_PRECISIONS = ("fp32", "bf16", "int8")
 
 
@@ -81,8 +84,12 @@ class TernaryConfig:
 
     def __post_init__(self) -> None:
         gs = self.group_size
-        if gs != "tensor" and (isinstance(gs, bool) or not isinstance(gs, int) or (gs <= 0 and gs != -1)):
-            raise _bad("group_size", gs, "-1 (per output row), 'tensor', or a positive int such as 32, 64, 128")
+        if gs != "tensor" and (
+            isinstance(gs, bool) or not isinstance(gs, int) or (gs <= 0 and gs != -1) or gs > MAX_GROUP_SIZE
+        ):
+            raise _bad(
+                "group_size", gs, "-1 (per output row), 'tensor', or a positive int such as 32, 64, 128 (below 2**31)"
+            )
         if self.activations not in ACTIVATION_MODES:
             raise _bad("activations", self.activations, "'int8' or None (weight-only)")
         object.__setattr__(self, "exclude", _as_patterns("exclude", self.exclude))

@@ -30,6 +30,7 @@ def test_from_options_parses_and_is_frozen():
         ({"group_size": -4}, ["'group_size'", "-4"]),
         ({"group_size": "row"}, ["'group_size'", "'row'"]),
         ({"group_size": True}, ["'group_size'", "True"]),
+        ({"group_size": 2**32 + 32}, ["'group_size'", "4294967328", "below 2**31"]),  # the C int would wrap to 32
         ({"activations": "int4"}, ["'activations'", "'int4'", "'int8'"]),
         ({"target": "gpu"}, ["'target'", "'gpu'", "cann"]),
         ({"inner": "tvm"}, ["'inner'", "'tvm'", "inductor"]),

@@ -125,6 +125,13 @@ def test_int8_head_errors_are_clear_and_leave_the_model_untouched():
     assert isinstance(excluded.lm_head, Int8Linear) and type(excluded.embed_tokens) is nn.Embedding
 
 
+def _metadata(directory):
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as handle:
+        return handle.metadata()
+
+
 def test_int8_head_checkpoint_round_trip_and_bad_codes(tmp_path):
     model = bitcompile.pack(_tiny_llama(), head="int8")
     tokens = torch.randint(0, 300, (1, 9))
@@ -133,9 +140,17 @@ def test_int8_head_checkpoint_round_trip_and_bad_codes(tmp_path):
     assert loaded.lm_head.codes is loaded.embed_tokens.codes
     with torch.no_grad():
         assert torch.equal(loaded(tokens), model(tokens))
-    # a checkpoint whose head has the code -128 is refused, naming the tensor
+    # a head with the code -128 is neither saved nor loaded, naming the tensor
+    from safetensors.torch import load_file, save_file
+
     model.embed_tokens.codes[3, 5] = -128
-    bitcompile.save_packed(model, tmp_path / "bad")
+    with pytest.raises(CheckpointError, match=r"save_packed: not writing .*'embed_tokens.codes' holds the int8 code -128"):
+        bitcompile.save_packed(model, tmp_path / "bad")
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+    (tmp_path / "bad").mkdir(exist_ok=True)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["embed_tokens.codes"][3, 5] = -128
+    save_file(tensors, str(tmp_path / "bad" / "model.safetensors"), metadata=_metadata(tmp_path))
     with pytest.raises(CheckpointError, match=r"codes' holds the int8 code -128"):
         bitcompile.load_packed(tmp_path / "bad", _tiny_llama())
     # loading into a model whose vocabulary differs names the layer

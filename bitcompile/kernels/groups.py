@@ -40,7 +40,12 @@ def num_groups(in_features: int, group_code: int) -> int:
 
 
 def expand_scales(scales: torch.Tensor, in_features: int, group_code: int) -> torch.Tensor:
-    """``(N, n_groups)`` scales → ``(N, K)``, one multiplier per weight element."""
-    if group_code <= 0:
+    """``(N, n_groups)`` scales → ``(N, K)``, one multiplier per weight element.
+
+    Allocates ``N × K`` values whatever ``group_code`` is: a group longer than K is one group of
+    K (repeating each scale ``group_code`` times first would allocate ``N × g``, 256 GB for
+    ``g = 10**9``).
+    """
+    if group_code <= 0 or group_code >= in_features:
         return scales[:, :1].expand(scales.shape[0], in_features)
     return scales.repeat_interleave(group_code, dim=1)[:, :in_features]

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from bitcompile.kernels import cpu as cpu_kernels
 from bitcompile.kernels import reference
+from bitcompile.runtime.conversion import FixedFormatModule
 
 
 @torch.library.custom_op("bitcpm::int8_dense_linear", mutates_args=())
@@ -59,12 +60,15 @@ def _int8_backward(ctx, grad_out):
 int8_dense_linear_op.register_autograd(_int8_backward, setup_context=_int8_setup_context)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(FixedFormatModule):
     """A linear layer with per-row int8 weights, run as W8A8: ``codes`` int8 ``(out, in)``,
     ``scales`` fp32 ``(out, 1)``, ``bias`` (original dtype, optional). Inference only.
 
     A tied head shares ``codes`` and ``scales`` with an :class:`Int8Embedding` (the same tensors).
+    ``.to(dtype)`` converts the bias only (:mod:`bitcompile.runtime.conversion`).
     """
+
+    format_buffers = ("codes", "scales")
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -123,8 +127,12 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 weights and activations"
 
 
-class Int8Embedding(nn.Module):
-    """``nn.Embedding`` whose table is per-row int8: row ``i`` is ``codes[i] * scales[i]``."""
+class Int8Embedding(FixedFormatModule):
+    """``nn.Embedding`` whose table is per-row int8: row ``i`` is ``codes[i] * scales[i]``, returned
+    in ``original_dtype``. ``.to(dtype)`` changes that output dtype, never the int8 table
+    (:mod:`bitcompile.runtime.conversion`)."""
+
+    format_buffers = ("codes", "scales")
 
     def __init__(
         self,

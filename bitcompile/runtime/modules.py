@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from bitcompile.runtime.ops import float_gemv, prepared_cpu_call  # (importing it registers torch.ops.bitcpm.*)
+from bitcompile.runtime.conversion import FixedFormatModule
 from bitcompile.config import TernaryConfig
 from bitcompile.kernels import cpu as cpu_kernels
 from bitcompile.kernels import get_kernel, resolve_target
@@ -30,12 +31,16 @@ from bitcompile.runtime.prequantized import detect_ternary
 PreQuantized = Literal["auto"] | bool
 
 
-class PackedTernaryLinear(nn.Module):
+class PackedTernaryLinear(FixedFormatModule):
     """A linear layer with 2-bit ternary weights: ``y = x @ (codes * scales)^T + bias``.
 
     Buffers: ``packed`` (uint8, canonical layout), ``scales`` (fp32 ``(out, n_groups)``),
     ``bias`` (original dtype, optional). Inference only: it has no trainable weight.
+    ``.to(dtype)`` / ``.half()`` / ``.bfloat16()`` convert the bias only; ``packed`` and
+    ``scales`` keep their format (:mod:`bitcompile.runtime.conversion`).
     """
+
+    format_buffers = ("packed", "scales")
 
     def __init__(
         self,
@@ -377,6 +382,8 @@ def _int8_head_replacements(model: nn.Module, plan: list[PackDecision]) -> dict[
             f"pack(head='int8'): layer {head_name!r} would be packed ternary; exclude it from ternary "
             "(TernaryConfig(exclude=[...])) to store it as int8"
         )
+    if not torch.isfinite(head_module.weight).all():  # per-row absmax scales would be NaN / inf
+        raise ValueError(f"pack(head='int8'): layer {head_name!r}: weight has NaN or inf values; refusing to pack it")
     head = Int8Linear.from_weight(head_module.weight, head_module.bias)
     replacements: dict[str, nn.Module] = {head_name: head}
     for name, module in model.named_modules():

@@ -12,16 +12,13 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-from bitcompile.kernels.groups import PER_ROW, PER_TENSOR
+from bitcompile.kernels.groups import MAX_GROUP_SIZE, PER_ROW, PER_TENSOR
 
 GroupSize = int | Literal["tensor"]
 
 TARGETS = ("auto", "reference", "cpu", "cann")
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 ACTIVATION_MODES = ("int8", None)
-#: The C kernels take the group length as a C ``int``; a larger one would wrap around silently.
-#: (A group longer than a layer's K is one group of K: the last group is always cut at K.)
-MAX_GROUP_SIZE = 2**31 - 1
 BACKWARD_PRECISIONS = ("fp32", "bf16", "int8")
 
 

@@ -260,6 +260,11 @@ def test_a_group_longer_than_k_is_one_group_without_allocating_n_by_g(tmp_path):
     path = bitcompile.save_packed(long_groups, tmp_path)
     assert json.loads(_read(path)[0]["layers"])["0"]["group_size"] == 10**9
     _assert_same_state(bitcompile.load_packed(tmp_path, lambda: nn.Sequential(nn.Linear(64, 256))), long_groups)
+    # a group length the kernels' C int cannot hold is refused, not wrapped around (to 32 here)
+    layer = long_groups[0]
+    for kernel in ("cpu", "reference"):
+        with pytest.raises(ValueError, match="group_size code 4294967328 is invalid"):
+            torch.ops.bitcpm.ternary_linear_packed(x, layer.packed, layer.scales, layer.bias, 64, 2**32 + 32, True, kernel)
     options = {"inner": "aot_eager", "target": "reference"}
     with torch.no_grad():
         expected = torch.compile(copy.deepcopy(model), backend="bitcpm", options=options)(x)

@@ -16,6 +16,10 @@ PER_TENSOR = 0
 #: Lower bound of every scale (DESIGN.md §3): a zero row or token must not divide by zero.
 EPS = 1e-5
 
+#: The C kernels take the group length as a C ``int``; a longer one would wrap around silently.
+#: (A group longer than a layer's K is one group of K: the last group is always cut at K.)
+MAX_GROUP_SIZE = 2**31 - 1
+
 
 def describe(group_code: int) -> str:
     """Human form of a group code, as the config spells it."""
@@ -27,8 +31,8 @@ def describe(group_code: int) -> str:
 
 
 def check_group_code(group_code: int) -> None:
-    if group_code < PER_ROW:
-        raise ValueError(f"group_size code {group_code} is invalid: expected -1, 0 or a positive int")
+    if group_code < PER_ROW or group_code > MAX_GROUP_SIZE:
+        raise ValueError(f"group_size code {group_code} is invalid: expected -1, 0 or a positive int below 2**31")
 
 
 def num_groups(in_features: int, group_code: int) -> int:

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import Tensor, nn
 
-from bitcompile.config import MAX_GROUP_SIZE
+from bitcompile.kernels.groups import MAX_GROUP_SIZE
 from bitcompile.kernels.packing import LAYOUT_NAME, LAYOUT_VERSION
 from bitcompile.runtime.int8_head import Int8Embedding, Int8Linear
 from bitcompile.runtime.modules import PackedTernaryLinear, linear_view, replace_submodule

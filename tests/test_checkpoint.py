@@ -177,6 +177,19 @@ def test_wrapped_models_save_and_load_under_their_own_names(tmp_path):
     _assert_same_state(bitcompile.load_packed(tmp_path / "legacy", _mlp), packed)
 
 
+def test_a_ddp_wrapped_packed_model_with_a_trainable_layer_saves_under_its_own_names(tmp_path):
+    import torch.distributed as dist
+
+    packed = bitcompile.pack(_mlp(), TernaryConfig(exclude=["out"]))  # a float layer to train beside the packed one
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        path = bitcompile.save_packed(nn.parallel.DistributedDataParallel(packed), tmp_path)
+    finally:
+        dist.destroy_process_group()
+    assert sorted(_read(path)[1]) == ["hidden.0.bias", "hidden.0.packed", "hidden.0.scales", "out.bias", "out.weight"]
+    _assert_same_state(bitcompile.load_packed(path, _mlp), packed)
+
+
 # --- items 10-12: malformed metadata, oversized shapes and groups ------------------------------
 
 

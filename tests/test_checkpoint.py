@@ -66,7 +66,8 @@ def test_an_untied_checkpoint_does_not_load_into_a_tied_model(tmp_path):
     bitcompile.save_packed(untied, tmp_path / "untied")
     tied = _llama(tie=True, seed=1)
     snapshot = _snapshot(tied)
-    with pytest.raises(CheckpointError, match=r"tensors 'embed_tokens.weight' and 'lm_head.weight' .* differ, but the model ties them") as info:
+    message = r"tensors 'embed_tokens.weight' and 'lm_head.weight' .* differ, but the model ties them"
+    with pytest.raises(CheckpointError, match=message) as info:
         bitcompile.load_packed(tmp_path / "untied", tied)
     assert "\n" not in str(info.value)
     _assert_unchanged(tied, snapshot)
@@ -253,7 +254,8 @@ def test_declared_int8_shapes_are_checked_before_anything_is_allocated(tmp_path)
     _write(path, {**metadata, "int8_layers": json.dumps(int8_layers)}, tensors)
     model = _llama()
     snapshot = _snapshot(model)
-    with pytest.raises(CheckpointError, match=r"layer 'embed_tokens': checkpoint has an int8 Embedding of weight shape \(10000000, 100000\), the model has Embedding \(40, 48\)"):
+    message = r"layer 'embed_tokens': checkpoint has an int8 Embedding of weight shape \(10000000, 100000\), the model has"
+    with pytest.raises(CheckpointError, match=message + r" Embedding \(40, 48\)"):
         bitcompile.load_packed(tmp_path, model)
     _assert_unchanged(model, snapshot)
 

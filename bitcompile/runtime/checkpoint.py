@@ -180,7 +180,7 @@ class _Fields:
 def _packed_layer(where: str, name: str, info: Any) -> dict:
     fields = _Fields(where, name, info, _PACKED_KEYS)
     group_size = info["group_size"]
-    if not (group_size == "tensor" or (type(group_size) is int and (group_size == -1 or 1 <= group_size <= MAX_GROUP_SIZE))):
+    if not (group_size == "tensor" or (type(group_size) is int and (group_size == -1 or 0 < group_size <= MAX_GROUP_SIZE))):
         raise fields.error("group_size", "-1, 'tensor' or a positive integer below 2**31")
     if not (info["activations"] is None or info["activations"] == "int8"):
         raise fields.error("activations", "'int8' or null")
@@ -201,7 +201,7 @@ def _int8_layer(where: str, name: str, info: Any) -> dict:
     if kind == "embedding":
         rows, dim = fields.count("num_embeddings"), fields.count("embedding_dim")
         padding_idx = info["padding_idx"]
-        if padding_idx is not None and (isinstance(padding_idx, bool) or not isinstance(padding_idx, int) or not 0 <= padding_idx < rows):
+        if padding_idx is not None and not (type(padding_idx) is int and 0 <= padding_idx < rows):
             raise fields.error("padding_idx", f"null or an integer in [0, {rows})")
         return {"kind": kind, "shape": (rows, dim), "padding_idx": padding_idx, "dtype": fields.dtype()}
     tied_to = info["tied_to"]
@@ -243,10 +243,13 @@ def _parse_metadata(where: str, metadata: Mapping[str, str]) -> tuple[dict[str, 
         if info["kind"] == "linear" and info["tied_to"] is not None:
             embedding = int8_layers.get(info["tied_to"])
             if embedding is None or embedding["kind"] != "embedding":
-                raise CheckpointError(f"{where}: layer {name!r} is tied to {info['tied_to']!r}, which the checkpoint does not store as int8")
+                raise CheckpointError(
+                    f"{where}: layer {name!r} is tied to {info['tied_to']!r}, which the checkpoint does not store as int8"
+                )
             if embedding["shape"] != info["shape"]:
                 raise CheckpointError(
-                    f"{where}: layer {name!r} of shape {info['shape']} is tied to {info['tied_to']!r} of shape {embedding['shape']}"
+                    f"{where}: layer {name!r} of shape {info['shape']} is tied to {info['tied_to']!r} "
+                    f"of shape {embedding['shape']}"
                 )
     return layers, int8_layers
 

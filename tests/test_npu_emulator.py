@@ -420,3 +420,171 @@ def test_probe_survives_a_broken_torch_npu(tmp_path, monkeypatch):
     (pkg / "__init__.py").write_text("WORKS = True\n")
     assert emu._torch_npu_works() is True
     assert "torch_npu" not in sys.modules
+
+
+# ---- FRACTAL_NZ: the C0 rule of int4-packed weights and the NZ limits (issue 21, points 1, 5, 7) ----
+
+
+def _per_group_int4_case(k=256, n=64, g=64, m=3):
+    _, q_w, s_w = _ternary(n, k, g, seed=7)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(8)).bfloat16()
+    return x, q_w.t().contiguous().int(), s_w.t().contiguous().bfloat16()
+
+
+def test_int4_nz_weight_needs_the_nz_cast_before_packing():
+    """ConvertWeightToINT4PackKernelNpuOpApi.cpp: NZ-cast the int32 weight, then pack (C0 = 8); the reverse gives C0 = 16."""
+    x, w_kn, scale = _per_group_int4_case()
+    right = npu.npu_convert_weight_to_int4pack(npu.npu_format_cast(w_kn, emu.ACL_FORMAT_FRACTAL_NZ))
+    assert emu.storage_format(right) == (emu.ACL_FORMAT_FRACTAL_NZ, 8)
+    wrong = npu.npu_format_cast(npu.npu_convert_weight_to_int4pack(w_kn), emu.ACL_FORMAT_FRACTAL_NZ)
+    assert emu.storage_format(wrong) == (emu.ACL_FORMAT_FRACTAL_NZ, 16)
+    with emu.emulate(msd=False):  # M = 3 <= g/8 would take the MSD kernel (modelled below)
+        y = npu.npu_weight_quant_batchmatmul(x, right, scale, antiquant_group_size=64)
+        assert torch.equal(y, npu.npu_weight_quant_batchmatmul(x, w_kn.to(torch.int8), scale, antiquant_group_size=64))
+    with pytest.raises(RuntimeError, match="C0 = 8, got C0 = 16"):
+        npu.npu_weight_quant_batchmatmul(x, wrong, scale, antiquant_group_size=64)
+    # customize_dtype=3 (int32) also gives C0 = 8 on A2/A3
+    assert emu.storage_format(npu.npu_format_cast(w_kn, 29, customize_dtype=3)) == (29, 8)
+
+
+@pytest.mark.parametrize(
+    "k,n,g,match",
+    [(256, 64, 32, "antiquant_group_size 64 or 128"), (192, 64, 128, "K % g == 0"), (256, 48, 64, "N % 64 == 0")],
+)
+def test_per_group_nz_limits(k, n, g, match):
+    x, w_kn, _ = _per_group_int4_case(k, n, g)
+    scale = torch.ones(-(-k // g), n, dtype=torch.bfloat16)
+    nz = npu.npu_convert_weight_to_int4pack(npu.npu_format_cast(w_kn, 29))
+    with pytest.raises(RuntimeError, match=match):
+        npu.npu_weight_quant_batchmatmul(x, nz, scale, antiquant_group_size=g)
+    npu.npu_weight_quant_batchmatmul(x, npu.npu_convert_weight_to_int4pack(w_kn), scale, antiquant_group_size=g)  # ND is fine
+
+
+def test_per_channel_int4_nz_needs_a_transposed_weight():
+    _, q_w, s_w = _ternary(32, 64, -1)
+    x = torch.randn(4, 64).bfloat16()
+    scale = s_w[:, 0].bfloat16()
+    kn = npu.npu_convert_weight_to_int4pack(npu.npu_format_cast(q_w.t().contiguous().int(), 29))
+    with pytest.raises(RuntimeError, match="must be transposed"):
+        npu.npu_weight_quant_batchmatmul(x, kn, scale)
+    nk = npu.npu_convert_weight_to_int4pack(npu.npu_format_cast(q_w.int(), 29))  # (N, K/8), NZ C0 = 8
+    y = npu.npu_weight_quant_batchmatmul(x, nk.t(), scale)  # the transposed view shares the NZ tag
+    assert emu.storage_format(nk.t()) == (29, 8)
+    torch.testing.assert_close(y, npu.npu_weight_quant_batchmatmul(x, q_w.t(), scale), rtol=2**-7, atol=1e-2)
+
+
+def test_nz_operand_with_k_or_n_equal_to_1_is_refused():
+    q = torch.randint(-5, 5, (4, 32), dtype=torch.int8)
+    w = npu.npu_format_cast(torch.ones(32, 1, dtype=torch.int8), 29)
+    with pytest.raises(RuntimeError, match="can not be 1"):
+        npu.npu_quant_matmul(q, w, torch.ones(1), pertoken_scale=torch.ones(4), output_dtype=15)
+    npu.npu_quant_matmul(q, torch.ones(32, 1, dtype=torch.int8), torch.ones(1), pertoken_scale=torch.ones(4), output_dtype=15)
+    with pytest.raises(RuntimeError, match="can not be 1"):
+        npu.npu_weight_quant_batchmatmul(torch.ones(2, 32).bfloat16(), w, torch.ones(1, dtype=torch.bfloat16))
+
+
+# ---- chips (point 6) ----
+
+
+def test_310p_refuses_what_torch_npu_documents_for_a2_a3_only():
+    x = torch.randn(4, 32, dtype=torch.float16)
+    w = torch.randint(-1, 2, (32, 16), dtype=torch.int8)
+    with emu.emulate(chip="310P"):
+        for call in (
+            lambda: npu.npu_dynamic_quant(x),
+            lambda: npu.npu_convert_weight_to_int4pack(w.int()),
+        ):
+            assert "Atlas A2/A3 only, not 310P" in _both_modes(call)
+        assert "float16 x and int8 weight only" in _both_modes(
+            lambda: npu.npu_weight_quant_batchmatmul(x.bfloat16(), w, torch.ones(16, dtype=torch.bfloat16))
+        )
+        q = torch.zeros(4, 32, dtype=torch.int8)
+        assert "neither pertoken_scale" in _both_modes(
+            lambda: npu.npu_quant_matmul(q, w, torch.ones(16), pertoken_scale=torch.ones(4), output_dtype=5)
+        )
+        y = npu.npu_weight_quant_batchmatmul(x, w, torch.ones(16, dtype=torch.float16))  # the 310P path
+    assert y.dtype == torch.float16
+    with pytest.raises(ValueError, match="chip"):
+        with emu.emulate(chip="910"):
+            pass
+
+
+# ---- the 65535 limit follows the A2/A3 tiling (point 8) ----
+
+
+def test_a8_pertoken_path_is_exempt_from_the_65535_limit_on_a2_a3():
+    k = 65544
+    q = torch.randint(-3, 4, (2, k), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    w = torch.randint(-1, 2, (k, 2), dtype=torch.int8, generator=torch.Generator().manual_seed(2))
+    s, ps = torch.full((2,), 0.5), torch.full((2,), 0.25)
+    y = npu.npu_quant_matmul(q, w, s, pertoken_scale=ps, output_dtype=torch.bfloat16)
+    torch.testing.assert_close(y, ((q.double() @ w.double()) * 0.125).bfloat16())
+    assert "must not exceed 65535" in _both_modes(lambda: npu.npu_quant_matmul(q, w, s, output_dtype=torch.float16))
+    with emu.emulate(chip="310P"):
+        assert "must not exceed 65535" in _both_modes(lambda: npu.npu_quant_matmul(q, w, s, output_dtype=torch.float16))
+
+
+# ---- pertoken-opt dequantization order (point 4) ----
+
+
+def test_quant_matmul_dequant_orders_follow_their_kernels():
+    q = torch.randint(-127, 128, (64, 256), dtype=torch.int8, generator=torch.Generator().manual_seed(3))
+    w = torch.randint(-1, 2, (256, 96), dtype=torch.int8, generator=torch.Generator().manual_seed(4))
+    s = torch.rand(96, generator=torch.Generator().manual_seed(5)) * 0.02 + 0.01
+    ps = torch.rand(64, generator=torch.Generator().manual_seed(6)) * 0.02 + 0.01
+    acc = (q.double() @ w.double()).float()
+    golden = (acc * s) * ps[:, None]
+    opt = acc * (ps[:, None] * s)
+    assert not torch.equal(golden, opt)  # the two fp32 orders differ in the last bit somewhere
+    for order, want in (("scale_then_pertoken", golden), ("pertoken_opt", opt)):
+        with emu.emulate(dequant_order=order):
+            got = npu.npu_quant_matmul(q, w, s, pertoken_scale=ps, output_dtype=torch.float16)
+        assert torch.equal(got, want.half())
+
+
+# ---- the small-M MSD kernels of npu_weight_quant_batchmatmul (point 3) ----
+
+
+def _round_away(t):
+    return torch.sign(t) * torch.floor(t.abs() + 0.5)
+
+
+def test_msd_per_channel_int8_follows_the_kernel_split():
+    """msd_multicore.h: x/max -> a1 = round(. * 127.499), a2 = round(rest * 2 * 127.499**2), int8 x int8 on the cube."""
+    _, q_w, s_w = _ternary(64, 128, -1, seed=9)
+    x = torch.randn(8, 128, generator=torch.Generator().manual_seed(10)).bfloat16()
+    scale = s_w[:, 0].bfloat16()
+    y = npu.npu_weight_quant_batchmatmul(x, q_w.t(), scale)
+    xf = x.float()
+    mx = xf.abs().amax(1, keepdim=True)
+    xn = xf / mx
+    a1 = _round_away(xn * 127.499)
+    a2 = _round_away((xn - a1 * torch.tensor(1 / 127.499)) * (2 * 127.499 * 127.499))
+    assert a1.abs().max() <= 127 and a2.abs().max() <= 128
+    w = q_w.t().double()
+    want = ((a1.double() @ w).float() / 127.499 + (a2.double() @ w).float() / (2 * 127.499 * 127.499)) * mx
+    want = (want * scale.float()).bfloat16()
+    assert torch.equal(y, want)
+    # bound: |x - max * (a1/127.499 + a2/(2*127.499**2))| <= max / (4 * 127.499**2) per element
+    recon = mx * (a1 / 127.499 + a2 / (2 * 127.499 * 127.499))
+    assert ((recon - xf).abs() <= mx / (4 * 127.499**2) * 1.01).all()
+    with emu.emulate(msd=False):
+        plain = npu.npu_weight_quant_batchmatmul(x, q_w.t(), scale)
+    exact = xf.double() @ (q_w.t().double() * scale.double())
+    for out in (y, plain):
+        torch.testing.assert_close(out.double(), exact, rtol=2**-7, atol=2**-7 * exact.abs().max().item())
+    big_m = torch.randn(65, 128).bfloat16()  # M > 64: the MSD kernel does not run
+    assert emu.msd_route(65, 128, 64, q_w.t(), big_m, 0, 0) is None
+    assert emu.msd_route(8, 128, 64, q_w.t(), x, 0, 0) == "perchannel_int8"
+
+
+def test_msd_per_group_int4_routes_and_stays_within_its_bound():
+    x, w_kn, scale = _per_group_int4_case(k=256, n=64, g=64, m=8)
+    packed = npu.npu_convert_weight_to_int4pack(w_kn)
+    assert emu.msd_route(8, 256, 64, packed, x, 4, 64) == "pergroup_int4"
+    assert emu.msd_route(9, 256, 64, packed, x, 4, 64) is None  # M > g/8
+    y = npu.npu_weight_quant_batchmatmul(x, packed, scale, antiquant_group_size=64)
+    w = (w_kn.double().reshape(4, 64, 64) * scale.double()[:, None, :]).reshape(256, 64)
+    exact = x.double() @ w
+    # three int4 parts keep x to max * 0.5 / (7.49 * 14.98**2) per element: far inside bf16's rounding
+    torch.testing.assert_close(y.double(), exact, rtol=2**-7, atol=2**-7 * exact.abs().max().item())

@@ -79,11 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         got, want = cann(tokens), reference(tokens) if device == "cpu" else None
     if want is not None:
-        # bf16 per-row W1.58A8 through the emulator is bit-exact with the reference target
-        if not torch.equal(got, want):
-            print(f"FAIL: cann output differs from reference by {(got.float() - want.float()).abs().max().item():.3g}")
+        # npu_dynamic_quant multiplies by 127/max where the reference divides by max/127: a code
+        # flips by one now and then, so the target's tolerance is 1e-2 * (max|ref| + |ref|) (docs/cann.md)
+        delta = (got.float() - want.float()).abs()
+        bound = 1e-2 * (want.float().abs().max() + want.float().abs())
+        if not torch.all(delta <= bound):
+            print(f"FAIL: cann output differs from reference by {delta.max().item():.3g} (over the tolerance)")
             return 1
-        print("cann output == reference target output (bit-exact, bf16)")
+        rel = delta.max().item() / want.float().abs().max().item()
+        print(f"cann output within tolerance of the reference target (max |diff| = {rel:.2%} of max |y|, bf16)")
 
     rows = [("bf16", _tokens_per_s(bf16, tokens, device, iters)), ("bitcpm cann", _tokens_per_s(cann, tokens, device, iters))]
     print(f"device: {device}, batch {batch} x seq {seq}, hidden {config.hidden_size}, layers {config.num_layers}")

@@ -441,3 +441,84 @@ def test_freeze_on_target_cann_uses_prepared_weights(monkeypatch):
         model.layers[0].mlp.up_proj.weight.mul_(2)
         with pytest.raises(FrozenWeightsChanged, match=r"layers\.0\.mlp\.up_proj.*freeze"):
             compiled(tokens)
+
+
+# ---- the chip and the weight layout are explicit inputs of the plan (issue 21) ----
+
+
+def test_chip_option_and_device_names():
+    from bitcompile.config import TernaryConfig, TernaryConfigError
+    from bitcompile.kernels.cann_plan import chip_from_device_name, resolve_chip
+
+    assert TernaryConfig(chip="310P").chip == "310P" and resolve_chip("auto") == "A2"  # the emulator: A2
+    with pytest.raises(TernaryConfigError, match="chip"):
+        TernaryConfig(chip="910")
+    assert [chip_from_device_name(n) for n in ("Ascend910B3", "Ascend910_9392", "Ascend310P3")] == ["A2", "A3", "310P"]
+    with pytest.raises(ValueError, match="Ascend910PremiumA"):
+        chip_from_device_name("Ascend910PremiumA")
+
+
+def test_310p_plan_runs_weight_quant_on_int8_in_fp16():
+    """310P: no npu_dynamic_quant / int4 / per-token quant_matmul; bf16 is not an activation dtype."""
+    from bitcompile.kernels import npu_emulator as emu
+
+    model, tokens = _tiny()
+    expected, _ = _run(model, (tokens,), target="reference")
+    with emu.emulate(chip="310P"):  # the emulator refuses what 310P lacks: the plan must avoid it
+        out, (record,) = _run(model, (tokens,), target="cann", chip="310P")
+    assert _npu_calls(record.after) == ["npu.npu_weight_quant_batchmatmul.default"] * 14
+    assert "aten int8 quantization (dequantized) -> npu_weight_quant_batchmatmul, int8 (K, N) ND" in record.layers[0].reason
+    _close(out, expected)
+    packed, tokens = _packed_tiny(torch.bfloat16, "cann", activations=None)
+    with emu.emulate(chip="310P"), torch.no_grad():
+        out, (record,) = _run(packed, (tokens,), target="cann", chip="310P", activations=None)
+    weights = [t for n, t in record.graph_module.named_buffers() if n.startswith("_bitcpm_cann_weight")]
+    assert len(weights) == 14 and all(w.dtype == torch.int8 for w in weights)
+    assert all("Ascend 310P" in d.reason for d in record.layers if d.rewritten)
+    # on an A2 emulator the same model prepares int4 weights
+    _, (record,) = _run(packed, (tokens,), target="cann", activations=None)
+    assert all(t.dtype == torch.int32 for n, t in record.graph_module.named_buffers() if "_cann_weight" in n)
+
+
+@pytest.mark.parametrize(
+    "k,n,group,graph_mode,layout,note",
+    [
+        (256, 128, 64, True, "int4-packed int32 (K, N/8) FRACTAL_NZ", None),
+        (256, 128, 32, True, "int4-packed int32 (K, N/8) ND", "g in {64, 128}"),  # g = 32: ND
+        (256, 96, 128, True, "int4-packed int32 (K, N/8) ND", "N % 64 == 0"),
+        (256, 128, 64, False, "int4-packed int32 (K, N/8) ND", "need graph mode"),  # eager: no NZ weight
+        (256, 128, -1, True, "int4-packed int32 (N, K/8).t() FRACTAL_NZ", None),  # per-channel int4: transposed
+        (256, 128, 0, True, "int4-packed int32 (N, K/8).t() ND", "per-channel scales"),  # per-tensor: ND
+        (256, 1, -1, True, "int8 (K, N) ND", None),  # N = 1: no NZ, no transposed int4
+    ],
+)
+def test_weight_quant_layout_follows_the_nz_limits(k, n, group, graph_mode, layout, note):
+    """Prepared as on an NPU (nz=True): FRACTAL_NZ only where the kernel takes it; the emulator checks each weight."""
+    cann = get_kernel("cann")
+    torch.manual_seed(k + n)
+    w = torch.randn(n, k)
+    codes, scales = cann.quantize_weight(w, group)
+    prepared = cann.prepare_weight(codes, scales, group, False, torch.bfloat16, "A2", nz=True, graph_mode=graph_mode)
+    assert layout in prepared["layout"] and (note is None or note in prepared["layout"]), prepared["layout"]
+    from bitcompile.kernels import npu_emulator as emu
+
+    expected_nz = "FRACTAL_NZ" in layout
+    assert (emu.get_npu_format(prepared["weight"]) == emu.ACL_FORMAT_FRACTAL_NZ) == expected_nz
+    if expected_nz and prepared["weight"].dtype == torch.int32:
+        assert emu.storage_format(prepared["weight"])[1] == 8  # C0 = 8: cast before packing
+    x = torch.randn(4, k).bfloat16()
+    y = cann.prepared_linear(x, prepared, None, False, n)  # the emulator's NZ checks pass
+    want = ref.ternary_linear_forward(x.float(), w, None, group if group else "tensor", None)
+    _close(y, want, rel=2e-2)
+
+
+def test_a8_weight_is_nz_on_an_npu_unless_k_or_n_is_1():
+    cann = get_kernel("cann")
+    from bitcompile.kernels import npu_emulator as emu
+
+    for n, nz in ((64, True), (1, False)):
+        codes, scales = cann.quantize_weight(torch.randn(n, 96), -1)
+        prepared = cann.prepare_weight(codes, scales, -1, True, torch.bfloat16, "A2", nz=True)
+        assert (emu.get_npu_format(prepared["weight"]) == emu.ACL_FORMAT_FRACTAL_NZ) is nz
+        y = cann.prepared_linear(torch.randn(3, 96).bfloat16(), prepared, None, True, n)
+        assert y.shape == (3, n)

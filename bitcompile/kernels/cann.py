@@ -232,7 +232,7 @@ def prepare_weight(
     else:
         scale, group = antiquant_scale(w_scales, group_code, plan.compute_dtype)
     return {"path": plan.path, "weight": weight, "scale": scale, "group": group, "chip": plan.chip,
-            "layout": plan.describe()}  # fmt: skip
+            "layout": plan.describe(tuple(weight.shape))}  # fmt: skip
 
 
 def prepared_linear(
@@ -264,9 +264,8 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def describe_prepared(prepared: dict) -> str:
-    """The prepared layer's plan, e.g. ``Ascend A2: npu_dynamic_quant -> npu_quant_matmul, int8 (K, N) ND``."""
-    weight = prepared["weight"]
-    return f"{prepared['layout']} = {'x'.join(map(str, weight.shape))}"
+    """The prepared layer's plan, e.g. ``Ascend A2: npu_dynamic_quant -> npu_quant_matmul, int8 (K, N) ND = 96x40``."""
+    return str(prepared["layout"])
 
 
 def _version(tensor: Tensor) -> int | None:

@@ -84,8 +84,8 @@ class LayerPlan:
     compute_dtype: torch.dtype
     notes: tuple[str, ...] = ()  # why a faster layout was not taken
 
-    def describe(self) -> str:
-        """E.g. ``npu_dynamic_quant -> npu_quant_matmul, int8 (K, N) FRACTAL_NZ`` for the explain report."""
+    def describe(self, dims: tuple[int, ...] | None = None) -> str:
+        """E.g. ``Ascend A2: npu_dynamic_quant -> npu_quant_matmul, int8 (K, N) FRACTAL_NZ`` (``= 96x40`` with ``dims``)."""
         acts = {"npu_dynamic_quant": "npu_dynamic_quant", "aten": "aten int8 quantization", None: ""}[
             self.activation_quant
         ]
@@ -99,6 +99,8 @@ class LayerPlan:
         layout = "FRACTAL_NZ" if self.weight_nz else "ND"
         kind = "int4-packed int32" if self.weight_dtype == "int4" else "int8"
         text = f"Ascend {self.chip}: {ops}, {kind} {shape} {layout}"
+        if dims is not None:
+            text += " = " + "x".join(map(str, dims))
         return text + (f" ({'; '.join(self.notes)})" if self.notes else "")
 
 
@@ -160,7 +162,9 @@ def _plan_weight_quant(
             notes.append("ND: FRACTAL_NZ per-group needs g in {64, 128}, K % g == 0, N % 64 == 0")
         return LayerPlan(chip, "weight_quant_batchmatmul", acts, "int4", False, nz_ok and fits, cdtype, tuple(notes))
     per_channel = g != PER_TENSOR
-    if k % INT4_PER_INT32 == 0:
+    # A transposed int4 weight with N = 1 is read as K mismatching (torch_npu-npu_weight_quant_batchmatmul.md
+    # 约束说明: weight shape (1, 8) int4 with transpose is unsupported), so N = 1 takes the int8 layout.
+    if k % INT4_PER_INT32 == 0 and n > 1:
         nz = nz_ok and per_channel and not unit
         if nz_ok and not nz:
             notes.append("ND: FRACTAL_NZ needs per-channel scales and K, N > 1")

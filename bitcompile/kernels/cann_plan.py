@@ -174,4 +174,4 @@ def _plan_weight_quant(
             notes.append("ND: int4 FRACTAL_NZ per-channel needs (N, K/8).t(), K % 8 != 0")
         return LayerPlan(chip, "weight_quant_batchmatmul", acts, "int4", False, False, cdtype, tuple(notes))
     nz = nz_ok and per_channel and not unit
-    return LayerPlan(chip, "weight_quant_batchmatmul", acts, "int8", False, nz, cdtype, (*notes, "K, N % 8 != 0: int8"))
+    return LayerPlan(chip, "weight_quant_batchmatmul", acts, "int8", False, nz, cdtype, (*notes, "int8: no int4 layout fits"))

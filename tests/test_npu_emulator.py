@@ -370,6 +370,12 @@ def test_dynamic_quant_constraint_violations():
     assert "not modelled" in _both_modes(
         lambda: npu.npu_dynamic_quant(torch.zeros(2, 8, dtype=torch.float16), quant_mode="pertensor")
     )
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    assert "smooth_scales dtype torch.float32 must equal input dtype" in _both_modes(
+        lambda: npu.npu_dynamic_quant(x, smooth_scales=torch.ones(8))
+    )  # aclnnDynamicQuant.md: smoothScales "数据类型要和x保持一致"
+    q, _ = npu.npu_dynamic_quant(x, smooth_scales=torch.full((8,), 2.0, dtype=torch.bfloat16))
+    assert torch.equal(q, npu.npu_dynamic_quant(x * 2)[0])
 
 
 def test_format_cast_preserves_values():

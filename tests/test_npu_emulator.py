@@ -594,3 +594,16 @@ def test_msd_per_group_int4_routes_and_stays_within_its_bound():
     exact = x.double() @ w
     # three int4 parts keep x to max * 0.5 / (7.49 * 14.98**2) per element: far inside bf16's rounding
     torch.testing.assert_close(y.double(), exact, rtol=2**-7, atol=2**-7 * exact.abs().max().item())
+
+
+def test_msd_per_channel_int4_needs_a_transposed_nd_weight():
+    _, q_w, s_w = _ternary(64, 128, -1, seed=12)
+    x = torch.randn(8, 128, generator=torch.Generator().manual_seed(13)).bfloat16()
+    nk = npu.npu_convert_weight_to_int4pack(q_w.int().contiguous())  # (N, K/8)
+    assert emu.msd_route(8, 128, 64, nk.t(), x, 0, 0) == "perchannel_int4"
+    assert emu.msd_route(40, 128, 64, nk.t(), torch.randn(40, 128), 0, 0) is None  # N < 2M
+    kn = npu.npu_convert_weight_to_int4pack(q_w.t().contiguous().int())  # (K, N/8): not transposed
+    assert emu.msd_route(8, 128, 64, kn, x, 0, 0) is None
+    y = npu.npu_weight_quant_batchmatmul(x, nk.t(), s_w[:, 0].bfloat16())
+    exact = x.double() @ (q_w.t().double() * s_w[:, 0].bfloat16().double())
+    torch.testing.assert_close(y.double(), exact, rtol=2**-7, atol=2**-7 * exact.abs().max().item())

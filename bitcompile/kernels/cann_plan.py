@@ -149,14 +149,18 @@ def plan_layer(
 def _plan_weight_quant(
     k: int, n: int, g: int, per_group: bool, acts: str | None, cdtype: torch.dtype, chip: str, nz_ok: bool, on_npu: bool
 ) -> LayerPlan:
-    """A2/A3 ``npu_weight_quant_batchmatmul`` layouts (aclnnWeightQuantBatchMatmulV2.md "FRACTAL_NZ 仅在如下场景下支持")."""
+    """A2/A3 ``npu_weight_quant_batchmatmul`` layouts.
+
+    Source: ops-nn aclnnWeightQuantBatchMatmulV2.md, "FRACTAL_NZ 仅在如下场景下支持".
+    """
     notes: list[str] = []
     if on_npu and not nz_ok:
         notes.append("ND: FRACTAL_NZ weights need graph mode (torchair)")
     unit = 1 in (k, n)
     if per_group:
         if n % INT4_PER_INT32:
-            return LayerPlan(chip, "weight_quant_batchmatmul", acts, "int8", False, False, cdtype, (*notes, "N % 8 != 0: int8"))
+            notes.append("N % 8 != 0: int8")
+            return LayerPlan(chip, "weight_quant_batchmatmul", acts, "int8", False, False, cdtype, tuple(notes))
         fits = g in NZ_GROUP_SIZES and k % g == 0 and n % 64 == 0 and not unit
         if nz_ok and not fits:
             notes.append("ND: FRACTAL_NZ per-group needs g in {64, 128}, K % g == 0, N % 64 == 0")
@@ -174,4 +178,5 @@ def _plan_weight_quant(
             notes.append("ND: int4 FRACTAL_NZ per-channel needs (N, K/8).t(), K % 8 != 0")
         return LayerPlan(chip, "weight_quant_batchmatmul", acts, "int4", False, False, cdtype, tuple(notes))
     nz = nz_ok and per_channel and not unit
-    return LayerPlan(chip, "weight_quant_batchmatmul", acts, "int8", False, nz, cdtype, (*notes, "int8: no int4 layout fits"))
+    notes.append("int8: no int4 layout fits")
+    return LayerPlan(chip, "weight_quant_batchmatmul", acts, "int8", False, nz, cdtype, tuple(notes))

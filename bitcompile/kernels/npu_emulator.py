@@ -808,7 +808,13 @@ MSD_FACTORS = {
 
 
 def msd_route(m: int, k: int, n: int, weight: Tensor, x: Tensor, groups: int, g: int) -> str | None:
-    """Which MSD kernel runs (a key of :data:`MSD_FACTORS`), or None (weight_quant_batch_matmul_v2_tiling_msd.cpp IsCapable)."""
+    """Which MSD kernel runs (a key of :data:`MSD_FACTORS`), or None.
+
+    weight_quant_batch_matmul_v2_tiling_msd.cpp ``IsCapable``: no x transpose, per-channel or
+    per-group; per-channel M <= 64 with K, N multiples of 32 (int4: transposed ND weight,
+    N >= 2M); per-group int4 only, weight not transposed, g in {64, 128}, M <= g/8, K % g == 0,
+    N % 64 == 0.
+    """
     if not (_model.msd and _a2_a3()) or is_transposed(x) or groups < 0:
         return None
     int4 = weight.dtype == _I32

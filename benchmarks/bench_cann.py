@@ -10,12 +10,16 @@ and the rest of the graph goes to torchair.
 Without an NPU the script runs the same compiled model on CPU through bitcompile's emulator
 of the torch_npu operators. THE TIMINGS IT PRINTS THERE MEAN NOTHING: the emulator is a
 readable reference implementation, not a fast kernel, and says nothing about Ascend speed.
-It only checks that the cann path compiles, runs, and agrees with the reference target.
+It only checks that the cann path compiles, runs, and agrees with the reference target
+within the target's tolerance, ``1e-2 * (max|y_ref| + |y_ref|)`` (docs/cann.md "Numerics": the
+NPU quantizes activations as ``x * (127/max)``, so outputs are close, not bit-identical).
+``--chip`` plans for another Ascend chip (A2, A3, 310P; default: detected, A2 on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -30,6 +34,15 @@ def _device() -> str:
         return "npu:0" if torch.npu.is_available() else "cpu"
     except Exception:  # noqa: BLE001  (absent, or installed without CANN)
         return "cpu"
+
+
+def _emulated_chip(device: str, chip: str) -> contextlib.AbstractContextManager:
+    """On CPU, make the emulator refuse what the chosen chip lacks (a real NPU checks for itself)."""
+    if device != "cpu" or chip == "auto":
+        return contextlib.nullcontext()
+    from bitcompile.kernels.npu_emulator import emulate
+
+    return emulate(chip=chip)
 
 
 def _sync(device: str) -> None:
@@ -56,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--chip", default="auto", choices=("auto", "A2", "A3", "310P"))
     args = parser.parse_args(argv)
 
     device = _device()
@@ -73,17 +87,22 @@ def main(argv: list[str] | None = None) -> int:
 
     torch._dynamo.reset()
     bf16 = torch.compile(model, backend="aot_eager" if device == "cpu" else "npu")
-    cann = torch.compile(model, backend="bitcpm", options={"target": "cann", "inner": inner, "exclude": ["lm_head"]})
+    options = {"target": "cann", "inner": inner, "exclude": ["lm_head"], "chip": args.chip}
+    cann = torch.compile(model, backend="bitcpm", options=options)
     reference = torch.compile(model, backend="bitcpm", options={"target": "reference", "inner": "aot_eager"})
 
-    with torch.no_grad():
+    with torch.no_grad(), _emulated_chip(device, args.chip):
         got, want = cann(tokens), reference(tokens) if device == "cpu" else None
     if want is not None:
-        # bf16 per-row W1.58A8 through the emulator is bit-exact with the reference target
-        if not torch.equal(got, want):
-            print(f"FAIL: cann output differs from reference by {(got.float() - want.float()).abs().max().item():.3g}")
+        # npu_dynamic_quant multiplies by 127/max where the reference divides by max/127: a code
+        # flips by one now and then, so the target's tolerance is 1e-2 * (max|ref| + |ref|) (docs/cann.md)
+        delta = (got.float() - want.float()).abs()
+        bound = 1e-2 * (want.float().abs().max() + want.float().abs())
+        if not torch.all(delta <= bound):
+            print(f"FAIL: cann output differs from reference by {delta.max().item():.3g} (over the tolerance)")
             return 1
-        print("cann output == reference target output (bit-exact, bf16)")
+        rel = delta.max().item() / want.float().abs().max().item()
+        print(f"cann output within tolerance of the reference target (max |diff| = {rel:.2%} of max |y|, bf16)")
 
     rows = [("bf16", _tokens_per_s(bf16, tokens, device, iters)), ("bitcpm cann", _tokens_per_s(cann, tokens, device, iters))]
     print(f"device: {device}, batch {batch} x seq {seq}, hidden {config.hidden_size}, layers {config.num_layers}")

@@ -20,6 +20,7 @@ TARGETS = ("auto", "reference", "cpu", "cann")
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 ACTIVATION_MODES = ("int8", None)
 BACKWARD_PRECISIONS = ("fp32", "bf16", "int8")
+CANN_CHIPS = ("auto", "A2", "A3", "310P")  # kernels.cann_plan.CHIP_OPTIONS
 
 
 class TernaryConfigError(ValueError):
@@ -60,6 +61,8 @@ class TernaryConfig:
             ``"fp32"`` (the reference numerics), ``"bf16"`` (grad_input and grad_weight as bf16
             GEMMs) or ``"int8"`` (grad_input as int8 x ternary ``torch._int_mm``, grad_weight in
             bf16). The reference and cann kernels always compute the fp32 backward.
+        chip: the Ascend chip ``target="cann"`` plans for: ``"auto"`` (``torch_npu.npu.get_device_name()``
+            on an NPU, ``"A2"`` on the CPU emulator), ``"A2"``, ``"A3"`` or ``"310P"`` (docs/cann.md).
 
     Example::
 
@@ -77,6 +80,7 @@ class TernaryConfig:
     inner: str = "inductor"
     freeze: bool = False
     backward_precision: str = "fp32"
+    chip: str = "auto"
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -101,6 +105,8 @@ class TernaryConfig:
             raise _bad("inner", self.inner, f"one of {', '.join(INNER_COMPILERS)}")
         if self.backward_precision not in BACKWARD_PRECISIONS:
             raise _bad("backward_precision", self.backward_precision, f"one of {', '.join(BACKWARD_PRECISIONS)}")
+        if self.chip not in CANN_CHIPS:
+            raise _bad("chip", self.chip, f"one of {', '.join(CANN_CHIPS)}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | TernaryConfig | None) -> TernaryConfig:

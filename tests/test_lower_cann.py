@@ -1,10 +1,12 @@
 """target="cann": planning, post-AOT lowering to torch.ops.npu.*, end to end through the emulator.
 
-Tolerances (fp32 models): the Ascend kernels take fp16/bf16 activations and give fp16/bf16
-outputs, so an fp32 model runs each ternary layer in bf16; we accept
-``|y - y_reference| <= 1e-2 * max|y_reference| + 1e-2 * |y_reference|`` (bf16 has 8
-significant bits, 2**-8 = 0.4 %, and an activation code may flip at a rounding boundary). bf16
-models on the per-row A8 path must match the reference target bit for bit.
+Tolerances against ``target="reference"``: ``|y - y_reference| <= 1e-2 * max|y_reference| +
+1e-2 * |y_reference|`` for fp32 *and* bf16 models. fp32 models run each ternary layer in bf16
+(8 significant bits, 2**-8 = 0.4 %); and ``npu_dynamic_quant`` computes ``x * (127/max)``
+where the reference divides by ``max/127``, so an activation code flips by one in ~0.04 % of
+elements (13 % of rows) and the flip propagates through the network. Measured on the tiny
+Llama over three seeds: max |Δ| / max|y| = 0.13-0.58 % (bf16), 0.21-0.33 % (fp32). One
+layer on the hardware codes is still exact: see test_a8_layer_is_exact_on_the_hardware_codes.
 """
 
 from __future__ import annotations
@@ -70,11 +72,36 @@ def test_tiny_llama_inference_fp32_within_tolerance_and_graph_shows_npu_ops():
     assert len(rewritten) == 14 and all("npu_dynamic_quant -> npu_quant_matmul" in d.reason for d in rewritten)
 
 
-def test_tiny_llama_inference_bf16_is_bit_exact_with_reference():
+def test_tiny_llama_inference_bf16_within_tolerance():
     model, tokens = _tiny(torch.bfloat16)
     expected, _ = _run(model, (tokens,), target="reference")
     out, _ = _run(model, (tokens,), target="cann")
-    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    assert out.dtype == torch.bfloat16
+    _close(out, expected)
+
+
+def test_a8_layer_is_exact_on_the_hardware_codes():
+    """bf16 per-row A8: the only difference from the reference is npu_dynamic_quant's codes and scales.
+
+    Fed those codes and scales, the reference ternary matmul gives the cann output bit for bit
+    (exact int32 accumulation, fp32 dequantization in the same order); rows whose codes match
+    the reference quantizer's are equal to the reference target's output.
+    """
+    torch.manual_seed(3)
+    layer = nn.Linear(512, 64).bfloat16()
+    x = torch.randn(400, 512).bfloat16()
+    out, _ = _run(layer, (x,), target="cann")
+    q, s = torch.ops.npu.npu_dynamic_quant(x)
+    w_codes, w_scales = ref.ternary_codes(layer.weight.float(), -1)
+    acc = (q.double() @ w_codes.double().t()).float()
+    on_hw_codes = (acc * w_scales[:, 0] * s[:, None] + layer.bias.float()).bfloat16()
+    assert torch.equal(out, on_hw_codes)
+    expected, _ = _run(layer, (x,), target="reference")
+    ref_codes, ref_scales = ref.activation_codes(x)
+    same_rows = (q.long() == ref_codes).all(1) & (s == ref_scales.float())
+    assert 0 < same_rows.sum() < len(same_rows)  # some rows flip a code or a scale ulp, most do not
+    assert torch.equal(out[same_rows], expected[same_rows])
+    _close(out, expected)
 
 
 def test_lowered_graph_equals_eager_cann_op():
@@ -120,12 +147,21 @@ def test_constraint_violations_fall_back_with_reason():
 
     model = Two()
     x = torch.randn(3, 8)
+    # W1.58A8 per-row: the A2/A3 quant_batch_matmul_v3 tiling exempts int8 + 1-D fp32 scale + 1-D
+    # pertoken_scale from the 65535 limit, so a vocabulary-sized layer stays on the NPU
     expected, _ = _run(model, (x,), target="reference")
     out, (record,) = _run(model, (x,), target="cann")
     wide, small = record.layers
+    assert "npu_quant_matmul" in wide.reason and "npu_quant_matmul" in small.reason
+    assert _npu_calls(record.after) == list(NPU_A8) * 2
+    _close(out, expected)
+    # npu_weight_quant_batchmatmul keeps K, N <= 65535: weight-only, the wide layer stays on the float path
+    expected, _ = _run(model, (x,), target="reference", activations=None)
+    out, (record,) = _run(model, (x,), target="cann", activations=None)
+    wide, small = record.layers
     assert wide.rewritten and "kept on the float path" in wide.reason and "65535" in wide.reason
-    assert "npu_quant_matmul" in small.reason
-    assert _npu_calls(record.after) == list(NPU_A8)  # only the small layer
+    assert "npu_weight_quant_batchmatmul" in small.reason
+    assert _npu_calls(record.after) == ["npu.npu_weight_quant_batchmatmul.default"]  # only the small layer
     _close(out, expected)
 
     layer = nn.Linear(96, 16)
@@ -175,20 +211,22 @@ def test_prepared_weights_match_the_training_path():
     """Weights prepared once (int8 (K, N) copy, int4 pack) compute what the in-graph path computes."""
     cann = get_kernel("cann")
     torch.manual_seed(4)
-    for n, k, group, acts, dtype in [
-        (40, 96, -1, True, torch.bfloat16),
-        (24, 80, 0, True, torch.float32),
-        (48, 128, 32, True, torch.bfloat16),
-        (48, 128, 64, False, torch.float16),
-        (20, 64, -1, False, torch.bfloat16),  # N % 8 != 0: int8 weight instead of int4
+    for n, k, group, acts, dtype, layout in [
+        (40, 96, -1, True, torch.bfloat16, "int8 (K, N)"),
+        (24, 80, 0, True, torch.float32, "int8 (K, N)"),
+        (48, 128, 32, True, torch.bfloat16, "int4-packed int32 (K, N/8)"),
+        (48, 128, 64, False, torch.float16, "int4-packed int32 (K, N/8)"),
+        (20, 64, -1, False, torch.bfloat16, "int4-packed int32 (N, K/8).t()"),  # per-channel: transposed
+        (20, 60, -1, False, torch.bfloat16, "int8 (K, N)"),  # K and N not multiples of 8
     ]:
         w, b = torch.randn(n, k).to(dtype), torch.randn(n).to(dtype)
         x = torch.randn(3, 4, k).to(dtype)
         codes, scales = cann.quantize_weight(w, group)
         prepared = cann.prepare_weight(codes, scales, group, acts, dtype)
-        int4 = prepared["path"] == "weight_quant_batchmatmul" and n % 8 == 0
-        assert prepared["weight"].dtype == (torch.int32 if int4 else torch.int8)
-        assert prepared["weight"].is_contiguous()
+        assert f"{layout} ND" in prepared["layout"], (prepared["layout"], layout)
+        weight = prepared["weight"]
+        assert weight.dtype == (torch.int32 if "int4" in layout else torch.int8)
+        assert (weight.t() if ".t()" in layout else weight).is_contiguous()
         got = cann.prepared_linear(x, prepared, b, acts, n)
         want = ternary_linear_output(x, w, b, group, acts, "cann")
         assert torch.equal(got, want), (n, k, group, acts, dtype)
@@ -204,11 +242,11 @@ def test_benchmark_smoke_runs_through_the_emulator(capsys):
     spec.loader.exec_module(bench)
     assert bench.main(["--smoke"]) == 0
     out = capsys.readouterr().out
-    assert "bit-exact" in out and "mean nothing" in out
+    assert "within tolerance" in out and "mean nothing" in out
 
 
 def test_packed_model_on_target_cann_matches_packed_reference():
-    """PackedTernaryLinear with target="cann" runs the cann kernels (bf16 A8: bit-exact)."""
+    """PackedTernaryLinear with target="cann" runs the cann kernels (bf16 A8: within the cann tolerance)."""
     from bitcompile.config import TernaryConfig
     from bitcompile.runtime.modules import pack
 
@@ -221,7 +259,7 @@ def test_packed_model_on_target_cann_matches_packed_reference():
         compiled, _ = _run(packed, (tokens,), target=target)
         assert torch.equal(eager, compiled)
         outs[target] = eager
-    assert torch.equal(outs["cann"], outs["reference"])
+    _close(outs["cann"], outs["reference"])
 
 
 # ---- packed inference on target cann: weights prepared once at compile time ----
@@ -289,7 +327,10 @@ def test_packed_tiny_llama_runs_on_weights_prepared_once(monkeypatch):
     assert torch.equal(weights[0], q.codes().t())
     packed = [d for d in record.layers if d.kind == "packed"]
     assert len(packed) == 14
-    assert all("npu_quant_matmul on weights prepared once at compile time (int8 (K, N)" in d.reason for d in packed)
+    assert all(
+        "npu_quant_matmul, int8 (K, N) ND = " in d.reason and "prepared once at compile time" in d.reason
+        for d in packed
+    )
 
     # The folded buffers are watched: changing one after compilation raises, never serves stale weights.
     with torch.no_grad():
@@ -307,11 +348,19 @@ def test_packed_tiny_llama_runs_on_weights_prepared_once(monkeypatch):
 
 def test_packed_per_group_and_weight_only_prepare_int4_weights(monkeypatch):
     """Per-group / weight-only packed layers: npu_weight_quant_batchmatmul on int4-packed (or int8) constants."""
+    # group_size=32: int4 (K, N/8) where N % 8 == 0 (q,k,v,o: N = 64; down: K = 172), int8 (K, N) for
+    # gate/up (N = 172). Per-channel: int4 (N, K/8).t() where K % 8 == 0, else (K, N/8) (down).
     cases = [
-        ({"group_size": 32}, ["npu.npu_dynamic_quant.default", "npu.npu_weight_quant_batchmatmul.default"]),
-        ({"activations": None}, ["npu.npu_weight_quant_batchmatmul.default"]),
-    ]
-    for config, sequence in cases:
+        (
+            {"group_size": 32}, ["npu.npu_dynamic_quant.default", "npu.npu_weight_quant_batchmatmul.default"],
+            {(torch.int32, (64, 8)), (torch.int32, (172, 8)), (torch.int8, (64, 172))},
+        ),
+        (
+            {"activations": None}, ["npu.npu_weight_quant_batchmatmul.default"],
+            {(torch.int32, (8, 64)), (torch.int32, (8, 172)), (torch.int32, (172, 8))},
+        ),
+    ]  # fmt: skip
+    for config, sequence, layouts in cases:
         reference, tokens = _packed_tiny(torch.bfloat16, "reference", **config)
         with torch.no_grad():
             expected = reference(tokens)
@@ -322,10 +371,7 @@ def test_packed_per_group_and_weight_only_prepare_int4_weights(monkeypatch):
         _close(out, expected, rel=2e-2)
         assert _npu_calls(record.after) == sequence * 14, config
         weights = {n: t for n, t in record.graph_module.named_buffers() if n.startswith("_bitcpm_cann_weight")}
-        # N = 64 (q,k,v,o,down) packs 8 int4 per int32; N = 172 (gate, up) is not a multiple of 8: int8 (K, N)
-        assert sorted({(t.dtype, tuple(t.shape)) for t in weights.values()}, key=str) == sorted(
-            {(torch.int32, (64, 8)), (torch.int32, (172, 8)), (torch.int8, (64, 172))}, key=str
-        ), config
+        assert {(t.dtype, tuple(t.shape)) for t in weights.values()} == layouts, config
         packed = [d for d in record.layers if d.kind == "packed"]
         assert len(packed) == 14
         assert all("npu_weight_quant_batchmatmul" in d.reason and "prepared once" in d.reason for d in packed)
@@ -361,7 +407,7 @@ def test_prepared_weights_are_shared_across_graphs_and_dynamic_shapes(monkeypatc
     with observe_compilations(records.append), torch.no_grad():
         compiled = _compile(model, target="cann")
         for length, want in zip(lengths, expected):
-            assert torch.equal(compiled(tokens[:, :length]), want), length
+            _close(compiled(tokens[:, :length]), want)
     assert len(records) == 2
     assert unpack.calls == prepare.calls == 14
     first, second = ({n: t for n, t in r.graph_module.named_buffers() if "_bitcpm_cann_" in n} for r in records)
@@ -395,3 +441,84 @@ def test_freeze_on_target_cann_uses_prepared_weights(monkeypatch):
         model.layers[0].mlp.up_proj.weight.mul_(2)
         with pytest.raises(FrozenWeightsChanged, match=r"layers\.0\.mlp\.up_proj.*freeze"):
             compiled(tokens)
+
+
+# ---- the chip and the weight layout are explicit inputs of the plan (issue 21) ----
+
+
+def test_chip_option_and_device_names():
+    from bitcompile.config import TernaryConfig, TernaryConfigError
+    from bitcompile.kernels.cann_plan import chip_from_device_name, resolve_chip
+
+    assert TernaryConfig(chip="310P").chip == "310P" and resolve_chip("auto") == "A2"  # the emulator: A2
+    with pytest.raises(TernaryConfigError, match="chip"):
+        TernaryConfig(chip="910")
+    assert [chip_from_device_name(n) for n in ("Ascend910B3", "Ascend910_9392", "Ascend310P3")] == ["A2", "A3", "310P"]
+    with pytest.raises(ValueError, match="Ascend910PremiumA"):
+        chip_from_device_name("Ascend910PremiumA")
+
+
+def test_310p_plan_runs_weight_quant_on_int8_in_fp16():
+    """310P: no npu_dynamic_quant / int4 / per-token quant_matmul; bf16 is not an activation dtype."""
+    from bitcompile.kernels import npu_emulator as emu
+
+    model, tokens = _tiny()
+    expected, _ = _run(model, (tokens,), target="reference")
+    with emu.emulate(chip="310P"):  # the emulator refuses what 310P lacks: the plan must avoid it
+        out, (record,) = _run(model, (tokens,), target="cann", chip="310P")
+    assert _npu_calls(record.after) == ["npu.npu_weight_quant_batchmatmul.default"] * 14
+    assert "aten int8 quantization (dequantized) -> npu_weight_quant_batchmatmul, int8 (K, N) ND" in record.layers[0].reason
+    _close(out, expected)
+    packed, tokens = _packed_tiny(torch.bfloat16, "cann", activations=None)
+    with emu.emulate(chip="310P"), torch.no_grad():
+        out, (record,) = _run(packed, (tokens,), target="cann", chip="310P", activations=None)
+    weights = [t for n, t in record.graph_module.named_buffers() if n.startswith("_bitcpm_cann_weight")]
+    assert len(weights) == 14 and all(w.dtype == torch.int8 for w in weights)
+    assert all("Ascend 310P" in d.reason for d in record.layers if d.rewritten)
+    # on an A2 emulator the same model prepares int4 weights
+    _, (record,) = _run(packed, (tokens,), target="cann", activations=None)
+    assert all(t.dtype == torch.int32 for n, t in record.graph_module.named_buffers() if "_cann_weight" in n)
+
+
+@pytest.mark.parametrize(
+    "k,n,group,graph_mode,layout,note",
+    [
+        (256, 128, 64, True, "int4-packed int32 (K, N/8) FRACTAL_NZ", None),
+        (256, 128, 32, True, "int4-packed int32 (K, N/8) ND", "g in {64, 128}"),  # g = 32: ND
+        (256, 96, 128, True, "int4-packed int32 (K, N/8) ND", "N % 64 == 0"),
+        (256, 128, 64, False, "int4-packed int32 (K, N/8) ND", "need graph mode"),  # eager: no NZ weight
+        (256, 128, -1, True, "int4-packed int32 (N, K/8).t() FRACTAL_NZ", None),  # per-channel int4: transposed
+        (256, 128, 0, True, "int4-packed int32 (N, K/8).t() ND", "per-channel scales"),  # per-tensor: ND
+        (256, 1, -1, True, "int8 (K, N) ND", None),  # N = 1: no NZ, no transposed int4
+    ],
+)
+def test_weight_quant_layout_follows_the_nz_limits(k, n, group, graph_mode, layout, note):
+    """Prepared as on an NPU (nz=True): FRACTAL_NZ only where the kernel takes it; the emulator checks each weight."""
+    cann = get_kernel("cann")
+    torch.manual_seed(k + n)
+    w = torch.randn(n, k)
+    codes, scales = cann.quantize_weight(w, group)
+    prepared = cann.prepare_weight(codes, scales, group, False, torch.bfloat16, "A2", nz=True, graph_mode=graph_mode)
+    assert layout in prepared["layout"] and (note is None or note in prepared["layout"]), prepared["layout"]
+    from bitcompile.kernels import npu_emulator as emu
+
+    expected_nz = "FRACTAL_NZ" in layout
+    assert (emu.get_npu_format(prepared["weight"]) == emu.ACL_FORMAT_FRACTAL_NZ) == expected_nz
+    if expected_nz and prepared["weight"].dtype == torch.int32:
+        assert emu.storage_format(prepared["weight"])[1] == 8  # C0 = 8: cast before packing
+    x = torch.randn(4, k).bfloat16()
+    y = cann.prepared_linear(x, prepared, None, False, n)  # the emulator's NZ checks pass
+    want = ref.ternary_linear_forward(x.float(), w, None, group if group else "tensor", None)
+    _close(y, want, rel=2e-2)
+
+
+def test_a8_weight_is_nz_on_an_npu_unless_k_or_n_is_1():
+    cann = get_kernel("cann")
+    from bitcompile.kernels import npu_emulator as emu
+
+    for n, nz in ((64, True), (1, False)):
+        codes, scales = cann.quantize_weight(torch.randn(n, 96), -1)
+        prepared = cann.prepare_weight(codes, scales, -1, True, torch.bfloat16, "A2", nz=True)
+        assert (emu.get_npu_format(prepared["weight"]) == emu.ACL_FORMAT_FRACTAL_NZ) is nz
+        y = cann.prepared_linear(torch.randn(3, 96).bfloat16(), prepared, None, True, n)
+        assert y.shape == (3, n)

@@ -89,22 +89,48 @@ def test_dtype_arguments_accept_dtype_and_enum():
         emu.as_dtype(285, "output_dtype")
 
 
+def _hardware_dynamic_quant(x, qmax=127.0, scale_form="times_inverse"):
+    """ops-nn dynamic_quant kernels, written out: q = 127/max (fp32), codes = rint(x * q), scale per kernel variant."""
+    x = x.float()
+    rowmax = x.abs().amax(-1)
+    q = torch.full_like(rowmax, qmax) / rowmax
+    codes = torch.round(torch.nan_to_num(x * q[..., None], nan=0.0)).clamp(-qmax - 1, qmax)
+    scale = 1 / q if scale_form == "reciprocal" else rowmax * torch.tensor(1 / qmax, dtype=torch.float32)
+    return codes, scale
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(7, 33), (2, 5, 96), (1, 1)])
-def test_dynamic_quant_matches_reference(dtype, shape):
+@pytest.mark.parametrize("scale_form", emu.DYNAMIC_QUANT_SCALE_FORMS)
+def test_dynamic_quant_follows_the_hardware_formula(dtype, shape, scale_form):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype) * 3
-    q, s = npu.npu_dynamic_quant(x)
+    with emu.emulate(dynamic_quant_scale=scale_form):
+        q, s = npu.npu_dynamic_quant(x)
     assert q.dtype == torch.int8 and q.shape == x.shape and s.dtype == torch.float32 and s.shape == x.shape[:-1]
-    codes, scales = ref.activation_codes(x.reshape(-1, shape[-1]))
-    assert torch.equal(q.reshape(-1, shape[-1]).long(), codes)
-    assert torch.equal(s.reshape(-1), scales)
+    codes, scales = _hardware_dynamic_quant(x, scale_form=scale_form)
+    assert torch.equal(q.float(), codes) and torch.equal(s, scales)
+
+
+def test_dynamic_quant_differs_from_the_reference_by_one_code_at_most():
+    """x * (127/max) vs the reference's x / (max/127): rare one-code flips, 1-ulp scale differences."""
+    x = torch.randn(2000, 512, generator=torch.Generator().manual_seed(11)).bfloat16()
+    q, s = npu.npu_dynamic_quant(x)
+    codes, scales = ref.activation_codes(x)
+    diff = (q.long() - codes).abs()
+    assert diff.max().item() == 1  # never more than one code
+    flipped = (diff > 0).float().mean().item()
+    assert 0 < flipped < 1e-3  # measured: 0.04 % of elements
+    ulps = (s.view(torch.int32).long() - scales.float().view(torch.int32).long()).abs()
+    assert ulps.max().item() <= 1 and (ulps > 0).any()
 
 
 def test_dynamic_quant_zero_row_and_int4_output():
     x = torch.zeros(2, 16, dtype=torch.bfloat16)
     x[1, 3] = -2.0
-    q, s = npu.npu_dynamic_quant(x)
-    assert s[0].item() == 1.0 and torch.all(q[0] == 0)  # the golden replaces a zero row's scale by 1
+    for form in emu.DYNAMIC_QUANT_SCALE_FORMS:
+        with emu.emulate(dynamic_quant_scale=form):
+            q, s = npu.npu_dynamic_quant(x)
+        assert s[0].item() == 0.0 and torch.all(q[0] == 0)  # 127/0 = inf; the scale comes back 0, not 1
     assert q[1, 3].item() == -127
     q4, s4 = npu.npu_dynamic_quant(x, dst_type=torch.quint4x2)
     assert q4.dtype == torch.int32 and q4.shape == (2, 2)
@@ -173,7 +199,9 @@ def test_int4pack_order_and_round_trip():
     assert packed[1, 0].item() == 0xF
     r = torch.randint(-8, 8, (9, 48), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
     assert torch.equal(emu.unpack_int4(npu.npu_convert_weight_to_int4pack(r)).int(), r)
-    assert "values must lie in [-8, 7]" in _eager_error(lambda: npu.npu_convert_weight_to_int4pack(r * 2))
+    # the kernel masks each value to its low nibble (& 0xF) without a range check: 9 packs as -7
+    wrapped = npu.npu_convert_weight_to_int4pack(torch.tensor([[9, -9, 16, 0, 0, 0, 0, 0]], dtype=torch.int32))
+    assert emu.unpack_int4(wrapped)[0, :3].tolist() == [-7, 7, 0]
     assert "divisible by 8" in _both_modes(lambda: npu.npu_convert_weight_to_int4pack(r[:, :12].contiguous()))
 
 
@@ -197,7 +225,32 @@ def test_trans_quant_param_encoding_and_precision_loss():
     assert decoded_off.tolist() == [3.0, -256.0, 255.0]
     assert npu.npu_trans_quant_param(torch.rand(1, 6)).shape == (1, 6)
     assert "(1, ) and (1, n)" in _both_modes(lambda: npu.npu_trans_quant_param(torch.rand(2, 6)))
-    assert "round_mode" in _both_modes(lambda: npu.npu_trans_quant_param(torch.rand(4), round_mode=1))
+    assert "round_mode" in _both_modes(lambda: npu.npu_trans_quant_param(torch.rand(4), round_mode=2))
+
+
+def _f32(bits: int) -> float:
+    return torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
+
+
+def test_trans_quant_param_round_mode_1_rounds_to_nearest_even_fp19():
+    """trans_quant_param_v2.h CalQuantPreScaleValue: RINT into 10 mantissa bits, not truncation."""
+    one = 0x3F800000
+    cases = {
+        one | 1 << 12: one,  # exactly half an FP19 ulp above 1.0, even -> down
+        one | 1 << 12 | 1: one | 1 << 13,  # above half -> up
+        one | 1 << 13 | 1 << 12: one | 2 << 13,  # half, odd -> up to even
+        one | 0x7FE000 | 1 << 12: 0x40000000,  # mantissa carry -> exponent + 1 (2.0)
+        0x00400000: 0,  # zero exponent (denormal) -> +0
+    }
+    scale = torch.tensor([_f32(bits) for bits in cases])
+    words = npu.npu_trans_quant_param(scale, round_mode=1)
+    decoded, _ = emu.decode_quant_param(words)
+    assert [int(w) & 0xFFFFFFFF for w in words] == list(cases.values())
+    assert torch.all((words >> 46) & 1 == 1)
+    random = torch.rand(10000, generator=torch.Generator().manual_seed(4)) * 1e-2 + 1e-6
+    decoded, _ = emu.decode_quant_param(npu.npu_trans_quant_param(random, round_mode=1))
+    rel = ((decoded.double() - random.double()) / random.double()).abs()
+    assert rel.max().item() <= 2**-11 and (decoded > random).any()  # half the truncation error, both ways
 
 
 def test_fp16_output_uses_truncated_scale():
@@ -317,6 +370,12 @@ def test_dynamic_quant_constraint_violations():
     assert "not modelled" in _both_modes(
         lambda: npu.npu_dynamic_quant(torch.zeros(2, 8, dtype=torch.float16), quant_mode="pertensor")
     )
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    assert "smooth_scales dtype torch.float32 must equal input dtype" in _both_modes(
+        lambda: npu.npu_dynamic_quant(x, smooth_scales=torch.ones(8))
+    )  # aclnnDynamicQuant.md: smoothScales "数据类型要和x保持一致"
+    q, _ = npu.npu_dynamic_quant(x, smooth_scales=torch.full((8,), 2.0, dtype=torch.bfloat16))
+    assert torch.equal(q, npu.npu_dynamic_quant(x * 2)[0])
 
 
 def test_format_cast_preserves_values():
@@ -367,3 +426,184 @@ def test_probe_survives_a_broken_torch_npu(tmp_path, monkeypatch):
     (pkg / "__init__.py").write_text("WORKS = True\n")
     assert emu._torch_npu_works() is True
     assert "torch_npu" not in sys.modules
+
+
+# ---- FRACTAL_NZ: the C0 rule of int4-packed weights and the NZ limits (issue 21, points 1, 5, 7) ----
+
+
+def _per_group_int4_case(k=256, n=64, g=64, m=3):
+    _, q_w, s_w = _ternary(n, k, g, seed=7)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(8)).bfloat16()
+    return x, q_w.t().contiguous().int(), s_w.t().contiguous().bfloat16()
+
+
+def test_int4_nz_weight_needs_the_nz_cast_before_packing():
+    """ConvertWeightToINT4PackKernelNpuOpApi.cpp: NZ-cast the int32 weight, then pack (C0 = 8); the reverse gives C0 = 16."""
+    x, w_kn, scale = _per_group_int4_case()
+    right = npu.npu_convert_weight_to_int4pack(npu.npu_format_cast(w_kn, emu.ACL_FORMAT_FRACTAL_NZ))
+    assert emu.storage_format(right) == (emu.ACL_FORMAT_FRACTAL_NZ, 8)
+    wrong = npu.npu_format_cast(npu.npu_convert_weight_to_int4pack(w_kn), emu.ACL_FORMAT_FRACTAL_NZ)
+    assert emu.storage_format(wrong) == (emu.ACL_FORMAT_FRACTAL_NZ, 16)
+    with emu.emulate(msd=False):  # M = 3 <= g/8 would take the MSD kernel (modelled below)
+        y = npu.npu_weight_quant_batchmatmul(x, right, scale, antiquant_group_size=64)
+        assert torch.equal(y, npu.npu_weight_quant_batchmatmul(x, w_kn.to(torch.int8), scale, antiquant_group_size=64))
+    with pytest.raises(RuntimeError, match="C0 = 8, got C0 = 16"):
+        npu.npu_weight_quant_batchmatmul(x, wrong, scale, antiquant_group_size=64)
+    # customize_dtype=3 (int32) also gives C0 = 8 on A2/A3
+    assert emu.storage_format(npu.npu_format_cast(w_kn, 29, customize_dtype=3)) == (29, 8)
+
+
+@pytest.mark.parametrize(
+    "k,n,g,match",
+    [(256, 64, 32, "antiquant_group_size 64 or 128"), (192, 64, 128, "K % g == 0"), (256, 48, 64, "N % 64 == 0")],
+)
+def test_per_group_nz_limits(k, n, g, match):
+    x, w_kn, _ = _per_group_int4_case(k, n, g)
+    scale = torch.ones(-(-k // g), n, dtype=torch.bfloat16)
+    nz = npu.npu_convert_weight_to_int4pack(npu.npu_format_cast(w_kn, 29))
+    with pytest.raises(RuntimeError, match=match):
+        npu.npu_weight_quant_batchmatmul(x, nz, scale, antiquant_group_size=g)
+    npu.npu_weight_quant_batchmatmul(x, npu.npu_convert_weight_to_int4pack(w_kn), scale, antiquant_group_size=g)  # ND is fine
+
+
+def test_per_channel_int4_nz_needs_a_transposed_weight():
+    _, q_w, s_w = _ternary(32, 64, -1)
+    x = torch.randn(4, 64).bfloat16()
+    scale = s_w[:, 0].bfloat16()
+    kn = npu.npu_convert_weight_to_int4pack(npu.npu_format_cast(q_w.t().contiguous().int(), 29))
+    with pytest.raises(RuntimeError, match="must be transposed"):
+        npu.npu_weight_quant_batchmatmul(x, kn, scale)
+    nk = npu.npu_convert_weight_to_int4pack(npu.npu_format_cast(q_w.int(), 29))  # (N, K/8), NZ C0 = 8
+    y = npu.npu_weight_quant_batchmatmul(x, nk.t(), scale)  # the transposed view shares the NZ tag
+    assert emu.storage_format(nk.t()) == (29, 8)
+    torch.testing.assert_close(y, npu.npu_weight_quant_batchmatmul(x, q_w.t(), scale), rtol=2**-7, atol=1e-2)
+
+
+def test_nz_operand_with_k_or_n_equal_to_1_is_refused():
+    q = torch.randint(-5, 5, (4, 32), dtype=torch.int8)
+    w = npu.npu_format_cast(torch.ones(32, 1, dtype=torch.int8), 29)
+    with pytest.raises(RuntimeError, match="can not be 1"):
+        npu.npu_quant_matmul(q, w, torch.ones(1), pertoken_scale=torch.ones(4), output_dtype=15)
+    npu.npu_quant_matmul(q, torch.ones(32, 1, dtype=torch.int8), torch.ones(1), pertoken_scale=torch.ones(4), output_dtype=15)
+    with pytest.raises(RuntimeError, match="can not be 1"):
+        npu.npu_weight_quant_batchmatmul(torch.ones(2, 32).bfloat16(), w, torch.ones(1, dtype=torch.bfloat16))
+
+
+# ---- chips (point 6) ----
+
+
+def test_310p_refuses_what_torch_npu_documents_for_a2_a3_only():
+    x = torch.randn(4, 32, dtype=torch.float16)
+    w = torch.randint(-1, 2, (32, 16), dtype=torch.int8)
+    with emu.emulate(chip="310P"):
+        for call in (
+            lambda: npu.npu_dynamic_quant(x),
+            lambda: npu.npu_convert_weight_to_int4pack(w.int()),
+        ):
+            assert "Atlas A2/A3 only, not 310P" in _both_modes(call)
+        assert "float16 x and int8 weight only" in _both_modes(
+            lambda: npu.npu_weight_quant_batchmatmul(x.bfloat16(), w, torch.ones(16, dtype=torch.bfloat16))
+        )
+        q = torch.zeros(4, 32, dtype=torch.int8)
+        assert "neither pertoken_scale" in _both_modes(
+            lambda: npu.npu_quant_matmul(q, w, torch.ones(16), pertoken_scale=torch.ones(4), output_dtype=5)
+        )
+        y = npu.npu_weight_quant_batchmatmul(x, w, torch.ones(16, dtype=torch.float16))  # the 310P path
+    assert y.dtype == torch.float16
+    with pytest.raises(ValueError, match="chip"):
+        with emu.emulate(chip="910"):
+            pass
+
+
+# ---- the 65535 limit follows the A2/A3 tiling (point 8) ----
+
+
+def test_a8_pertoken_path_is_exempt_from_the_65535_limit_on_a2_a3():
+    k = 65544
+    q = torch.randint(-3, 4, (2, k), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    w = torch.randint(-1, 2, (k, 2), dtype=torch.int8, generator=torch.Generator().manual_seed(2))
+    s, ps = torch.full((2,), 0.5), torch.full((2,), 0.25)
+    y = npu.npu_quant_matmul(q, w, s, pertoken_scale=ps, output_dtype=torch.bfloat16)
+    torch.testing.assert_close(y, ((q.double() @ w.double()) * 0.125).bfloat16())
+    assert "must not exceed 65535" in _both_modes(lambda: npu.npu_quant_matmul(q, w, s, output_dtype=torch.float16))
+    with emu.emulate(chip="310P"):
+        assert "must not exceed 65535" in _both_modes(lambda: npu.npu_quant_matmul(q, w, s, output_dtype=torch.float16))
+
+
+# ---- pertoken-opt dequantization order (point 4) ----
+
+
+def test_quant_matmul_dequant_orders_follow_their_kernels():
+    q = torch.randint(-127, 128, (64, 256), dtype=torch.int8, generator=torch.Generator().manual_seed(3))
+    w = torch.randint(-1, 2, (256, 96), dtype=torch.int8, generator=torch.Generator().manual_seed(4))
+    s = torch.rand(96, generator=torch.Generator().manual_seed(5)) * 0.02 + 0.01
+    ps = torch.rand(64, generator=torch.Generator().manual_seed(6)) * 0.02 + 0.01
+    acc = (q.double() @ w.double()).float()
+    golden = (acc * s) * ps[:, None]
+    opt = acc * (ps[:, None] * s)
+    assert not torch.equal(golden, opt)  # the two fp32 orders differ in the last bit somewhere
+    for order, want in (("scale_then_pertoken", golden), ("pertoken_opt", opt)):
+        with emu.emulate(dequant_order=order):
+            got = npu.npu_quant_matmul(q, w, s, pertoken_scale=ps, output_dtype=torch.float16)
+        assert torch.equal(got, want.half())
+
+
+# ---- the small-M MSD kernels of npu_weight_quant_batchmatmul (point 3) ----
+
+
+def _round_away(t):
+    return torch.sign(t) * torch.floor(t.abs() + 0.5)
+
+
+def test_msd_per_channel_int8_follows_the_kernel_split():
+    """msd_multicore.h: x/max -> a1 = round(. * 127.499), a2 = round(rest * 2 * 127.499**2), int8 x int8 on the cube."""
+    _, q_w, s_w = _ternary(64, 128, -1, seed=9)
+    x = torch.randn(8, 128, generator=torch.Generator().manual_seed(10)).bfloat16()
+    scale = s_w[:, 0].bfloat16()
+    y = npu.npu_weight_quant_batchmatmul(x, q_w.t(), scale)
+    xf = x.float()
+    mx = xf.abs().amax(1, keepdim=True)
+    xn = xf / mx
+    a1 = _round_away(xn * 127.499)
+    a2 = _round_away((xn - a1 * torch.tensor(1 / 127.499)) * (2 * 127.499 * 127.499))
+    assert a1.abs().max() <= 127 and a2.abs().max() <= 128
+    w = q_w.t().double()
+    want = ((a1.double() @ w).float() / 127.499 + (a2.double() @ w).float() / (2 * 127.499 * 127.499)) * mx
+    want = (want * scale.float()).bfloat16()
+    assert torch.equal(y, want)
+    # bound: |x - max * (a1/127.499 + a2/(2*127.499**2))| <= max / (4 * 127.499**2) per element
+    recon = mx * (a1 / 127.499 + a2 / (2 * 127.499 * 127.499))
+    assert ((recon - xf).abs() <= mx / (4 * 127.499**2) * 1.01).all()
+    with emu.emulate(msd=False):
+        plain = npu.npu_weight_quant_batchmatmul(x, q_w.t(), scale)
+    exact = xf.double() @ (q_w.t().double() * scale.double())
+    for out in (y, plain):
+        torch.testing.assert_close(out.double(), exact, rtol=2**-7, atol=2**-7 * exact.abs().max().item())
+    big_m = torch.randn(65, 128).bfloat16()  # M > 64: the MSD kernel does not run
+    assert emu.msd_route(65, 128, 64, q_w.t(), big_m, 0, 0) is None
+    assert emu.msd_route(8, 128, 64, q_w.t(), x, 0, 0) == "perchannel_int8"
+
+
+def test_msd_per_group_int4_routes_and_stays_within_its_bound():
+    x, w_kn, scale = _per_group_int4_case(k=256, n=64, g=64, m=8)
+    packed = npu.npu_convert_weight_to_int4pack(w_kn)
+    assert emu.msd_route(8, 256, 64, packed, x, 4, 64) == "pergroup_int4"
+    assert emu.msd_route(9, 256, 64, packed, x, 4, 64) is None  # M > g/8
+    y = npu.npu_weight_quant_batchmatmul(x, packed, scale, antiquant_group_size=64)
+    w = (w_kn.double().reshape(4, 64, 64) * scale.double()[:, None, :]).reshape(256, 64)
+    exact = x.double() @ w
+    # three int4 parts keep x to max * 0.5 / (7.49 * 14.98**2) per element: far inside bf16's rounding
+    torch.testing.assert_close(y.double(), exact, rtol=2**-7, atol=2**-7 * exact.abs().max().item())
+
+
+def test_msd_per_channel_int4_needs_a_transposed_nd_weight():
+    _, q_w, s_w = _ternary(64, 128, -1, seed=12)
+    x = torch.randn(8, 128, generator=torch.Generator().manual_seed(13)).bfloat16()
+    nk = npu.npu_convert_weight_to_int4pack(q_w.int().contiguous())  # (N, K/8)
+    assert emu.msd_route(8, 128, 64, nk.t(), x, 0, 0) == "perchannel_int4"
+    assert emu.msd_route(40, 128, 64, nk.t(), torch.randn(40, 128), 0, 0) is None  # N < 2M
+    kn = npu.npu_convert_weight_to_int4pack(q_w.t().contiguous().int())  # (K, N/8): not transposed
+    assert emu.msd_route(8, 128, 64, kn, x, 0, 0) is None
+    y = npu.npu_weight_quant_batchmatmul(x, nk.t(), s_w[:, 0].bfloat16())
+    exact = x.double() @ (q_w.t().double() * s_w[:, 0].bfloat16().double())
+    torch.testing.assert_close(y.double(), exact, rtol=2**-7, atol=2**-7 * exact.abs().max().item())

@@ -69,10 +69,11 @@ class GraphReport:
         if not layer.rewritten:
             return []
         # target="cann": the graph keeps bitcpm ops until after AOT; passes.lower_cann writes the
-        # torch_npu sequence it plans for each layer into the reason ("...; Ascend: a -> b").
-        ascend = re.search(r"Ascend: (.+)$", layer.reason)
+        # plan of each layer into the reason ("...; Ascend A2: a -> b, int8 (K, N) ND ...").
+        ascend = re.search(r"Ascend(?: [\w]+)?: ([^,]+)", layer.reason)
         if ascend:
-            return [f"npu.{step.strip()}" for step in ascend.group(1).split(" -> ")]
+            steps = [step.split(" (")[0].strip() for step in ascend.group(1).split(" -> ")]
+            return [f"npu.{step}" if step.startswith("npu_") else step for step in steps]
         return [n.target for n in self.nodes if n.layer == layer.name and n.role in ("ternary", "inserted")]
 
     def layer_node(self, layer: LayerDecision) -> str:

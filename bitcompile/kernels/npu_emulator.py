@@ -2,37 +2,49 @@
 
 No Ascend hardware, CANN toolkit or working ``torch_npu`` exists on our machines (installing
 torch_npu without CANN breaks ``import torch``). The CANN lowering is therefore written
-against the documented torch_npu 2.14 contract (shared notes ``reference/cann_npu.md``) and
-verified through this module: the same schemas, registered with ``torch.library`` under the
-``npu`` namespace, with
+against the torch_npu 2.14 contract and the CANN kernels' source (``Ascend/op-plugin``,
+``hicann/ops-nn``; docs/cann.md cites the files) and verified through this module: the same
+schemas, registered with ``torch.library`` under the ``npu`` namespace, with
 
 * fake (meta) impls that run the shape and dtype checks torch_npu's meta registrations run
   (1-D ``pertoken_scale``, broadcastable batch dims, the dtype-combination table,
   transposition of ``x2`` / ``weight`` inferred from strides) plus the documented kernel
-  constraints (last dims <= 65535, fp16/bf16 activations, group sizes multiple of 32), so
-  that a graph Ascend would reject fails at compile time on CPU too;
-* CPU kernels that follow the documented math and Huawei's Python goldens: exact integer
-  accumulation, fp32 dequantization in the golden's order, the int64 scale encoding of
-  ``npu_trans_quant_param`` with its truncation to 19 bits (FP19), and the low-nibble-first
-  int4 packing of ``npu_convert_weight_to_int4pack``.
+  constraints (last dims <= 65535 where the tiling applies it, fp16/bf16 activations, group
+  sizes multiple of 32, per-chip support), so that a graph Ascend would reject fails at
+  compile time on CPU too;
+* CPU kernels that follow the *hardware* formulas where they differ from the documented
+  math: ``npu_dynamic_quant`` multiplies by ``127 / rowmax`` (ops-nn ``dynamic_quant*.h``),
+  ``npu_quant_matmul``'s two dequantization orders, the small-M "MSD" split of
+  ``npu_weight_quant_batchmatmul``, the int64 scale encoding of ``npu_trans_quant_param``
+  (both round modes), the low-nibble-first int4 packing with its value masking;
+* a model of the FRACTAL_NZ storage tag (format and C0) that ``npu_format_cast`` and
+  ``npu_convert_weight_to_int4pack`` set and the matmuls check (:func:`get_npu_format`).
+
+What is chip- or kernel-variant-dependent is a setting of :func:`emulate` (the chip, the
+scale form of ``npu_dynamic_quant``, the dequantization order of ``npu_quant_matmul``).
 
 It is registered by :func:`ensure_npu_ops` only when the real torch_npu is not importable, and
 never when ``torch.ops.npu`` already holds these ops. The probe never imports a torch_npu that
 might be broken into this process: a broken install is detected in a subprocess (see
 :func:`_torch_npu_works`). torch_npu is never imported when bitcompile is imported.
 
-What the emulator cannot tell us (real hardware numerics such as the tie-rounding of
-``npu_dynamic_quant``, FRACTAL_NZ storage, performance) is listed in docs/cann.md.
+What the emulator cannot tell us (tie rounding in hardware casts, the NZ byte layout,
+performance, which kernel variant the tiling picks) is listed in docs/cann.md.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib.util
+import itertools
 import logging
 import os
 import subprocess
 import sys
 import threading
+import weakref
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -80,13 +92,121 @@ DTYPE_ENUM: dict[int, torch.dtype] = {
 NPU_ONLY_DTYPES = {285: "int4", 290: "hifloat8", 293: "float8_e8m0fnu", 296: "float4_e2m1fn_x2"}
 ENUM_OF_DTYPE = {dtype: value for value, dtype in DTYPE_ENUM.items()}
 
-#: ACL storage formats (aclFormat.md); on CPU every one is stored as ND.
-ACL_FORMATS = {0: "NCHW", 1: "NHWC", 2: "ND", 3: "NC1HWC0", 4: "FRACTAL_Z", 29: "FRACTAL_NZ"}
+#: torch_npu.Format values ((beta)torch_npu-npu_format_cast.md); on CPU the bytes stay ND and
+#: only FRACTAL_NZ's tag (format, C0) is modelled.
+ACL_FORMATS = {
+    -1: "UNDEFINED", 0: "NCHW", 1: "NHWC", 2: "ND", 3: "NC1HWC0", 4: "FRACTAL_Z", 12: "NC1HWC0_C04",
+    16: "HWCN", 27: "NDHWC", 29: "FRACTAL_NZ", 30: "NCDHW", 32: "NDC1HWC0", 33: "FRACTAL_Z_3D", 35: "NC",
+    47: "NCL",
+}  # fmt: skip
 ACL_FORMAT_ND, ACL_FORMAT_FRACTAL_NZ = 2, 29
 
-#: Documented limit on the last dims (K, N) of the quantized matmuls.
+#: Last-dim limit of the quantized matmuls (quant_batch_matmul_v3_tiling.cpp LAST_AXIS_LIMIT,
+#: the weight-quant docs' K, N in [1, 65535]).
 MAX_LAST_DIM = 65535
+#: What the A2/A3 quant_batch_matmul_v3 tiling allows instead for int8 x int8 with a 1-D
+#: fp32/bf16 scale and a 1-D pertoken_scale (CheckShapeInBoundary: DAV_2201 && CheckInputInBoundary).
+MAX_DIM_INT32 = 2**31 - 1
 INT4_PER_INT32 = 8
+
+#: The chips modelled. A2 (910B) and A3 (910_93) share every rule the emulator checks.
+CHIPS = ("A2", "A3", "310P")
+#: ``npu_dynamic_quant``'s returned scale (ops-nn quant/dynamic_quant/op_kernel):
+#: ``rowmax * (1/127)`` in dynamic_quant_db.h, _multi_row.h, _single_row.h and the 310P kernels;
+#: ``1 / (127/rowmax)`` in dynamic_quant.h and _large_shape_opt.h. The tiling picks the kernel.
+DYNAMIC_QUANT_SCALE_FORMS = ("times_inverse", "reciprocal")
+#: ``npu_quant_matmul`` pertoken dequantization: ``(acc * scale) * pertoken`` (Huawei's golden
+#: and the general kernel) or ``acc * (pertoken * scale)`` (quant_batch_matmul_v3_pertoken_opt.h
+#: MulPertokenAndScale, chosen by the tiling for decode-like shapes).
+DEQUANT_ORDERS = ("scale_then_pertoken", "pertoken_opt")
+
+
+@dataclasses.dataclass(frozen=True)
+class EmulatorModel:
+    """What the emulator reproduces where hardware behaviour depends on the chip or the kernel variant."""
+
+    chip: str = "A2"
+    dynamic_quant_scale: str = "times_inverse"
+    dequant_order: str = "scale_then_pertoken"
+    msd: bool = True  # model the small-M MSD kernels of npu_weight_quant_batchmatmul where they run
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("chip", CHIPS), ("dynamic_quant_scale", DYNAMIC_QUANT_SCALE_FORMS),
+                              ("dequant_order", DEQUANT_ORDERS)):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"npu emulator: {name}={getattr(self, name)!r} is not one of {allowed}")
+
+
+_model = EmulatorModel()
+
+
+def current_model() -> EmulatorModel:
+    """The emulator's current :class:`EmulatorModel`."""
+    return _model
+
+
+@contextlib.contextmanager
+def emulate(**settings) -> Iterator[EmulatorModel]:
+    """Run the emulated ops as on another chip / kernel variant, e.g. ``with emulate(chip="310P"):``."""
+    global _model
+    previous = _model
+    _model = dataclasses.replace(previous, **settings)
+    try:
+        yield _model
+    finally:
+        _model = previous
+
+
+def _a2_a3() -> bool:
+    return _model.chip in ("A2", "A3")
+
+
+def _require_a2_a3(op: str) -> None:
+    if not _a2_a3():
+        raise RuntimeError(f"{op} is documented for Atlas A2/A3 only, not {_model.chip} (see docs/cann.md)")
+
+
+# --------------------------------------------------------------------------------------------
+# storage format tags (FRACTAL_NZ and its C0)
+# --------------------------------------------------------------------------------------------
+# On an NPU a tensor carries its storage format; a CPU tensor cannot, so the emulator keeps a
+# tag per storage (keyed by its data pointer, dropped when the tagged tensor dies). Views of
+# a tagged tensor (a .t()) share the tag, as on the NPU.
+_NZ_C0_DEFAULT = {torch.int8: 32, torch.uint8: 32}  # int32 / fp32 / fp16 / bf16: 16 (npu_format_cast doc)
+_format_tags: dict[int, tuple[int, int, int]] = {}  # storage data_ptr -> (format, c0, token)
+_tokens = itertools.count()
+
+
+def _storage_key(t: Tensor) -> int | None:
+    if t.device.type != "cpu" or isinstance(t, torch._subclasses.FakeTensor) or t.numel() == 0:
+        return None
+    return t.untyped_storage().data_ptr()
+
+
+def _drop_tag(key: int, token: int) -> None:
+    if _format_tags.get(key, (0, 0, -1))[2] == token:
+        del _format_tags[key]
+
+
+def _tag_format(t: Tensor, acl_format: int, c0: int) -> Tensor:
+    key = _storage_key(t)
+    if key is not None and acl_format != ACL_FORMAT_ND:
+        token = next(_tokens)
+        _format_tags[key] = (acl_format, c0, token)
+        weakref.finalize(t, _drop_tag, key, token)
+    return t
+
+
+def storage_format(t: Tensor) -> tuple[int, int | None]:
+    """``(acl_format, C0)`` of a tensor as the emulator tracks it: ``(2, None)`` for ND."""
+    key = _storage_key(t)
+    tag = _format_tags.get(key) if key is not None else None
+    return (tag[0], tag[1]) if tag else (ACL_FORMAT_ND, None)
+
+
+def get_npu_format(t: Tensor) -> int:
+    """``torch_npu.get_npu_format`` for emulated tensors."""
+    return storage_format(t)[0]
 
 _FP19_MASK = 0xFFFFE000  # sign, exponent and the top 10 mantissa bits of an fp32 survive
 _DEQ_FLAG = 1 << 46  # bit 46 marks the int64 as a dequant parameter
@@ -133,7 +253,11 @@ def _unsupported(op: str, what: str) -> NotImplementedError:
 
 
 def pack_int4(values: Tensor) -> Tensor:
-    """int values in [-8, 7] ``(..., n)`` → int32 ``(..., n / 8)``, low nibble first."""
+    """int values ``(..., n)`` → int32 ``(..., n / 8)``, low nibble first.
+
+    Only each value's low 4 bits are kept (``& 0xF``, ConvertWeightToINT4PackKernelNpuOpApi.cpp
+    convert_to_int4_pack): values outside [-8, 7] wrap silently, as on the NPU.
+    """
     nibbles = (values.to(torch.int64) & 0xF).reshape(*values.shape[:-1], -1, INT4_PER_INT32)
     shifts = torch.arange(0, 32, 4, dtype=torch.int64)
     word = (nibbles << shifts).sum(dim=-1)
@@ -147,15 +271,39 @@ def unpack_int4(packed: Tensor) -> Tensor:
     return torch.where(nibbles >= 8, nibbles - 16, nibbles).to(torch.int8).reshape(*packed.shape[:-1], -1)
 
 
-def encode_quant_param(scale: Tensor, offset: Tensor | None = None) -> Tensor:
-    """``npu_trans_quant_param`` round_mode 0: fp32 scale (and offset) → int64 dequant parameters.
+def _fp19_round_to_nearest_even(bits: Tensor) -> Tensor:
+    """fp32 bits → FP19 rounded to nearest, ties to even, back in fp32 bit positions.
 
-    ``(f32bits(scale) & 0xFFFFE000) | 1 << 46``: the scale is *truncated* to 19 bits (1 sign,
-    8 exponent, 10 mantissa), a relative error of up to 2**-10. An offset is rounded, clipped
-    to [-256, 255] and stored as 9-bit two's complement in bits 37-45.
+    trans_quant_param_v2.h CalQuantPreScaleValue, round_mode 1: a zero exponent flushes to a
+    signed zero, an inf/nan exponent keeps its top mantissa bits, a carry out of the 10-bit
+    mantissa bumps the exponent (saturating at inf).
+    """
+    sign, exponent, mantissa = (bits >> 31) & 1, (bits >> 23) & 0xFF, bits & 0x7FFFFF
+    kept = mantissa >> 13
+    round_bit, sticky = (mantissa >> 12) & 1, mantissa & 0xFFF
+    up = (round_bit != 0) & ((sticky != 0) | ((kept & 1) != 0)) & (exponent != 0) & (exponent != 0xFF)
+    kept = kept + up.to(kept.dtype)
+    carry = kept >= 1 << 10
+    kept = torch.where(carry, torch.zeros_like(kept), kept)
+    exponent = exponent + carry.to(exponent.dtype)
+    kept = torch.where(exponent > 0xFF, torch.zeros_like(kept), kept)
+    exponent = exponent.clamp(max=0xFF)
+    fp19 = torch.where(exponent == 0, sign << 18, (sign << 18) | (exponent << 10) | kept)
+    return fp19 << 13
+
+
+def encode_quant_param(scale: Tensor, offset: Tensor | None = None, round_mode: int = 0) -> Tensor:
+    """``npu_trans_quant_param``: fp32 scale (and offset) → int64 dequant parameters.
+
+    round_mode 0: ``(f32bits(scale) & 0xFFFFE000) | 1 << 46``, the scale *truncated* to 19 bits
+    (1 sign, 8 exponent, 10 mantissa), a relative error below 2**-10, always downwards.
+    round_mode 1: the scale rounded to the nearest FP19 (ties to even) first, error <= 2**-11.
+    An offset is rounded half to even, clipped to [-256, 255] and stored as 9-bit two's
+    complement in bits 37-45.
     """
     bits = scale.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    word = (bits & _FP19_MASK) | _DEQ_FLAG
+    fp19 = bits & _FP19_MASK if not round_mode else _fp19_round_to_nearest_even(bits)
+    word = fp19 | _DEQ_FLAG
     if offset is not None:
         off = torch.clamp(torch.round(offset.float()), -256, 255).to(torch.int64) & ((1 << _OFFSET_BITS) - 1)
         word = word | (off << _OFFSET_SHIFT)
@@ -178,6 +326,7 @@ _DYNAMIC_QUANT = "npu_dynamic_quant"
 
 
 def _dynamic_quant_check(input, smooth_scales, group_index, dst_type, quant_mode, dst_type_max):
+    _require_a2_a3(_DYNAMIC_QUANT)
     dst = as_dtype(dst_type, "dst_type") or torch.int8
     torch._check(
         input.dtype in (torch.float16, torch.bfloat16),
@@ -202,6 +351,11 @@ def _dynamic_quant_check(input, smooth_scales, group_index, dst_type, quant_mode
             smooth_scales.dim() == 1 and smooth_scales.size(0) == k,
             lambda: f"{_DYNAMIC_QUANT}: smooth_scales must have shape ({k},), got {tuple(smooth_scales.shape)}",
         )
+        # aclnnDynamicQuant.md: smoothScales "数据类型要和x保持一致" (the kernels read it as x's dtype)
+        torch._check(
+            smooth_scales.dtype == input.dtype,
+            lambda: f"{_DYNAMIC_QUANT}: smooth_scales dtype {smooth_scales.dtype} must equal input dtype {input.dtype}",
+        )
     return dst
 
 
@@ -214,17 +368,37 @@ def _dynamic_quant_fake(input, *, smooth_scales=None, group_index=None, dst_type
     return input.new_empty(input.shape, dtype=torch.int8), scale
 
 
+def dynamic_quant_rows(x: Tensor, qmax: float, scale_form: str) -> tuple[Tensor, Tensor]:
+    """The ops-nn kernels' per-row symmetric quantization of fp32 ``x``: ``(codes fp32, scale fp32)``.
+
+    ``q = 127 / rowmax`` (fp32 division), ``codes = rint(x * q)`` (fp32 product, round half to
+    even: CAST_RINT); the division ``x / (rowmax / 127)`` of the documented formula "was changed
+    to a multiplication" (dynamic_quant_single_row.h), which moves a code by one where
+    ``x * q`` and ``x / scale`` round to different sides of a .5. The returned scale is
+    ``rowmax * (1/127)`` or ``1 / q`` (:data:`DYNAMIC_QUANT_SCALE_FORMS`). An all-zero row gets
+    scale 0 and codes 0 (``q`` is inf there; the 310P kernels set it to 0 explicitly).
+    """
+    qmax_f = torch.tensor(qmax, dtype=torch.float32)
+    rowmax = x.abs().amax(dim=-1)
+    q = qmax_f / rowmax
+    y = x * q[..., None]
+    codes = torch.clamp(torch.round(torch.nan_to_num(y, nan=0.0)), -qmax - 1, qmax)
+    if scale_form == "reciprocal":
+        scale = 1.0 / q
+    else:
+        scale = rowmax * (1.0 / qmax_f)
+    return codes, scale
+
+
 def _dynamic_quant_cpu(input, *, smooth_scales=None, group_index=None, dst_type=None, quant_mode="pertoken",
                        dst_type_max=0.0):  # fmt: skip
-    """Golden: fp32 compute, ``scale = rowmax|x| / qmax`` (a zero row gets scale 1), round half to even."""
+    """The hardware formula of :func:`dynamic_quant_rows` (not the documented ``x / scale``)."""
     dst = _dynamic_quant_check(input, smooth_scales, group_index, dst_type, quant_mode, dst_type_max)
     x = input.float()
     if smooth_scales is not None:
         x = x * smooth_scales.float()
     qmax = 7.0 if dst == torch.quint4x2 else 127.0
-    scale = x.abs().amax(dim=-1) / qmax
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.clamp(torch.round(x / scale[..., None]), -qmax - 1, qmax)
+    q, scale = dynamic_quant_rows(x, qmax, _model.dynamic_quant_scale)
     if dst == torch.quint4x2:
         return pack_int4(q), scale
     return q.to(torch.int8), scale
@@ -321,10 +495,18 @@ def _qmm_geometry(x1, x2, scale, offset, pertoken_scale, bias, output_dtype, x1_
         )
         if is_a4w4:
             k *= INT4_PER_INT32
+    limit = quant_matmul_dim_limit(x1.dtype, scale, pertoken_scale)
     torch._check(
-        k <= MAX_LAST_DIM and n <= MAX_LAST_DIM,
-        lambda: f"{_QUANT_MATMUL}: k={k} and n={n} must not exceed {MAX_LAST_DIM} (last-dim limit of x1 and x2)",
+        k <= limit and n <= limit,
+        lambda: f"{_QUANT_MATMUL}: k={k} and n={n} must not exceed {limit} (last-dim limit of x1 and x2 on "
+        f"{_model.chip} for this input combination)",
     )
+    if not _a2_a3():
+        torch._check(
+            pertoken_scale is None and out != _BF16,
+            lambda: f"{_QUANT_MATMUL}: {_model.chip} supports neither pertoken_scale nor bfloat16 output",
+        )
+    _check_nz_operand(x2, k, n, _QUANT_MATMUL, "x2")
     batch = torch.broadcast_shapes(tuple(x1.shape[:-2]), tuple(x2.shape[:-2])) if max(x1.dim(), x2.dim()) > 2 else ()
     torch._check(scale.dim() == 1, lambda: "the scale dim num must be 1, please check scale dim num")
     torch._check(
@@ -361,6 +543,28 @@ def _qmm_geometry(x1, x2, scale, offset, pertoken_scale, bias, output_dtype, x1_
     return tuple(batch), m, k, n, transposed, out
 
 
+def quant_matmul_dim_limit(x_dtype: torch.dtype, scale: Tensor, pertoken_scale: Tensor | None) -> int:
+    """The last-dim limit the quant_batch_matmul_v3 tiling applies (CheckShapeInBoundary).
+
+    On A2/A3 (DAV_2201) int8 inputs with a 1-D fp32/bf16 ``scale`` and a 1-D ``pertoken_scale``
+    are exempt from the 65535 limit (only [1, 2**31-1] remains); everything else keeps it.
+    """
+    exempt = (
+        _a2_a3() and x_dtype == _I8 and scale.dtype in (_F32, _BF16) and scale.dim() == 1
+        and pertoken_scale is not None and pertoken_scale.dim() == 1
+    )  # fmt: skip
+    return MAX_DIM_INT32 if exempt else MAX_LAST_DIM
+
+
+def _check_nz_operand(w: Tensor, k: int, n: int, op: str, name: str) -> None:
+    """FRACTAL_NZ right operands cannot have K or N equal to 1 (aclnn_quant_matmul_v4.cpp, aclnnQuantMatmulV4.md)."""
+    if storage_format(w)[0] == ACL_FORMAT_FRACTAL_NZ:
+        torch._check(
+            k != 1 and n != 1,
+            lambda: f"{op}: when the format of {name} is FRACTAL_NZ, its k ({k}) and n ({n}) dimensions can not be 1",
+        )
+
+
 def _quant_matmul_fake(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None,
                        x1_dtype=None, x2_dtype=None, pertoken_scale_dtype=None, scale_dtype=None,
                        group_sizes=None, y_scale=None):  # fmt: skip
@@ -383,8 +587,10 @@ def _quant_matmul_cpu(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=N
                       group_sizes=None, y_scale=None):  # fmt: skip
     """``out = (x1 @ x2 [+ int32 bias]) * scale [* pertoken_scale] [+ float bias | + offset]`` (aclnnQuantMatmulV4).
 
-    The integer product is exact (fp64 holds any int32 sum exactly); dequantization is fp32 in
-    the golden's order ``acc * scale * pertoken``; the result is cast to ``output_dtype``.
+    The integer product is exact (fp64 holds any int32 sum exactly); dequantization is fp32,
+    ``(acc * scale) * pertoken`` or, with ``emulate(dequant_order="pertoken_opt")``,
+    ``acc * (pertoken * scale)`` as the pertoken-opt kernel does; the result is cast to
+    ``output_dtype``.
     """
     _, _, _, _, transposed, out = _qmm_geometry(x1, x2, scale, offset, pertoken_scale, bias, output_dtype, x1_dtype,
                                                 x2_dtype, pertoken_scale_dtype, scale_dtype, group_sizes, y_scale)  # fmt: skip
@@ -405,9 +611,12 @@ def _quant_matmul_cpu(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=N
         s, _ = decode_quant_param(encode_quant_param(scale))
     else:
         s = scale.float()
-    y = acc.float() * s
-    if pertoken_scale is not None:
-        y = y * pertoken_scale.float()[:, None]
+    if pertoken_scale is not None and _model.dequant_order == "pertoken_opt":
+        y = acc.float() * (pertoken_scale.float()[:, None] * s)
+    else:
+        y = acc.float() * s
+        if pertoken_scale is not None:
+            y = y * pertoken_scale.float()[:, None]
     if bias is not None and bias.dtype != _I32:
         y = y + bias.float()
     if out == _I8:
@@ -441,6 +650,12 @@ def _wqbmm_geometry(x, weight, antiquant_scale, antiquant_offset, quant_scale, q
     )
     _check_layout(x, "x", _WQBMM)
     _check_layout(weight, "weight", _WQBMM)
+    if not _a2_a3():  # torch_npu-npu_weight_quant_batchmatmul.md, "Atlas 推理系列加速卡产品"
+        torch._check(
+            x.dtype == _F16 and weight.dtype == _I8,
+            lambda: f"{_WQBMM}: {_model.chip} takes float16 x and int8 weight only, got {_name(x.dtype)} x and "
+            f"{_name(weight.dtype)} weight",
+        )
     m = x.size(0)
     if weight.dtype == _I32 and weight.is_contiguous():  # (K, N/8)
         k, n = weight.size(0), weight.size(1) * INT4_PER_INT32
@@ -492,7 +707,46 @@ def _wqbmm_geometry(x, weight, antiquant_scale, antiquant_offset, quant_scale, q
         torch._check(
             tuple(bias.shape) in ((n,), (1, n)), lambda: f"{_WQBMM}: bias must be ({n},) or (1, {n}), got {tuple(bias.shape)}"
         )
+    _check_wqbmm_nz(x, weight, k, n, groups, g)
     return m, k, n, groups
+
+
+def _check_wqbmm_nz(x: Tensor, weight: Tensor, k: int, n: int, groups: int, g: int) -> None:
+    """The FRACTAL_NZ weight rules of A2/A3 (aclnnWeightQuantBatchMatmulV2.md, ConvertWeightToINT4PackKernelNpuOpApi.cpp).
+
+    int4-packed int32 NZ needs C0 = 8 (what ``npu_convert_weight_to_int4pack`` produces from an
+    NZ int32 weight; ``npu_format_cast`` of an already packed int32 weight gives C0 = 16);
+    per-channel: int8, or int4 with a transposed weight; per-group: int4, weight and x not
+    transposed, g in {64, 128}, K % g == 0, N % 64 == 0; K and N not 1. NZ weights are
+    valid in graph mode (torchair) only, which the emulator cannot see: the plan keeps them
+    out of eager graphs.
+    """
+    fmt, c0 = storage_format(weight)
+    if fmt != ACL_FORMAT_FRACTAL_NZ:
+        return
+    _check_nz_operand(weight, k, n, _WQBMM, "weight")
+    int4 = weight.dtype == _I32
+    if int4:
+        torch._check(
+            c0 == 8,
+            lambda: f"{_WQBMM}: an int4-packed int32 FRACTAL_NZ weight must have C0 = 8, got C0 = {c0}: cast the "
+            "unpacked int32 weight to FRACTAL_NZ first, then npu_convert_weight_to_int4pack",
+        )
+    transposed = is_transposed(weight)
+    if groups > 0:
+        torch._check(
+            int4 and not transposed and not is_transposed(x) and g in (64, 128) and k % g == 0 and n % 64 == 0,
+            lambda: f"{_WQBMM}: a per-group FRACTAL_NZ weight must be int4, not transposed (nor x), with "
+            f"antiquant_group_size 64 or 128, K % g == 0 and N % 64 == 0; got {_name(weight.dtype)}, transposed="
+            f"{transposed}, g={g}, K={k}, N={n}",
+        )
+    elif groups == 0:
+        torch._check(
+            not int4 or transposed,
+            lambda: f"{_WQBMM}: a per-channel int4 FRACTAL_NZ weight must be transposed ((N, K/8).t())",
+        )
+    else:
+        torch._check(False, lambda: f"{_WQBMM}: FRACTAL_NZ weights are not supported with a per-tensor antiquant_scale")
 
 
 def _wqbmm_fake(x, weight, antiquant_scale, antiquant_offset=None, quant_scale=None, quant_offset=None, bias=None,
@@ -509,7 +763,7 @@ def _wqbmm_cpu(x, weight, antiquant_scale, antiquant_offset=None, quant_scale=No
     The anti-quantized weight is formed in x's dtype (fp16/bf16, as the vector unit does), the
     matmul accumulates in fp32, and the result is cast to x's dtype.
     """
-    _, k, n, groups = _wqbmm_geometry(x, weight, antiquant_scale, antiquant_offset, quant_scale, quant_offset, bias,
+    m, k, n, groups = _wqbmm_geometry(x, weight, antiquant_scale, antiquant_offset, quant_scale, quant_offset, bias,
                                       antiquant_group_size, inner_precise, weight_dtype)  # fmt: skip
     if weight.dtype == _I32:
         w = _int_operand(weight, weight.is_contiguous())
@@ -518,6 +772,12 @@ def _wqbmm_cpu(x, weight, antiquant_scale, antiquant_offset=None, quant_scale=No
     w = w.float()  # (K, N)
     scale = antiquant_scale.float().reshape(-1, n) if groups != -1 else antiquant_scale.float().reshape(1, 1)
     offset = None if antiquant_offset is None else antiquant_offset.float().reshape(scale.shape)
+    route = msd_route(m, k, n, weight, x, groups, antiquant_group_size) if offset is None else None
+    if route is not None:
+        y = _msd_matmul(x.float(), w, scale, route, antiquant_group_size)
+        if bias is not None:
+            y = y + bias.float().reshape(1, n)
+        return y.to(x.dtype)
     if groups > 0:
         scale = scale.repeat_interleave(antiquant_group_size, dim=0)[:k]
         offset = None if offset is None else offset.repeat_interleave(antiquant_group_size, dim=0)[:k]
@@ -530,6 +790,97 @@ def _wqbmm_cpu(x, weight, antiquant_scale, antiquant_offset=None, quant_scale=No
     return y.to(x.dtype)
 
 
+# The small-M "MSD" kernels (ops-nn weight_quant_batch_matmul_v2_tiling_msd.cpp IsCapable,
+# tried first on A2/A3): x is split into integer parts and multiplied with the integer weight
+# on the cube unit, instead of anti-quantizing the weight to x's dtype.
+MSD_M_LIMIT = 64
+MSD_INT8_MAX_K, MSD_INT8_MAX_N = 13696, 32000  # beyond either, per-channel int8 runs the split-K kernel
+#: route -> (f1, f2, parts). msd_multicore.h (per-channel int8): a1 = round(x/max * 127.499),
+#: a2 = round((x/max - a1 * (1/127.499)) * 2 * 127.499**2). msd_split_k.h / msd_group.h:
+#: t = x/max * f1, a1 = round(t), then t = (t - a_i) * f2, a_{i+1} = round(t): int8 127 / 254,
+#: two parts; int4 7.49 / 14.98, three parts.
+MSD_FACTORS = {
+    "perchannel_int8": (127.499, 2 * 127.499, 2),
+    "perchannel_int8_splitk": (127.0, 254.0, 2),
+    "perchannel_int4": (7.49, 14.98, 3),
+    "pergroup_int4": (7.49, 14.98, 3),
+}
+
+
+def msd_route(m: int, k: int, n: int, weight: Tensor, x: Tensor, groups: int, g: int) -> str | None:
+    """Which MSD kernel runs (a key of :data:`MSD_FACTORS`), or None.
+
+    weight_quant_batch_matmul_v2_tiling_msd.cpp ``IsCapable``: no x transpose, per-channel or
+    per-group; per-channel M <= 64 with K, N multiples of 32 (int4: transposed ND weight,
+    N >= 2M); per-group int4 only, weight not transposed, g in {64, 128}, M <= g/8, K % g == 0,
+    N % 64 == 0.
+    """
+    if not (_model.msd and _a2_a3()) or is_transposed(x) or groups < 0:
+        return None
+    int4 = weight.dtype == _I32
+    if groups == 0:
+        if m > MSD_M_LIMIT or k % 32 or n % 32:
+            return None
+        if not int4:
+            return "perchannel_int8_splitk" if k > MSD_INT8_MAX_K or n > MSD_INT8_MAX_N else "perchannel_int8"
+        nz = storage_format(weight)[0] == ACL_FORMAT_FRACTAL_NZ
+        return "perchannel_int4" if is_transposed(weight) and not nz and n >= 2 * m else None
+    if int4 and not is_transposed(weight) and g in (64, 128) and m <= g // 8 and k % g == 0 and n % 64 == 0:
+        return "pergroup_int4"
+    return None
+
+
+def msd_split(x: Tensor, rowmax: Tensor, route: str) -> list[Tensor]:
+    """The integer parts the MSD kernels make of fp32 ``x`` (rows, or row-groups, scaled by ``rowmax``).
+
+    ``CAST_ROUND`` rounds half away from zero; see :data:`MSD_FACTORS` for the formulas.
+    """
+    f1, f2, count = MSD_FACTORS[route]
+    xn = x / rowmax[..., None]
+    if route == "perchannel_int8":
+        a1 = _round_half_away(xn * f1)
+        rest = xn - a1 * torch.tensor(1 / f1, dtype=torch.float32)
+        return [a1, _round_half_away(rest * (f1 * f2))]
+    t = xn * f1
+    parts = [_round_half_away(t)]
+    for _ in range(count - 1):
+        t = (t - parts[-1]) * f2
+        parts.append(_round_half_away(t))
+    return parts
+
+
+def msd_weights(route: str) -> list[float]:
+    """What each MSD part's product is divided by: ``x ≈ max * sum(a_i / d_i)``, ``d_i = f1 * f2**i``."""
+    f1, f2, count = MSD_FACTORS[route]
+    return [f1 * f2**i for i in range(count)]
+
+
+def _round_half_away(t: Tensor) -> Tensor:
+    return torch.sign(t) * torch.floor(t.abs() + 0.5)
+
+
+def _msd_matmul(x: Tensor, w: Tensor, scale: Tensor, route: str, g: int) -> Tensor:
+    """``x @ (w * scale)`` through the MSD split: exact integer part products, fp32 recombination."""
+    m, k = x.shape
+    if route == "pergroup_int4":
+        xg = x.reshape(m, k // g, g)
+        rowmax = xg.abs().amax(dim=-1)  # (M, G): one max per row and group
+        safe = torch.where(rowmax == 0, torch.ones_like(rowmax), rowmax)
+        parts = msd_split(xg, safe, route)
+        wg = w.reshape(k // g, g, -1)  # (G, g, N)
+        y = x.new_zeros(m, w.shape[1])
+        for part, f in zip(parts, msd_weights(route)):
+            acc = torch.einsum("mgk,gkn->mgn", part.double(), wg.double()).float()  # exact per group
+            y = y + (acc * (safe / f)[..., None] * scale[None]).sum(dim=1)
+        return y
+    rowmax = x.abs().amax(dim=-1)
+    safe = torch.where(rowmax == 0, torch.ones_like(rowmax), rowmax)
+    y = x.new_zeros(m, w.shape[1])
+    for part, f in zip(msd_split(x, safe, route), msd_weights(route)):
+        y = y + (part.double() @ w.double()).float() / f
+    return y * safe[:, None] * scale.reshape(1, -1)
+
+
 # --------------------------------------------------------------------------------------------
 # weight preparation: int4 pack, trans_quant_param, format_cast
 # --------------------------------------------------------------------------------------------
@@ -537,9 +888,13 @@ _INT4PACK = "npu_convert_weight_to_int4pack"
 
 
 def _int4pack_check(weight, inner_k_tiles):
+    _require_a2_a3(_INT4PACK)
     torch._check(weight.dtype == _I32, lambda: f"{_INT4PACK}: weight must be int32 holding int4 values, got {weight.dtype}")
     torch._check(weight.dim() == 2, lambda: f"{_INT4PACK}: weight must be 2-D, got {weight.dim()}-D")
     torch._check(weight.is_contiguous(), lambda: f"{_INT4PACK}: weight must be contiguous")
+    torch._check(
+        weight.size(0) > 0 and weight.size(1) > 0, lambda: f"{_INT4PACK}: weight dim should be greater than 0"
+    )
     torch._check(
         weight.size(-1) % INT4_PER_INT32 == 0,
         lambda: f"{_INT4PACK}: the last dim of weight ({weight.size(-1)}) must be divisible by 8",
@@ -553,11 +908,16 @@ def _int4pack_fake(weight, inner_k_tiles=0):
 
 
 def _int4pack_cpu(weight, inner_k_tiles=0):
+    """Pack as ConvertWeightToINT4PackKernelNpuOpApi.cpp does: values masked to 4 bits, never range-checked.
+
+    An FRACTAL_NZ input (any C0) is unpacked to ND, packed, and re-laid out as an int32 NZ
+    with C0 = 8 (trans_nd_to_nz), which is what the weight-quant kernels read.
+    """
     _int4pack_check(weight, inner_k_tiles)
-    if weight.numel():
-        lo, hi = int(weight.min()), int(weight.max())
-        torch._check(-8 <= lo and hi <= 7, lambda: f"{_INT4PACK}: values must lie in [-8, 7], got [{lo}, {hi}]")
-    return pack_int4(weight)
+    packed = pack_int4(weight)
+    if storage_format(weight)[0] == ACL_FORMAT_FRACTAL_NZ:
+        _tag_format(packed, ACL_FORMAT_FRACTAL_NZ, 8)
+    return packed
 
 
 _TRANS = "npu_trans_quant_param"
@@ -570,8 +930,6 @@ def _trans_check(scale, offset, round_mode):
     )
     torch._check(scale.dtype == _F32, lambda: f"{_TRANS}: scale must be float32, got {scale.dtype}")
     torch._check(round_mode in (None, 0, 1), lambda: f"round_mode should be 0 or 1, but round_mode is {round_mode}")
-    if round_mode == 1:
-        raise _unsupported(_TRANS, "round_mode=1 (its rounding rule is not documented)")
     if scale.dim() == 1:
         size = scale.size(0)
         if offset is not None:
@@ -597,7 +955,7 @@ def _trans_cpu(scale, offset=None, round_mode=0):
     shape = _trans_check(scale, offset, round_mode)
     s = scale.expand(shape) if scale.dim() == 1 else scale
     o = None if offset is None else offset.expand(shape)
-    return encode_quant_param(s, o).reshape(shape)
+    return encode_quant_param(s, o, round_mode or 0).reshape(shape)
 
 
 _FORMAT_CAST = "npu_format_cast"
@@ -608,8 +966,22 @@ def _format_cast_check(self, acl_format, customize_dtype, input_dtype):
         acl_format in ACL_FORMATS,
         lambda: f"{_FORMAT_CAST}: acl_format={acl_format} is not one of {sorted(ACL_FORMATS)}",
     )
-    if customize_dtype is not None or input_dtype is not None:
-        raise _unsupported(_FORMAT_CAST, "customize_dtype / input_dtype")
+    if input_dtype is not None:
+        raise _unsupported(_FORMAT_CAST, "input_dtype")
+    if customize_dtype is not None:
+        # (beta)torch_npu-npu_format_cast.md: customize_dtype=3 (int32) gives an NZ with C0 = 8,
+        # on A2/A3 with CANN >= 9.1.0 only; other values are not modelled.
+        torch._check(
+            _a2_a3() and customize_dtype in (3, _I32),
+            lambda: f"{_FORMAT_CAST}: customize_dtype={customize_dtype} is modelled only as 3 (int32, C0 = 8) on A2/A3",
+        )
+
+
+def nz_c0(dtype: torch.dtype, customize_dtype: int | torch.dtype | None = None) -> int:
+    """C0 of a FRACTAL_NZ cast: int8 32, other dtypes 16, ``customize_dtype=3`` 8."""
+    if customize_dtype is not None:
+        return 8
+    return _NZ_C0_DEFAULT.get(dtype, 16)
 
 
 def _format_cast_fake(self, acl_format, *, customize_dtype=None, input_dtype=None):
@@ -618,9 +990,12 @@ def _format_cast_fake(self, acl_format, *, customize_dtype=None, input_dtype=Non
 
 
 def _format_cast_cpu(self, acl_format, *, customize_dtype=None, input_dtype=None):
-    """Logical values never change with the storage format; on CPU the storage stays ND."""
+    """Logical values never change with the storage format; the copy is tagged with the format and C0."""
     _format_cast_check(self, acl_format, customize_dtype, input_dtype)
-    return self.clone()
+    out = self.clone()
+    if acl_format == ACL_FORMAT_FRACTAL_NZ:
+        _tag_format(out, acl_format, nz_c0(self.dtype, customize_dtype))
+    return out
 
 
 _IMPLS = {

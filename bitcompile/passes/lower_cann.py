@@ -77,23 +77,20 @@ def _weight_source(node: Any) -> Any:
     return node
 
 
-def describe_lowering(n_groups: int, group_code: int, quantize_activations: bool) -> str:
-    """The torch_npu sequence a layer is lowered to, as the explain report prints it."""
-    cann = get_kernel("cann")
-    if cann.uses_quant_matmul(n_groups, quantize_activations):
-        return "Ascend: npu_dynamic_quant -> npu_quant_matmul"
-    group = f"antiquant_group_size={group_code}" if n_groups > 1 else "per-channel scales"
-    prefix = "npu_dynamic_quant (dequantized) -> " if quantize_activations else ""
-    return f"Ascend: {prefix}npu_weight_quant_batchmatmul ({group})"
+def describe_lowering(plan: Any, group_code: int) -> str:
+    """The torch_npu sequence of a :class:`~bitcompile.kernels.cann_plan.LayerPlan`, as the explain report prints it."""
+    text = plan.describe()
+    if plan.path == "weight_quant_batchmatmul":
+        text += f", antiquant_group_size={group_code}" if group_code > 0 else ", per-channel scales"
+    return text
 
 
-def plan_cann_layers(gm: torch.fx.GraphModule, decisions: Sequence[LayerDecision]) -> int:
+def plan_cann_layers(gm: torch.fx.GraphModule, decisions: Sequence[LayerDecision], chip: str = "A2") -> int:
     """Route each ``bitcpm::ternary_linear`` node to kernel ``"cann"`` or back to ``"reference"``.
 
+    Training graphs quantize the weight in the graph, so their plan is int8 ND on ``chip``.
     Returns the number of layers that will run on torch_npu kernels.
     """
-    from bitcompile.kernels.groups import num_groups
-
     cann = get_kernel("cann")
     by_weight = {d.site.weight: d for d in decisions if d.rewritten and d.site is not None}
     lowered = 0
@@ -107,10 +104,11 @@ def plan_cann_layers(gm: torch.fx.GraphModule, decisions: Sequence[LayerDecision
             reason = "shapes unknown at compile time"
         else:
             n, k = w_val.shape
-            reason = cann.unsupported_reason(k, n, group_code, x_val.dtype)
+            plan = cann.layer_plan(k, n, group_code, quantize_activations, x_val.dtype, chip)
+            reason = plan if isinstance(plan, str) else None
         if reason is None:
             lowered += 1
-            note = describe_lowering(num_groups(k, group_code), group_code, quantize_activations)
+            note = describe_lowering(plan, group_code)
         else:
             node.args = (*node.args[:5], "reference")
             note = f"kept on the float path (bitcpm reference kernels): {reason}"
@@ -122,19 +120,20 @@ def plan_cann_layers(gm: torch.fx.GraphModule, decisions: Sequence[LayerDecision
 
 
 def _training_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group_code: int, quantize_activations: bool
-):
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group_code: int, quantize_activations: bool,
+    chip: str,
+):  # fmt: skip
     """``bitcpm::ternary_linear``'s five outputs computed with the cann kernels (traced into the graph)."""
     cann = get_kernel("cann")
     n, k = weight.shape
     x2d = x.reshape(-1, k)
     w_codes, w_scales = cann.quantize_weight(weight, group_code)
     if quantize_activations:
-        x_codes, x_scales = cann.quantize_activations(x2d)
-        y2d = cann.int8_ternary_matmul(x_codes, x_scales, w_codes, w_scales, group_code, bias, x.dtype)
+        x_codes, x_scales = cann.quantize_activations(x2d, chip)
+        y2d = cann.int8_ternary_matmul(x_codes, x_scales, w_codes, w_scales, group_code, bias, x.dtype, chip)
     else:
         x_codes, x_scales = x.new_empty((0,), dtype=torch.int8), x.new_empty((0,), dtype=torch.float32)
-        y2d = cann.float_ternary_matmul(x2d, w_codes, w_scales, group_code, bias, x.dtype)
+        y2d = cann.float_ternary_matmul(x2d, w_codes, w_scales, group_code, bias, x.dtype, chip)
     return y2d.reshape(*x.shape[:-1], n), x_codes, x_scales, w_codes, w_scales
 
 
@@ -153,7 +152,7 @@ def _inline(
         return graph.graph_copy(sub.graph, env)
 
 
-def lower_to_cann(gm: torch.fx.GraphModule, decompositions: dict | None = None) -> int:
+def lower_to_cann(gm: torch.fx.GraphModule, decompositions: dict | None = None, chip: str = "A2") -> int:
     """Replace ``bitcpm.ternary_linear(..., "cann")`` nodes by torch_npu sequences; returns how many.
 
     ``decompositions`` is applied to the inserted aten ops (inductor needs its own table applied).
@@ -167,7 +166,7 @@ def lower_to_cann(gm: torch.fx.GraphModule, decompositions: dict | None = None) 
         inputs = [x, weight] + ([bias] if bias is not None else [])
 
         def fn(*tensors, _g=group_code, _q=quantize_activations, _b=bias is not None):
-            return _training_forward(tensors[0], tensors[1], tensors[2] if _b else None, _g, _q)
+            return _training_forward(tensors[0], tensors[1], tensors[2] if _b else None, _g, _q, chip)
 
         outputs = _inline(graph, node, fn, inputs, decompositions)
         for user in list(node.users):
@@ -204,9 +203,10 @@ def cann_prepared_linear(
     group: int,
     quantize_activations: bool,
     out_features: int,
+    chip: str = "A2",
 ) -> torch.Tensor:
     """Graph-level call of a layer prepared by :func:`prepare_packed_layers` (AOTAutograd traces it to npu.* ops)."""
-    prepared = {"path": path, "weight": weight, "scale": scale, "group": group}
+    prepared = {"path": path, "weight": weight, "scale": scale, "group": group, "chip": chip}
     return get_kernel("cann").prepared_linear(x, prepared, bias, quantize_activations, out_features)
 
 
@@ -247,7 +247,8 @@ def _unique_name(gm: torch.fx.GraphModule, stem: str) -> str:
 
 
 def prepare_packed_layers(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], decisions: Sequence[LayerDecision]
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], decisions: Sequence[LayerDecision], chip: str = "A2",
+    *, nz: bool = False, graph_mode: bool = False,
 ) -> list[_FrozenParameter]:
     """Replace each ``bitcpm::ternary_linear_packed`` node by :func:`cann_prepared_linear` on prepared constants.
 
@@ -256,7 +257,9 @@ def prepare_packed_layers(
     :func:`bitcompile.kernels.cann.prepare_packed` builds the Ascend weight and scale; they
     become buffers of ``gm``. Layers that violate a device constraint stay on the packed op
     with ``kernel="reference"`` (the float path, which unpacks per call) and the reason in
-    their :class:`LayerDecision`.
+    their :class:`LayerDecision`. ``chip``, ``nz`` and ``graph_mode`` are the plan's inputs
+    (:func:`bitcompile.kernels.cann_plan.plan_layer`): FRACTAL_NZ weights only where storage
+    formats exist (an NPU) and, for ``npu_weight_quant_batchmatmul``, in torchair graphs.
 
     Returns the graph inputs (the packed buffers of the model) the compiled graph must watch:
     a changed ``packed`` or ``scales`` tensor makes :class:`FrozenWeightGuard` raise.
@@ -306,19 +309,22 @@ def prepare_packed_layers(
             elif not isinstance(x_val, torch.Tensor):
                 reason = "input dtype unknown at compile time"
             else:
-                reason = cann.unsupported_reason(in_features, packed.shape[0], group_code, x_val.dtype)
+                reason = cann.unsupported_reason(
+                    in_features, packed.shape[0], group_code, x_val.dtype, quantize_activations, chip
+                )
         if reason is not None:
             if len(node.args) == 8:
                 node.args = (*node.args[:7], "reference")
             note = f"kept on the float path (bitcpm reference kernels, unpacking the 2-bit codes per call): {reason}"
         else:
-            prepared = cann.prepare_packed(packed, scales, in_features, group_code, quantize_activations, x_val.dtype)
+            prepared = cann.prepare_packed(packed, scales, in_features, group_code, quantize_activations, x_val.dtype,
+                                           chip, nz=nz, graph_mode=graph_mode)  # fmt: skip
             out_features = packed.shape[0]
             with graph.inserting_before(node):
                 weight_node = register("_bitcpm_cann_weight", prepared["weight"])
                 scale_node = register("_bitcpm_cann_scale", prepared["scale"])
                 path, group = prepared["path"], prepared["group"]
-                args = (x, weight_node, scale_node, bias, path, group, quantize_activations, out_features)
+                args = (x, weight_node, scale_node, bias, path, group, quantize_activations, out_features, chip)
                 new = graph.call_function(cann_prepared_linear, args)
             new.meta.update(node.meta)
             node.replace_all_uses_with(new)
@@ -337,8 +343,8 @@ def prepare_packed_layers(
                 else:
                     folded_attrs.add(source)
             count += 1
-            lowering = describe_lowering(scales.shape[1], group_code, quantize_activations)
-            note = f"{lowering} on weights prepared once at compile time ({cann.describe_prepared(prepared)})"
+            group_note = f", antiquant_group_size={group}" if path == "weight_quant_batchmatmul" and group > 0 else ""
+            note = f"{cann.describe_prepared(prepared)}{group_note}, weights prepared once at compile time"
         if decision is not None:
             decision.reason = f"{decision.reason}; {note}"
         log.debug("bitcpm cann packed: %s -> %s", decision.name if decision else node.name, note)
@@ -398,16 +404,21 @@ def compile_for_cann(
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
-    watched = prepare_packed_layers(gm, example_inputs, decisions)
-    plan_cann_layers(gm, decisions)
+    from bitcompile.kernels.cann_plan import resolve_chip
+
+    chip = resolve_chip(config.chip)
+    torchair = _torchair_compiler(example_inputs)
+    watched = prepare_packed_layers(
+        gm, example_inputs, decisions, chip, nz=_on_npu(example_inputs), graph_mode=torchair is not None
+    )
+    plan_cann_layers(gm, decisions, chip)
     lowered: list[str] = []
 
     def lower(g: torch.fx.GraphModule, decompositions: dict | None = None) -> None:
         # The training path's nodes are lowered here; prepared packed layers arrive already traced to npu.*.
-        if lower_to_cann(g, decompositions) or _has_npu_nodes(g):
+        if lower_to_cann(g, decompositions, chip) or _has_npu_nodes(g):
             lowered.append(g.code)
 
-    torchair = _torchair_compiler(example_inputs)
     if torchair is None and config.inner == "inductor":
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -13,6 +14,43 @@ from typing import Any
 import bitcompile
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+class OutputPathError(ValueError):
+    """An output path given on the command line cannot be written (checked before any work)."""
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_dir(flag: str, directory: str | os.PathLike) -> None:
+    """Raise :class:`OutputPathError` unless ``directory`` is, or can be created as, a writable folder."""
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{flag} {str(path)!r} is a file, not a folder")
+    existing = _nearest_existing(path)
+    if not existing.is_dir():
+        raise OutputPathError(f"{flag} {str(path)!r} cannot be created: {str(existing)!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{flag} {str(path)!r} cannot be written: permission denied on {str(existing)!r}")
+
+
+def check_output_file(flag: str, file: str | os.PathLike) -> None:
+    """Raise :class:`OutputPathError` unless ``file`` can be written (its folder is created if missing)."""
+    path = Path(file)
+    if path.is_dir():
+        raise OutputPathError(f"{flag} {str(path)!r} is a folder; give a file path")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputPathError(f"{flag} {str(path)!r} cannot be written: permission denied")
+    parent = path.parent
+    existing = _nearest_existing(parent)
+    if not existing.is_dir():
+        raise OutputPathError(f"{flag} {str(path)!r} cannot be written: {str(existing)!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{flag} {str(path)!r} cannot be written: permission denied on {str(existing)!r}")
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
@@ -25,6 +63,13 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from bitcompile.demo import run_demo
 
+        try:
+            if args.steps < 1:
+                raise OutputPathError(f"--steps {args.steps} is invalid: expected a positive number of training steps")
+            check_output_dir("--out", args.out)
+        except OutputPathError as error:
+            print(f"bitcompile demo: error: {error}", file=sys.stderr)
+            return 2
         run_demo(steps=args.steps, out_dir=args.out, inner=args.inner, seed=args.seed)
         return 0
 
@@ -62,12 +107,19 @@ def _run_inspect(args: argparse.Namespace) -> int:
         if args.target:
             options["target"] = args.target
         config = bitcompile.TernaryConfig.from_options(options)
+        # before the capture, which can take minutes on a large model
+        if args.json:
+            check_output_file("--json", args.json)
+        if args.html:
+            check_output_dir("--html", args.html)
+        if args.mlir:
+            check_output_file("--mlir", args.mlir)
         if args.mlir:
             from bitcompile.inspect.mlir import require_torch_mlir
 
             require_torch_mlir()  # say it is missing before the capture, not after
         model, example_inputs = load_model(args.model)
-    except (ModelLoadError, bitcompile.TernaryConfigError, MlirUnavailableError) as error:
+    except (ModelLoadError, bitcompile.TernaryConfigError, MlirUnavailableError, OutputPathError) as error:
         if args.debug:
             traceback.print_exc()
         print(f"bitcompile inspect: error: {error}", file=sys.stderr)
@@ -122,14 +174,15 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from bitcompile.export.onnx import OnnxExportError, check_ort_fusion, export_onnx
+    from bitcompile.export.onnx import OnnxExportError, check_ort_fusion, check_output_path, export_onnx
     from bitcompile.model_loader import ModelLoadError, load_model
 
     try:
         options = dict(parse_option(text) for text in args.option)
         config = bitcompile.TernaryConfig.from_options(options) if options else None
+        check_output_path(args.output, args.overwrite)  # before loading (and packing) the model
         model, example_inputs = load_model(args.model)
-    except (ModelLoadError, bitcompile.TernaryConfigError) as error:
+    except (ModelLoadError, bitcompile.TernaryConfigError, OnnxExportError, OSError) as error:
         print(f"bitcompile export: error: {error}", file=sys.stderr)
         return 2
     try:

@@ -202,3 +202,25 @@ def test_cann_target_shows_torch_npu_ops(models, capsys):
         pytest.skip("this checkout's backend does not run passes.lower_cann for target='cann' yet")
     assert "lowering for target 'cann'" in out and "npu.npu_quant_matmul" in out
     assert all(ops == ["npu.npu_dynamic_quant", "npu.npu_quant_matmul"] for ops in lowered)
+
+
+@pytest.mark.parametrize(
+    "flag, target, message",
+    [
+        ("--html", "a_file", "--html '{root}/a_file' is a file, not a folder"),
+        ("--html", "/dev/null/report", "--html '/dev/null/report' cannot be created: '/dev/null' is not a folder"),
+        ("--json", "a_dir", "--json '{root}/a_dir' is a folder; give a file path"),
+        ("--mlir", "a_dir", "--mlir '{root}/a_dir' is a folder; give a file path"),
+        ("--json", "a_file/r.json", "--json '{root}/a_file/r.json' cannot be written: '{root}/a_file' is not a folder"),
+    ],
+)
+def test_unwritable_output_path_is_one_line_exit_2_before_the_capture(models, capsys, monkeypatch, flag, target, message):
+    """Issue 15 item 14: these used to print a traceback (exit 1) after the whole capture had run."""
+    (models / "a_file").write_text("")
+    (models / "a_dir").mkdir()
+    captured = []
+    monkeypatch.setattr("bitcompile.explain", lambda *a, **k: captured.append(a))  # must not be reached
+    path = target if target.startswith("/") else str(models / target)
+    line = _inspect_error(capsys, "inspect_models:mlp", flag, path)
+    assert line == "bitcompile inspect: error: " + message.format(root=models)
+    assert captured == []

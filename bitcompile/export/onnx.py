@@ -442,12 +442,17 @@ def check_ort_fusion(path: str | os.PathLike) -> dict[str, Any]:
 # Entry point
 
 
-def _check_path(path: Path, overwrite: bool) -> None:
+def check_output_path(path: str | os.PathLike, overwrite: bool) -> None:
+    """Raise (:class:`OnnxExportError`, ``FileExistsError``, ``PermissionError``) unless
+    :func:`export_onnx` can write ``path``; the CLI calls it before loading the model."""
+    path = Path(path)
     if path.exists() and path.is_dir():
         raise OnnxExportError(f"export_onnx: {str(path)!r} is a directory; give a file path such as model.onnx")
     if path.exists() and not overwrite:
         raise FileExistsError(f"export_onnx: {str(path)!r} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise OnnxExportError(f"export_onnx: cannot write {str(path)!r}: {str(parent)!r} is not a folder")
     if not parent.is_dir():
         raise OnnxExportError(f"export_onnx: cannot write {str(path)!r}: folder {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
@@ -552,7 +557,7 @@ def export_onnx(
         raise ValueError(f"export_onnx: format={format!r} is invalid: expected one of {FORMATS}")
     opset = _check_opset(format, opset)
     path = Path(path)
-    _check_path(path, overwrite)
+    check_output_path(path, overwrite)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):

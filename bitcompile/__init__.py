@@ -41,14 +41,17 @@ __all__ = [
 ]
 
 
-def compile(model: torch.nn.Module, config: TernaryConfig | None = None, **torch_compile_kwargs: Any):
-    """``torch.compile(model, backend="bitcpm")`` with a :class:`TernaryConfig` built in Python.
+def compile(model: torch.nn.Module, config: TernaryConfig | dict[str, Any] | None = None, **torch_compile_kwargs: Any):
+    """``torch.compile(model, backend="bitcpm")`` with a :class:`TernaryConfig` (or options dict) built in Python.
 
-    Extra keyword arguments (``dynamic=True``, ``fullgraph=True`` ...) go to ``torch.compile``.
+    Unlike ``torch.compile(..., options=...)``, a bad option raises :class:`TernaryConfigError`
+    here, not at the first call. Extra keyword arguments (``dynamic=True``, ``fullgraph=True``
+    ...) go to ``torch.compile``.
     """
     from bitcompile.backend import backend_for
+    from bitcompile.runtime.modules import as_config
 
-    return torch.compile(model, backend=backend_for(config or TernaryConfig()), **torch_compile_kwargs)
+    return torch.compile(model, backend=backend_for(as_config(config, "bitcompile.compile")), **torch_compile_kwargs)
 
 
 def export_onnx(model: torch.nn.Module, example_inputs: Any, path: Any, **kwargs: Any):

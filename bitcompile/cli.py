@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -76,15 +77,30 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+_TRUE_WORDS = ("true", "yes", "on", "1")
+_FALSE_WORDS = ("false", "no", "off", "0")
+
+
+def _bool_options() -> set[str]:
+    return {f.name for f in dataclasses.fields(bitcompile.TernaryConfig) if f.type in ("bool", bool)}
+
+
 def parse_option(text: str) -> tuple[str, Any]:
-    """``"group_size=128"`` → ``("group_size", 128)``; ``none``/``null`` → None; lists split on commas."""
+    """``"group_size=128"`` → ``("group_size", 128)``; ``none``/``null`` → None; lists split on commas;
+    ``freeze=true`` (and the other true/false words, any case) → a bool for bool options."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
         raise bitcompile.TernaryConfigError(f"--option {text!r} is invalid: expected key=value, e.g. group_size=128")
     raw = raw.strip()
     value: Any
-    if key in ("exclude", "include"):
+    if key in _bool_options():
+        if raw.lower() not in _TRUE_WORDS + _FALSE_WORDS:
+            raise bitcompile.TernaryConfigError(
+                f"--option {text!r} is invalid: {key} expects true or false (also yes/no, on/off, 1/0)"
+            )
+        value = raw.lower() in _TRUE_WORDS
+    elif key in ("exclude", "include"):
         value = [p.strip() for p in raw.split(",") if p.strip()]
     elif raw.lower() in ("none", "null"):
         value = None

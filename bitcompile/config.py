@@ -9,7 +9,7 @@ allowed, because a typo in a training job's options must never be silently ignor
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from bitcompile.kernels.groups import PER_ROW, PER_TENSOR
@@ -31,11 +31,13 @@ def _bad(key: str, value: Any, allowed: str) -> TernaryConfigError:
 
 
 def _as_patterns(key: str, value: Any) -> tuple[str, ...]:
+    # Only str, list and tuple: a dict would contribute its keys, a set its patterns in no fixed
+    # order, and a generator would be consumed by the check below and leave nothing.
     if isinstance(value, str):
         return (value,)
-    if isinstance(value, Iterable) and all(isinstance(p, str) for p in value):
+    if isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value):
         return tuple(value)
-    raise _bad(key, value, "a glob pattern string or a list of them, e.g. ['lm_head', '*.router']")
+    raise _bad(key, value, "a glob pattern string or a list/tuple of them, e.g. ['lm_head', '*.router']")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 import torch
 
+import bitcompile
 from bitcompile.cli import main, parse_option
 from bitcompile.model_loader import ModelLoadError, load_model
 
@@ -55,6 +56,19 @@ def test_parse_option_values():
     assert parse_option("group_size=tensor") == ("group_size", "tensor")
     assert parse_option("activations=none") == ("activations", None)
     assert parse_option("exclude=lm_head,*.router") == ("exclude", ["lm_head", "*.router"])
+
+
+@pytest.mark.parametrize("word, value", [("True", True), ("true", True), ("1", True), ("yes", True), ("ON", True),
+                                         ("False", False), ("false", False), ("0", False), ("no", False), ("off", False)])
+def test_bool_options_accept_true_false_words(word, value):
+    """Issue 15 item 17: ``--option freeze=True`` used to be rejected (the string 'True' is not a bool)."""
+    assert parse_option(f"freeze={word}") == ("freeze", value)
+    assert bitcompile.TernaryConfig.from_options(dict([parse_option(f"freeze={word}")])).freeze is value
+
+
+def test_bool_option_with_another_word_is_one_line_exit_2(models, capsys):
+    line = _inspect_error(capsys, "inspect_models:mlp", "--option", "freeze=maybe")
+    assert line == "bitcompile inspect: error: --option 'freeze=maybe' is invalid: freeze expects true or false (also yes/no, on/off, 1/0)"
 
 
 def test_inspect_prints_tables_and_writes_json(models, capsys):

@@ -34,7 +34,8 @@ from bitcompile.passes.ternary_rewrite import ternary_rewrite
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "NODE_ROLES", "BackendOptionsError", "CompiledGraph", "GraphNode", "backend_for", "bitcpm", "capture", "compile_graph", "observe_compilations",
+    "NODE_ROLES", "BackendOptionsError", "CompiledGraph", "GraphNode", "backend_for", "bitcpm", "capture", "compile_graph",
+    "observe_compilations", "quiet_torch_error_logs",
 ]  # fmt: skip
 
 @dataclasses.dataclass
@@ -184,6 +185,25 @@ def bitcpm(
     return compile_graph(gm, example_inputs, config, mode=mode)
 
 
+#: Loggers that print, as ~20 lines of traceback, an error that the exception raised next carries too
+#: (fake_tensor: "failed while attempting to run meta for aten.mm" on mismatched example inputs).
+DUPLICATE_ERROR_LOGGERS = ("torch._subclasses.fake_tensor", "torch.export", "torch._export")
+
+
+@contextlib.contextmanager
+def quiet_torch_error_logs(names: Sequence[str] = DUPLICATE_ERROR_LOGGERS) -> Iterator[None]:
+    """Silence the loggers ``names`` (all levels) in this block; the exceptions still propagate."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def capture(model: torch.nn.Module, example_inputs: Sequence[Any], config: TernaryConfig) -> list[CompiledGraph]:
     """Run ``model`` once through Dynamo and the bitcpm passes (no inner compiler, no grad).
 
@@ -198,7 +218,7 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any], config: Terna
 
     torch._dynamo.reset()
     try:
-        with observe_compilations(keep), torch.no_grad():
+        with observe_compilations(keep), torch.no_grad(), quiet_torch_error_logs():
             eager = dataclasses.replace(config, inner="eager")
             torch.compile(model, backend=backend_for(eager), dynamic=False)(*example_inputs)
     finally:

@@ -112,6 +112,23 @@ def parse_option(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+
+
+def _capture_failure(model: Any, example_inputs: Sequence[Any], error: Exception) -> str:
+    """Why a capture failed, in one line: the model's own error when it fails without Dynamo
+    too (e.g. example inputs of the wrong shape), which Dynamo's first line does not say."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    except Exception as eager_error:
+        return f"the model fails on its example inputs without torch.compile too: {_first_line(eager_error)}"
+    return _first_line(error)
+
+
 def _run_inspect(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -145,8 +162,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
     except Exception as error:  # Dynamo / user-model failures: one line unless --debug
         if args.debug:
             raise
-        first = (str(error).strip().splitlines() or [""])[0]
-        print(f"bitcompile inspect: error: capturing {args.model!r} failed: {type(error).__name__}: {first}", file=sys.stderr)
+        why = _capture_failure(model, example_inputs, error)
+        print(f"bitcompile inspect: error: capturing {args.model!r} failed: {why}", file=sys.stderr)
         return 1
     # Colour and the terminal's width on a TTY; plain text wide enough not to fold paths otherwise.
     console = Console() if sys.stdout.isatty() else Console(width=200, color_system=None)

@@ -28,6 +28,9 @@ MODELS = textwrap.dedent(
     def single_tensor():
         return torch.nn.Linear(8, 8), torch.randn(2, 8)
 
+    def mismatched():
+        return MLP(16, [32], 4), (torch.randn(2, 8),)
+
     def not_a_pair():
         return torch.nn.Linear(8, 8)
 
@@ -205,6 +208,44 @@ def test_console_script_exit_status(models):
         [sys.executable, "-m", "bitcompile.cli", "inspect", "no_such_module_xyz:f"], capture_output=True, text=True
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_mismatched_example_inputs_give_one_line_without_torch_logs(models):
+    """Issue 15 item 17: torch's fake-tensor logger used to print ~20 lines of traceback first,
+    and the one line said only "RuntimeError when making fake tensor call"."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bitcompile.cli", "inspect", "inspect_models:mismatched"],
+        capture_output=True, text=True, cwd=models,
+    )  # fmt: skip
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(
+        "bitcompile inspect: error: capturing 'inspect_models:mismatched' failed: the model fails on its example "
+        "inputs without torch.compile too: RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x8 and 16x32)"
+    )
+
+
+def test_explain_with_mismatched_inputs_raises_without_logging():
+    import logging
+
+    from bitcompile.models import MLP
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    keep = Keep()
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    logger.addHandler(keep)
+    try:
+        with pytest.raises(Exception, match="must have same reduction dim"):
+            bitcompile.explain(MLP(16, [32], 4), torch.randn(2, 8))
+    finally:
+        logger.removeHandler(keep)
+    assert [r.getMessage() for r in keep.records] == []
 
 
 def test_cann_target_shows_torch_npu_ops(models, capsys):

@@ -475,13 +475,16 @@ def _check_opset(fmt: str, opset: int | None) -> int:
 
 @contextlib.contextmanager
 def _quiet_exporter():
-    """The exporter prints progress and warns about torchvision; keep the caller's output clean."""
+    """The exporter prints progress and warns about torchvision, and logs the errors it then
+    raises (which export_onnx reports in one line); keep the caller's output clean."""
+    from bitcompile.backend import quiet_torch_error_logs
+
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_torch_error_logs():
             warnings.simplefilter("ignore")
             yield
     finally:

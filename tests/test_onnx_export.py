@@ -381,7 +381,7 @@ def test_cli_export_prints_the_summary(tmp_path, capsys):
     assert code == 0 and out.is_file()
     assert "ternary layers: 2" in text and "float layers: 0" in text and "full_check=True): passed" in text
     assert "onnxruntime fusion: 2/2 ternary layers run as MatMulNBits" in text
-    assert main(["export", f"{module}:build", "-o", str(out)]) == 1  # exists, no --overwrite
+    assert main(["export", f"{module}:build", "-o", str(out)]) == 2  # exists, no --overwrite: checked before loading
     assert "--overwrite" in capsys.readouterr().err
 
 

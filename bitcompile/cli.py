@@ -17,41 +17,38 @@ import bitcompile
 Handler = Callable[[argparse.Namespace], int]
 
 
-class OutputPathError(ValueError):
-    """An output path given on the command line cannot be written (checked before any work)."""
+class UsageError(ValueError):
+    """A command-line argument that cannot work (an output path that cannot be written, a
+    count below 1), found before any work: one line on stderr, exit status 2."""
 
 
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
+def _check_can_create(flag: str, path: Path, missing: Path) -> None:
+    """``missing`` (``path`` or its folder) does not exist: its nearest existing ancestor must be a writable folder."""
+    existing = missing
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {str(path)!r} cannot be written: {str(existing)!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {str(path)!r} cannot be written: permission denied on {str(existing)!r}")
 
 
 def check_output_dir(flag: str, directory: str | os.PathLike) -> None:
-    """Raise :class:`OutputPathError` unless ``directory`` is, or can be created as, a writable folder."""
+    """Raise :class:`UsageError` unless ``directory`` is, or can be created as, a writable folder."""
     path = Path(directory)
     if path.exists() and not path.is_dir():
-        raise OutputPathError(f"{flag} {str(path)!r} is a file, not a folder")
-    existing = _nearest_existing(path)
-    if not existing.is_dir():
-        raise OutputPathError(f"{flag} {str(path)!r} cannot be created: {str(existing)!r} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputPathError(f"{flag} {str(path)!r} cannot be written: permission denied on {str(existing)!r}")
+        raise UsageError(f"{flag} {str(path)!r} is a file, not a folder")
+    _check_can_create(flag, path, path)
 
 
 def check_output_file(flag: str, file: str | os.PathLike) -> None:
-    """Raise :class:`OutputPathError` unless ``file`` can be written (its folder is created if missing)."""
+    """Raise :class:`UsageError` unless ``file`` can be written (its folder is created if missing)."""
     path = Path(file)
     if path.is_dir():
-        raise OutputPathError(f"{flag} {str(path)!r} is a folder; give a file path")
+        raise UsageError(f"{flag} {str(path)!r} is a folder; give a file path")
     if path.exists() and not os.access(path, os.W_OK):
-        raise OutputPathError(f"{flag} {str(path)!r} cannot be written: permission denied")
-    parent = path.parent
-    existing = _nearest_existing(parent)
-    if not existing.is_dir():
-        raise OutputPathError(f"{flag} {str(path)!r} cannot be written: {str(existing)!r} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputPathError(f"{flag} {str(path)!r} cannot be written: permission denied on {str(existing)!r}")
+        raise UsageError(f"{flag} {str(path)!r} cannot be written: permission denied")
+    _check_can_create(flag, path, path.parent)
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
@@ -66,9 +63,9 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
 
         try:
             if args.steps < 1:
-                raise OutputPathError(f"--steps {args.steps} is invalid: expected a positive number of training steps")
+                raise UsageError(f"--steps {args.steps} is invalid: expected a positive number of training steps")
             check_output_dir("--out", args.out)
-        except OutputPathError as error:
+        except UsageError as error:
             print(f"bitcompile demo: error: {error}", file=sys.stderr)
             return 2
         run_demo(steps=args.steps, out_dir=args.out, inner=args.inner, seed=args.seed)
@@ -147,12 +144,11 @@ def _run_inspect(args: argparse.Namespace) -> int:
             check_output_dir("--html", args.html)
         if args.mlir:
             check_output_file("--mlir", args.mlir)
-        if args.mlir:
             from bitcompile.inspect.mlir import require_torch_mlir
 
             require_torch_mlir()  # say it is missing before the capture, not after
         model, example_inputs = load_model(args.model)
-    except (ModelLoadError, bitcompile.TernaryConfigError, MlirUnavailableError, OutputPathError) as error:
+    except (ModelLoadError, bitcompile.TernaryConfigError, MlirUnavailableError, UsageError) as error:
         if args.debug:
             traceback.print_exc()
         print(f"bitcompile inspect: error: {error}", file=sys.stderr)

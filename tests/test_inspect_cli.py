@@ -263,7 +263,7 @@ def test_cann_target_shows_torch_npu_ops(models, capsys):
     "flag, target, message",
     [
         ("--html", "a_file", "--html '{root}/a_file' is a file, not a folder"),
-        ("--html", "/dev/null/report", "--html '/dev/null/report' cannot be created: '/dev/null' is not a folder"),
+        ("--html", "/dev/null/report", "--html '/dev/null/report' cannot be written: '/dev/null' is not a folder"),
         ("--json", "a_dir", "--json '{root}/a_dir' is a folder; give a file path"),
         ("--mlir", "a_dir", "--mlir '{root}/a_dir' is a folder; give a file path"),
         ("--json", "a_file/r.json", "--json '{root}/a_file/r.json' cannot be written: '{root}/a_file' is not a folder"),

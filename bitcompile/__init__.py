@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from bitcompile.config import TernaryConfig, TernaryConfigError
+from bitcompile.config import TernaryConfig, TernaryConfigError, as_config
 from bitcompile.inspect.report import ExplainReport, explain
 from bitcompile.runtime.checkpoint import CheckpointError, load_packed, save_packed
 from bitcompile.runtime.modules import PackedTernaryLinear, pack, plan_packing
@@ -49,7 +49,6 @@ def compile(model: torch.nn.Module, config: TernaryConfig | dict[str, Any] | Non
     ...) go to ``torch.compile``.
     """
     from bitcompile.backend import backend_for
-    from bitcompile.runtime.modules import as_config
 
     return torch.compile(model, backend=backend_for(as_config(config, "bitcompile.compile")), **torch_compile_kwargs)
 

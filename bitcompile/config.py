@@ -135,4 +135,14 @@ class TernaryConfig:
         return self.activations == "int8"
 
 
+def as_config(config: TernaryConfig | Mapping[str, Any] | None, caller: str) -> TernaryConfig:
+    """``config`` as a :class:`TernaryConfig`: None is the default, a dict is parsed like ``options``."""
+    if config is None or isinstance(config, (TernaryConfig, Mapping)):
+        return TernaryConfig.from_options(config)
+    raise TernaryConfigError(
+        f"{caller}: config must be a TernaryConfig or a dict of bitcpm options such as "
+        f"{{'group_size': 128}}, got {type(config).__name__}"
+    )
+
+
 assert PER_ROW == -1  # the public default above relies on this encoding

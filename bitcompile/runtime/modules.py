@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from bitcompile.runtime.ops import float_gemv, prepared_cpu_call  # (importing it registers torch.ops.bitcpm.*)
-from bitcompile.config import TernaryConfig, TernaryConfigError
+from bitcompile.config import TernaryConfig, as_config
 from bitcompile.kernels import cpu as cpu_kernels
 from bitcompile.kernels import get_kernel, resolve_target
 from bitcompile.kernels.groups import describe, num_groups
@@ -242,16 +242,6 @@ def linear_view(module: nn.Module) -> LinearView | None:
         if getattr(module, "nf", weight.shape[1]) == weight.shape[1]:
             return LinearView(weight.t(), getattr(module, "bias", None), weight)
     return None
-
-
-def as_config(config: TernaryConfig | Mapping[str, Any] | None, caller: str) -> TernaryConfig:
-    """``config`` as a :class:`TernaryConfig`: None is the default, a dict is parsed like ``options``."""
-    if config is None or isinstance(config, (TernaryConfig, Mapping)):
-        return TernaryConfig.from_options(config)
-    raise TernaryConfigError(
-        f"{caller}: config must be a TernaryConfig or a dict of bitcpm options such as "
-        f"{{'group_size': 128}}, got {type(config).__name__}"
-    )
 
 
 def plan_packing(model: nn.Module, config: TernaryConfig | Mapping[str, Any] | None = None) -> list[PackDecision]:

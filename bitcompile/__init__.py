@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from bitcompile.config import TernaryConfig, TernaryConfigError
+from bitcompile.config import TernaryConfig, TernaryConfigError, as_config
 from bitcompile.inspect.report import ExplainReport, explain
 from bitcompile.runtime.checkpoint import CheckpointError, load_packed, save_packed
 from bitcompile.runtime.modules import PackedTernaryLinear, pack, plan_packing
@@ -41,14 +41,16 @@ __all__ = [
 ]
 
 
-def compile(model: torch.nn.Module, config: TernaryConfig | None = None, **torch_compile_kwargs: Any):
-    """``torch.compile(model, backend="bitcpm")`` with a :class:`TernaryConfig` built in Python.
+def compile(model: torch.nn.Module, config: TernaryConfig | dict[str, Any] | None = None, **torch_compile_kwargs: Any):
+    """``torch.compile(model, backend="bitcpm")`` with a :class:`TernaryConfig` (or options dict) built in Python.
 
-    Extra keyword arguments (``dynamic=True``, ``fullgraph=True`` ...) go to ``torch.compile``.
+    Unlike ``torch.compile(..., options=...)``, a bad option raises :class:`TernaryConfigError`
+    here, not at the first call. Extra keyword arguments (``dynamic=True``, ``fullgraph=True``
+    ...) go to ``torch.compile``.
     """
     from bitcompile.backend import backend_for
 
-    return torch.compile(model, backend=backend_for(config or TernaryConfig()), **torch_compile_kwargs)
+    return torch.compile(model, backend=backend_for(as_config(config, "bitcompile.compile")), **torch_compile_kwargs)
 
 
 def export_onnx(model: torch.nn.Module, example_inputs: Any, path: Any, **kwargs: Any):

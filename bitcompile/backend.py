@@ -23,7 +23,7 @@ import torch
 import torch.fx
 
 import bitcompile.runtime.ops  # noqa: F401  (registers torch.ops.bitcpm.*)
-from bitcompile.config import TernaryConfig
+from bitcompile.config import TernaryConfig, TernaryConfigError
 from bitcompile.distributed.ops import strip_scale_markers
 from bitcompile.kernels import resolve_target
 from bitcompile.passes.discover import LayerDecision, discover
@@ -34,7 +34,8 @@ from bitcompile.passes.ternary_rewrite import ternary_rewrite
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "NODE_ROLES", "CompiledGraph", "GraphNode", "backend_for", "bitcpm", "capture", "compile_graph", "observe_compilations",
+    "NODE_ROLES", "BackendOptionsError", "CompiledGraph", "GraphNode", "backend_for", "bitcpm", "capture", "compile_graph",
+    "observe_compilations", "quiet_torch_error_logs",
 ]  # fmt: skip
 
 @dataclasses.dataclass
@@ -138,6 +139,32 @@ def compile_graph(
     return FrozenWeightGuard(compiled, frozen) if frozen else compiled
 
 
+try:  # what Dynamo re-raises from a backend unwrapped (BackendCompilerFailed is one)
+    from torch._dynamo.exc import ShortenTraceback as _DynamoReraises
+except ImportError:  # another torch: the error then arrives wrapped, with ours as its message
+    _DynamoReraises = Exception
+
+
+class BackendOptionsError(TernaryConfigError, _DynamoReraises):
+    """A bad ``torch.compile(..., backend="bitcpm", options=...)``, raised to the caller as is.
+
+    ``torch.compile`` stores ``options`` without handing them to the backend; Dynamo passes
+    them on its first backend call, i.e. at the model's first call, and wraps anything a
+    backend raises in ``BackendCompilerFailed``, except its own ``ShortenTraceback``
+    errors. Being one of those too, this error reaches the caller as a
+    :class:`TernaryConfigError` with its one-line message. (To get the error at
+    construction time, build the config in Python: ``bitcompile.compile(model, TernaryConfig(...))``.)
+    """
+
+    def __init__(self, message: str) -> None:
+        TernaryConfigError.__init__(self, message)
+        self.message = message
+        self.first_useful_frame = None  # ShortenTraceback: no frames of ours to cut
+
+    def __str__(self) -> str:
+        return self.message  # Dynamo appends "Set TORCHDYNAMO_VERBOSE=1 ..." to args; it does not apply here
+
+
 def bitcpm(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -145,8 +172,36 @@ def bitcpm(
     mode: str | None = None,
     options: dict[str, Any] | None = None,
 ) -> Callable[..., Any]:
-    """The ``backend="bitcpm"`` entry point: ``options`` are parsed into a :class:`TernaryConfig`."""
-    return compile_graph(gm, example_inputs, TernaryConfig.from_options(options), mode=mode)
+    """The ``backend="bitcpm"`` entry point: ``options`` are parsed into a :class:`TernaryConfig`.
+
+    Raises:
+        BackendOptionsError: (a :class:`TernaryConfigError`) at the first call of the compiled
+            model when ``options`` are invalid.
+    """
+    try:
+        config = TernaryConfig.from_options(options)
+    except TernaryConfigError as error:
+        raise BackendOptionsError(str(error)) from None
+    return compile_graph(gm, example_inputs, config, mode=mode)
+
+
+#: Loggers that print, as ~20 lines of traceback, an error that the exception raised next carries too
+#: (fake_tensor: "failed while attempting to run meta for aten.mm" on mismatched example inputs).
+DUPLICATE_ERROR_LOGGERS = ("torch._subclasses.fake_tensor", "torch.export", "torch._export")
+
+
+@contextlib.contextmanager
+def quiet_torch_error_logs(names: Sequence[str] = DUPLICATE_ERROR_LOGGERS) -> Iterator[None]:
+    """Silence the loggers ``names`` (all levels) in this block; the exceptions still propagate."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def capture(model: torch.nn.Module, example_inputs: Sequence[Any], config: TernaryConfig) -> list[CompiledGraph]:
@@ -163,7 +218,7 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any], config: Terna
 
     torch._dynamo.reset()
     try:
-        with observe_compilations(keep), torch.no_grad():
+        with observe_compilations(keep), torch.no_grad(), quiet_torch_error_logs():
             eager = dataclasses.replace(config, inner="eager")
             torch.compile(model, backend=backend_for(eager), dynamic=False)(*example_inputs)
     finally:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -13,6 +15,40 @@ from typing import Any
 import bitcompile
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot work (an output path that cannot be written, a
+    count below 1), found before any work: one line on stderr, exit status 2."""
+
+
+def _check_can_create(flag: str, path: Path, missing: Path) -> None:
+    """``missing`` (``path`` or its folder) does not exist: its nearest existing ancestor must be a writable folder."""
+    existing = missing
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {str(path)!r} cannot be written: {str(existing)!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {str(path)!r} cannot be written: permission denied on {str(existing)!r}")
+
+
+def check_output_dir(flag: str, directory: str | os.PathLike) -> None:
+    """Raise :class:`UsageError` unless ``directory`` is, or can be created as, a writable folder."""
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {str(path)!r} is a file, not a folder")
+    _check_can_create(flag, path, path)
+
+
+def check_output_file(flag: str, file: str | os.PathLike) -> None:
+    """Raise :class:`UsageError` unless ``file`` can be written (its folder is created if missing)."""
+    path = Path(file)
+    if path.is_dir():
+        raise UsageError(f"{flag} {str(path)!r} is a folder; give a file path")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {str(path)!r} cannot be written: permission denied")
+    _check_can_create(flag, path, path.parent)
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
@@ -25,21 +61,43 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from bitcompile.demo import run_demo
 
+        try:
+            if args.steps < 1:
+                raise UsageError(f"--steps {args.steps} is invalid: expected a positive number of training steps")
+            check_output_dir("--out", args.out)
+        except UsageError as error:
+            print(f"bitcompile demo: error: {error}", file=sys.stderr)
+            return 2
         run_demo(steps=args.steps, out_dir=args.out, inner=args.inner, seed=args.seed)
         return 0
 
     parser.set_defaults(handler=run)
 
 
+_TRUE_WORDS = ("true", "yes", "on", "1")
+_FALSE_WORDS = ("false", "no", "off", "0")
+
+
+def _bool_options() -> set[str]:
+    return {f.name for f in dataclasses.fields(bitcompile.TernaryConfig) if f.type in ("bool", bool)}
+
+
 def parse_option(text: str) -> tuple[str, Any]:
-    """``"group_size=128"`` → ``("group_size", 128)``; ``none``/``null`` → None; lists split on commas."""
+    """``"group_size=128"`` → ``("group_size", 128)``; ``none``/``null`` → None; lists split on commas;
+    ``freeze=true`` (and the other true/false words, any case) → a bool for bool options."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
         raise bitcompile.TernaryConfigError(f"--option {text!r} is invalid: expected key=value, e.g. group_size=128")
     raw = raw.strip()
     value: Any
-    if key in ("exclude", "include"):
+    if key in _bool_options():
+        if raw.lower() not in _TRUE_WORDS + _FALSE_WORDS:
+            raise bitcompile.TernaryConfigError(
+                f"--option {text!r} is invalid: {key} expects true or false (also yes/no, on/off, 1/0)"
+            )
+        value = raw.lower() in _TRUE_WORDS
+    elif key in ("exclude", "include"):
         value = [p.strip() for p in raw.split(",") if p.strip()]
     elif raw.lower() in ("none", "null"):
         value = None
@@ -49,6 +107,23 @@ def parse_option(text: str) -> tuple[str, Any]:
         except ValueError:
             value = raw
     return key, value
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+
+
+def _capture_failure(model: Any, example_inputs: Sequence[Any], error: Exception) -> str:
+    """Why a capture failed, in one line: the model's own error when it fails without Dynamo
+    too (e.g. example inputs of the wrong shape), which Dynamo's first line does not say."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    except Exception as eager_error:
+        return f"the model fails on its example inputs without torch.compile too: {_first_line(eager_error)}"
+    return _first_line(error)
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
@@ -62,12 +137,18 @@ def _run_inspect(args: argparse.Namespace) -> int:
         if args.target:
             options["target"] = args.target
         config = bitcompile.TernaryConfig.from_options(options)
+        # before the capture, which can take minutes on a large model
+        if args.json:
+            check_output_file("--json", args.json)
+        if args.html:
+            check_output_dir("--html", args.html)
         if args.mlir:
+            check_output_file("--mlir", args.mlir)
             from bitcompile.inspect.mlir import require_torch_mlir
 
             require_torch_mlir()  # say it is missing before the capture, not after
         model, example_inputs = load_model(args.model)
-    except (ModelLoadError, bitcompile.TernaryConfigError, MlirUnavailableError) as error:
+    except (ModelLoadError, bitcompile.TernaryConfigError, MlirUnavailableError, UsageError) as error:
         if args.debug:
             traceback.print_exc()
         print(f"bitcompile inspect: error: {error}", file=sys.stderr)
@@ -77,8 +158,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
     except Exception as error:  # Dynamo / user-model failures: one line unless --debug
         if args.debug:
             raise
-        first = (str(error).strip().splitlines() or [""])[0]
-        print(f"bitcompile inspect: error: capturing {args.model!r} failed: {type(error).__name__}: {first}", file=sys.stderr)
+        why = _capture_failure(model, example_inputs, error)
+        print(f"bitcompile inspect: error: capturing {args.model!r} failed: {why}", file=sys.stderr)
         return 1
     # Colour and the terminal's width on a TTY; plain text wide enough not to fold paths otherwise.
     console = Console() if sys.stdout.isatty() else Console(width=200, color_system=None)
@@ -122,14 +203,15 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from bitcompile.export.onnx import OnnxExportError, check_ort_fusion, export_onnx
+    from bitcompile.export.onnx import OnnxExportError, check_ort_fusion, check_output_path, export_onnx
     from bitcompile.model_loader import ModelLoadError, load_model
 
     try:
         options = dict(parse_option(text) for text in args.option)
         config = bitcompile.TernaryConfig.from_options(options) if options else None
+        check_output_path(args.output, args.overwrite)  # before loading (and packing) the model
         model, example_inputs = load_model(args.model)
-    except (ModelLoadError, bitcompile.TernaryConfigError) as error:
+    except (ModelLoadError, bitcompile.TernaryConfigError, OnnxExportError, OSError) as error:
         print(f"bitcompile export: error: {error}", file=sys.stderr)
         return 2
     try:

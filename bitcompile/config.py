@@ -9,7 +9,7 @@ allowed, because a typo in a training job's options must never be silently ignor
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from bitcompile.kernels.groups import MAX_GROUP_SIZE, PER_ROW, PER_TENSOR
@@ -32,11 +32,13 @@ def _bad(key: str, value: Any, allowed: str) -> TernaryConfigError:
 
 
 def _as_patterns(key: str, value: Any) -> tuple[str, ...]:
+    # Only str, list and tuple: a dict would contribute its keys, a set its patterns in no fixed
+    # order, and a generator would be consumed by the check below and leave nothing.
     if isinstance(value, str):
         return (value,)
-    if isinstance(value, Iterable) and all(isinstance(p, str) for p in value):
+    if isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value):
         return tuple(value)
-    raise _bad(key, value, "a glob pattern string or a list of them, e.g. ['lm_head', '*.router']")
+    raise _bad(key, value, "a glob pattern string or a list/tuple of them, e.g. ['lm_head', '*.router']")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +143,16 @@ class TernaryConfig:
     @property
     def quantize_activations(self) -> bool:
         return self.activations == "int8"
+
+
+def as_config(config: TernaryConfig | Mapping[str, Any] | None, caller: str) -> TernaryConfig:
+    """``config`` as a :class:`TernaryConfig`: None is the default, a dict is parsed like ``options``."""
+    if config is None or isinstance(config, (TernaryConfig, Mapping)):
+        return TernaryConfig.from_options(config)
+    raise TernaryConfigError(
+        f"{caller}: config must be a TernaryConfig or a dict of bitcpm options such as "
+        f"{{'group_size': 128}}, got {type(config).__name__}"
+    )
 
 
 assert PER_ROW == -1  # the public default above relies on this encoding

@@ -61,6 +61,8 @@ def _plot(fp32: list[float], ternary: list[float], path: Path) -> None:
 
 def run_demo(steps: int = 200, out_dir: str | Path = "bitcompile-demo", inner: str = "inductor", seed: int = 0) -> dict:
     """Run the demo; returns the summary that is also written to ``out_dir/summary.json``."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"run_demo: steps={steps!r} is invalid: expected a positive int")
     console = Console()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +87,7 @@ def run_demo(steps: int = 200, out_dir: str | Path = "bitcompile-demo", inner: s
     table = Table(title="training loss")
     for column in ("step", "fp32", "ternary"):
         table.add_column(column, justify="right")
-    shown = sorted({0, *range(steps // 10 - 1, steps, max(steps // 10, 1)), steps - 1})
+    shown = sorted({0, *range(max(steps // 10 - 1, 0), steps, max(steps // 10, 1)), steps - 1})
     for step in shown:
         table.add_row(str(step + 1), f"{fp32_losses[step]:.3f}", f"{ternary_losses[step]:.3f}")
     console.print(table)

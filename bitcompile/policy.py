@@ -36,6 +36,8 @@ def layer_skip_reason(
         return f"weight is {weight.dim()}-D, only 2-D weights are ternarized"
     if not weight.is_floating_point():
         return f"weight dtype {weight.dtype} is not floating point"
+    if out_features == 0 or in_features == 0:
+        return f"weight is empty ({out_features}x{in_features}): nothing to quantize"
     if (pattern := matching_pattern(name, config.exclude)) is not None:
         return f"excluded by pattern {pattern!r}"
     if config.include and matching_pattern(name, config.include) is None:

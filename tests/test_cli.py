@@ -2,8 +2,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import bitcompile
 from bitcompile.cli import main
+from bitcompile.demo import run_demo
 
 
 def test_version(capsys):
@@ -27,3 +30,39 @@ def test_demo_short_run_writes_plot_and_summary(tmp_path, capsys):
     assert (tmp_path / "report" / "report.json").exists()
     out = capsys.readouterr().out
     assert "training loss" in out and "final loss" in out
+
+
+def _one_line_error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_demo_rejects_non_positive_steps(tmp_path, capsys, steps):
+    """Issue 15 item 15: --steps 0 used to train nothing and fail with an IndexError."""
+    line = _one_line_error(capsys, ["demo", "--steps", steps, "--out", str(tmp_path / "demo")])
+    assert line == f"bitcompile demo: error: --steps {steps} is invalid: expected a positive number of training steps"
+    assert not (tmp_path / "demo").exists()
+    with pytest.raises(ValueError, match="steps=0 is invalid"):
+        run_demo(steps=0, out_dir=tmp_path / "demo")
+
+
+def test_demo_rejects_a_file_as_out_folder(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    line = _one_line_error(capsys, ["demo", "--steps", "2", "--out", str(tmp_path / "file")])
+    assert line == f"bitcompile demo: error: --out '{tmp_path / 'file'}' is a file, not a folder"
+
+
+@pytest.mark.parametrize("target, message", [
+    ("a_dir", "'{root}/a_dir' is a directory"),
+    ("a_file", "'{root}/a_file' exists; pass overwrite=True (CLI: --overwrite)"),
+    ("a_file/m.onnx", "cannot write '{root}/a_file/m.onnx': '{root}/a_file' is not a folder"),
+])  # fmt: skip
+def test_export_checks_the_output_path_before_loading_the_model(tmp_path, capsys, target, message):
+    """The model spec does not even exist: the path is what is reported, with exit 2."""
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "a_file").write_text("")
+    line = _one_line_error(capsys, ["export", "no_such_module_xyz:build", "-o", str(tmp_path / target)])
+    assert line.startswith("bitcompile export: error: export_onnx: ") and message.format(root=tmp_path) in line

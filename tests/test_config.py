@@ -46,12 +46,25 @@ def test_bad_options_name_key_value_and_allowed(options, fragments):
 
 
 def test_bad_option_through_torch_compile_raises_before_running():
+    """Issue 15 item 16: the error is a TernaryConfigError with its one-line message, not Dynamo's
+    BackendCompilerFailed. torch.compile stores ``options`` without calling the backend, so the
+    first call of the compiled model is the earliest point it can be raised (see BackendOptionsError)."""
     model = torch.nn.Linear(8, 8)
     compiled = torch.compile(model, backend="bitcpm", options={"group_size": 0})
-    with pytest.raises(Exception, match="group_size"):
+    with pytest.raises(TernaryConfigError) as info:
         compiled(torch.randn(2, 8))
-    with pytest.raises(Exception, match="unknown bitcpm option 'groups'"):
+    assert str(info.value) == str(_config_error({"group_size": 0}))
+    assert not isinstance(info.value, torch._dynamo.exc.BackendCompilerFailed)
+    with pytest.raises(TernaryConfigError) as info:
         torch.compile(torch.nn.Linear(8, 8), backend="bitcpm", options={"groups": 1})(torch.randn(2, 8))
+    assert str(info.value).startswith("unknown bitcpm option 'groups'=1; allowed options:")
+    assert "\n" not in str(info.value)
+
+
+def _config_error(options) -> TernaryConfigError:
+    with pytest.raises(TernaryConfigError) as info:
+        TernaryConfig.from_options(options)
+    return info.value
 
 
 def test_python_api_compile_with_config():

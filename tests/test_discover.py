@@ -1,5 +1,6 @@
 """Which layers the passes find, what they decide and why, and that the rewrite computes the right thing."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -192,3 +193,55 @@ def test_graph_breaks_give_several_rewritten_graphs():
     assert report.graph_count == 2 and report.graph_break_count == 1
     assert report.graph_break_reasons and all(len(g.layers) == 1 and g.layers[0].rewritten for g in report.graphs)
     assert [g.layers[0].name for g in report.graphs] == ["a", "b"]
+
+
+class WeightFirst(nn.Module):
+    """``W @ x`` / ``W.t() @ x`` with the weight as matmul's left operand (issue 15, item 13)."""
+
+    def __init__(self, transposed: bool):
+        super().__init__()
+        self.transposed = transposed
+        shape = (16, 8) if transposed else (8, 16)  # (out, in) = (8, 16) either way
+        self.w = nn.Parameter(torch.randn(*shape) * 0.1)
+
+    def weight_out_in(self):
+        return self.w.t() if self.transposed else self.w
+
+    def forward(self, x):
+        return (self.w.t() if self.transposed else self.w) @ torch.relu(x)  # x is an activation, not a graph input
+
+
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["W@x", "W.t()@x"])
+@pytest.mark.parametrize("x_shape", [(16,), (16, 5), (3, 16, 5)], ids=["vector", "matrix", "batched"])
+def test_weight_first_matmul_matches_reference_ternary(transposed, x_shape):
+    """``W @ v`` with a 1-D ``v`` used to fail with an IndexError from the rewritten graph, and
+    ``W.t() @ X`` with a matrix ``X`` with a shape error: each token (column of ``x``) must be
+    quantized and multiplied like ``F.linear(x_token, W)``."""
+    torch.manual_seed(0)
+    model = WeightFirst(transposed)
+    x = torch.randn(*x_shape, requires_grad=True)
+    report = bitcompile.explain(model, x)
+    assert [d.rewritten for d in report.layers] == [True], report.layers[0].reason
+    assert (report.layers[0].out_features, report.layers[0].in_features) == (8, 16)
+    compiled = torch.compile(model, backend="bitcpm", options={"inner": "aot_eager"})
+    got = compiled(x)
+    tokens = torch.relu(x) if len(x_shape) == 1 else torch.relu(x).transpose(-1, -2)
+    expected = ref.ternary_linear_forward(tokens.detach(), model.weight_out_in().detach(), None, -1, "int8")
+    expected = expected if len(x_shape) == 1 else expected.transpose(-1, -2)
+    assert got.shape == model(x).shape
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+    got.sum().backward()
+    assert model.w.grad is not None and model.w.grad.abs().sum() > 0
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_weight_first_matmul_with_a_vector_freezes():
+    model = WeightFirst(transposed=False).eval()
+    v = torch.randn(16)
+    compiled = torch.compile(model, backend="bitcpm", options={"inner": "aot_eager", "freeze": True})
+    with torch.no_grad():
+        got = compiled(v)
+    expected = ref.ternary_linear_forward(torch.relu(v), model.w.detach(), None, -1, "int8")
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 import torch
 
+import bitcompile
 from bitcompile.cli import main, parse_option
 from bitcompile.model_loader import ModelLoadError, load_model
 
@@ -26,6 +27,9 @@ MODELS = textwrap.dedent(
 
     def single_tensor():
         return torch.nn.Linear(8, 8), torch.randn(2, 8)
+
+    def mismatched():
+        return MLP(16, [32], 4), (torch.randn(2, 8),)
 
     def not_a_pair():
         return torch.nn.Linear(8, 8)
@@ -55,6 +59,19 @@ def test_parse_option_values():
     assert parse_option("group_size=tensor") == ("group_size", "tensor")
     assert parse_option("activations=none") == ("activations", None)
     assert parse_option("exclude=lm_head,*.router") == ("exclude", ["lm_head", "*.router"])
+
+
+@pytest.mark.parametrize("word, value", [("True", True), ("true", True), ("1", True), ("yes", True), ("ON", True),
+                                         ("False", False), ("false", False), ("0", False), ("no", False), ("off", False)])
+def test_bool_options_accept_true_false_words(word, value):
+    """Issue 15 item 17: ``--option freeze=True`` used to be rejected (the string 'True' is not a bool)."""
+    assert parse_option(f"freeze={word}") == ("freeze", value)
+    assert bitcompile.TernaryConfig.from_options(dict([parse_option(f"freeze={word}")])).freeze is value
+
+
+def test_bool_option_with_another_word_is_one_line_exit_2(models, capsys):
+    line = _inspect_error(capsys, "inspect_models:mlp", "--option", "freeze=maybe")
+    assert line == "bitcompile inspect: error: --option 'freeze=maybe' is invalid: freeze expects true or false (also yes/no, on/off, 1/0)"
 
 
 def test_inspect_prints_tables_and_writes_json(models, capsys):
@@ -193,6 +210,44 @@ def test_console_script_exit_status(models):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
+def test_mismatched_example_inputs_give_one_line_without_torch_logs(models):
+    """Issue 15 item 17: torch's fake-tensor logger used to print ~20 lines of traceback first,
+    and the one line said only "RuntimeError when making fake tensor call"."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bitcompile.cli", "inspect", "inspect_models:mismatched"],
+        capture_output=True, text=True, cwd=models,
+    )  # fmt: skip
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(
+        "bitcompile inspect: error: capturing 'inspect_models:mismatched' failed: the model fails on its example "
+        "inputs without torch.compile too: RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x8 and 16x32)"
+    )
+
+
+def test_explain_with_mismatched_inputs_raises_without_logging():
+    import logging
+
+    from bitcompile.models import MLP
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    keep = Keep()
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    logger.addHandler(keep)
+    try:
+        with pytest.raises(Exception, match="must have same reduction dim"):
+            bitcompile.explain(MLP(16, [32], 4), torch.randn(2, 8))
+    finally:
+        logger.removeHandler(keep)
+    assert [r.getMessage() for r in keep.records] == []
+
+
 def test_cann_target_shows_torch_npu_ops(models, capsys):
     assert main(["inspect", "inspect_models:llama", "--target", "cann", "--json", str(models / "c.json")]) == 0
     out = capsys.readouterr().out
@@ -202,3 +257,25 @@ def test_cann_target_shows_torch_npu_ops(models, capsys):
         pytest.skip("this checkout's backend does not run passes.lower_cann for target='cann' yet")
     assert "lowering for target 'cann'" in out and "npu.npu_quant_matmul" in out
     assert all(ops == ["npu.npu_dynamic_quant", "npu.npu_quant_matmul"] for ops in lowered)
+
+
+@pytest.mark.parametrize(
+    "flag, target, message",
+    [
+        ("--html", "a_file", "--html '{root}/a_file' is a file, not a folder"),
+        ("--html", "/dev/null/report", "--html '/dev/null/report' cannot be written: '/dev/null' is not a folder"),
+        ("--json", "a_dir", "--json '{root}/a_dir' is a folder; give a file path"),
+        ("--mlir", "a_dir", "--mlir '{root}/a_dir' is a folder; give a file path"),
+        ("--json", "a_file/r.json", "--json '{root}/a_file/r.json' cannot be written: '{root}/a_file' is not a folder"),
+    ],
+)
+def test_unwritable_output_path_is_one_line_exit_2_before_the_capture(models, capsys, monkeypatch, flag, target, message):
+    """Issue 15 item 14: these used to print a traceback (exit 1) after the whole capture had run."""
+    (models / "a_file").write_text("")
+    (models / "a_dir").mkdir()
+    captured = []
+    monkeypatch.setattr("bitcompile.explain", lambda *a, **k: captured.append(a))  # must not be reached
+    path = target if target.startswith("/") else str(models / target)
+    line = _inspect_error(capsys, "inspect_models:mlp", flag, path)
+    assert line == "bitcompile inspect: error: " + message.format(root=models)
+    assert captured == []

@@ -381,5 +381,67 @@ def test_cli_export_prints_the_summary(tmp_path, capsys):
     assert code == 0 and out.is_file()
     assert "ternary layers: 2" in text and "float layers: 0" in text and "full_check=True): passed" in text
     assert "onnxruntime fusion: 2/2 ternary layers run as MatMulNBits" in text
-    assert main(["export", f"{module}:build", "-o", str(out)]) == 1  # exists, no --overwrite
+    assert main(["export", f"{module}:build", "-o", str(out)]) == 2  # exists, no --overwrite: checked before loading
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_mismatched_example_inputs_fail_in_one_line_without_torch_export_logs(tmp_path):
+    """Issue 15 item 17: torch.export logged "always_classified is unsupported." (twice) before the error."""
+    import logging
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    keep = Keep()
+    logger = logging.getLogger("torch.export._trace")
+    logger.addHandler(keep)
+    try:
+        with pytest.raises(OnnxExportError, match="input's last dim 8 != in_features 16"):
+            export_onnx(MLP(16, [32], 4), (torch.randn(2, 8),), tmp_path / "m.onnx", config=bitcompile.TernaryConfig(**REF))
+    finally:
+        logger.removeHandler(keep)
+    assert [r.getMessage() for r in keep.records if r.levelno >= logging.WARNING] == []
+
+
+class _FourAxes(nn.Module):
+    """A linear over the last axis of a (batch, seq, frames, features) float input."""
+
+    def __init__(self, frames_fixed: bool = False):
+        super().__init__()
+        self.frames_fixed = frames_fixed
+        # flattening (frames, features) into a Linear(3 * 64) fixes the frames axis to 3
+        self.fc = nn.Linear(3 * 64 if frames_fixed else 64, 32)
+
+    def forward(self, x):
+        return self.fc(x.flatten(2) if self.frames_fixed else x)
+
+
+def test_auto_dynamic_shapes_make_every_axis_but_the_last_of_a_float_input_dynamic(tmp_path):
+    """Issue 15 item 17: "auto" made only axes 0-1 dynamic; the docs say every axis but the last."""
+    torch.manual_seed(0)
+    config = bitcompile.TernaryConfig(**REF)
+    model = _FourAxes().eval()
+    result = export_onnx(model, (torch.randn(2, 3, 4, 64),), tmp_path / "four.onnx", config=config)
+    sess = session(result.path)
+    dims = sess.get_inputs()[0].shape
+    assert dims[:2] == ["batch", "seq"] and isinstance(dims[2], str) and dims[3] == 64, dims
+    packed = bitcompile.pack(copy.deepcopy(model), config)
+    for shape in [(2, 3, 4, 64), (1, 5, 7, 64), (3, 2, 1, 64)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            assert rel_err(run(sess, x), packed(x).numpy()) < MLP_TOL
+
+    # An axis past batch and sequence that the model fixes (Dim.DYNAMIC would fail the export) still exports.
+    model = _FourAxes(frames_fixed=True).eval()
+    fixed = export_onnx(model, (torch.randn(2, 3, 3, 64),), tmp_path / "f.onnx", config=config)
+    sess = session(fixed.path)
+    assert sess.get_inputs()[0].shape[:2] == ["batch", "seq"]
+    packed = bitcompile.pack(copy.deepcopy(model), config)
+    x = torch.randn(4, 1, 3, 64)
+    with torch.no_grad():
+        assert rel_err(run(sess, x), packed(x).numpy()) < MLP_TOL

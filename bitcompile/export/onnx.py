@@ -222,30 +222,40 @@ def _prepare(model: nn.Module, config: TernaryConfig | None) -> tuple[nn.Module,
     return model, packed_copy, fallback
 
 
+#: Axes 0 and 1 (batch, sequence) must stay dynamic: the export fails if the model fixes them.
+_REQUIRED_DYNAMIC_AXES = 2
+
+
 def _default_dynamic_shapes(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Batch and sequence axes dynamic: every dim of integer inputs (token ids), all but the last of float inputs."""
-    names = ("batch", "seq")
+    """Every axis of integer inputs (token ids), all but the last of float inputs.
+
+    Batch and sequence (axes 0 and 1) are ``Dim.DYNAMIC``; further axes are ``Dim.AUTO``:
+    dynamic where the model allows it, static where it fixes the size (the channels a
+    convolution's weight fixes), where ``Dim.DYNAMIC`` would fail the export.
+    """
+    Dim = torch.export.Dim
     shapes: list[Any] = []
     for arg in example_inputs:
         if not isinstance(arg, torch.Tensor):
             shapes.append(None)
             continue
         dims = arg.dim() if not arg.is_floating_point() else arg.dim() - 1
-        shapes.append({i: torch.export.Dim.DYNAMIC for i in range(min(dims, len(names)))} or None)
+        shapes.append({i: Dim.DYNAMIC if i < _REQUIRED_DYNAMIC_AXES else Dim.AUTO for i in range(dims)} or None)
     return tuple(shapes)
 
 
 def _widen_unit_dims(example_inputs: tuple[Any, ...], dynamic_shapes: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Repeat an example of size 1 along a dynamic axis to size 2.
+    """Repeat an example of size 1 along a batch / sequence axis to size 2.
 
     ``torch.export`` specializes a size-1 dimension to the constant 1 (silently, with
     ``Dim.DYNAMIC``), which would make e.g. a batch-1 example export a batch-1-only graph.
+    Further (``Dim.AUTO``) axes are left as they are: the model may need their 1.
     """
     widened = []
     for arg, dims in zip(example_inputs, dynamic_shapes):
         if isinstance(arg, torch.Tensor) and dims:
             for axis in dims:
-                if arg.shape[axis] == 1:
+                if axis < _REQUIRED_DYNAMIC_AXES and arg.shape[axis] == 1:
                     arg = torch.cat([arg, arg], dim=axis)
         widened.append(arg)
     return tuple(widened)
@@ -442,12 +452,17 @@ def check_ort_fusion(path: str | os.PathLike) -> dict[str, Any]:
 # Entry point
 
 
-def _check_path(path: Path, overwrite: bool) -> None:
+def check_output_path(path: str | os.PathLike, overwrite: bool) -> None:
+    """Raise (:class:`OnnxExportError`, ``FileExistsError``, ``PermissionError``) unless
+    :func:`export_onnx` can write ``path``; the CLI calls it before loading the model."""
+    path = Path(path)
     if path.exists() and path.is_dir():
         raise OnnxExportError(f"export_onnx: {str(path)!r} is a directory; give a file path such as model.onnx")
     if path.exists() and not overwrite:
         raise FileExistsError(f"export_onnx: {str(path)!r} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise OnnxExportError(f"export_onnx: cannot write {str(path)!r}: {str(parent)!r} is not a folder")
     if not parent.is_dir():
         raise OnnxExportError(f"export_onnx: cannot write {str(path)!r}: folder {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
@@ -470,13 +485,16 @@ def _check_opset(fmt: str, opset: int | None) -> int:
 
 @contextlib.contextmanager
 def _quiet_exporter():
-    """The exporter prints progress and warns about torchvision; keep the caller's output clean."""
+    """The exporter prints progress and warns about torchvision, and logs the errors it then
+    raises (which export_onnx reports in one line); keep the caller's output clean."""
+    from bitcompile.backend import quiet_torch_error_logs
+
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_torch_error_logs():
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -538,9 +556,10 @@ def export_onnx(
         path: the ``.onnx`` file to write.
         format: ``"matmulnbits"`` (``com.microsoft::MatMulNBits``, fastest in onnxruntime)
             or ``"qdq"`` (standard ONNX opset 25: INT2 ``DequantizeLinear`` → ``MatMul``).
-        dynamic_shapes: ``"auto"`` makes batch and sequence axes dynamic (all dims of
-            integer inputs, all but the last of float inputs); ``None`` exports static
-            shapes; anything else goes to ``torch.onnx.export`` as is.
+        dynamic_shapes: ``"auto"`` makes every axis of integer inputs and every axis but the
+            last of float inputs dynamic (batch and sequence, axes 0-1, must be; further axes
+            are where the model allows); ``None`` exports static shapes; anything else goes
+            to ``torch.onnx.export`` as is.
         opset: default opset (21 for matmulnbits, 25 for qdq, which needs >= 25).
         config: how to pack an unpacked model (default :class:`~bitcompile.TernaryConfig`).
         overwrite: replace an existing file.
@@ -552,7 +571,7 @@ def export_onnx(
         raise ValueError(f"export_onnx: format={format!r} is invalid: expected one of {FORMATS}")
     opset = _check_opset(format, opset)
     path = Path(path)
-    _check_path(path, overwrite)
+    check_output_path(path, overwrite)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):

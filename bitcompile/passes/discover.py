@@ -50,6 +50,9 @@ class LinearSite:
     weight: torch.fx.Node  # the node holding the stored tensor (placeholder / get_attr)
     bias: Any  # fx node, None, or (addmm) the added term
     layout: Layout
+    #: the weight is matmul's left operand (``W @ x``, ``W.t() @ x``): a matrix ``x`` is
+    #: transposed in and the result back out; a 1-D ``x`` needs neither (``W @ v == v @ W.T``)
+    weight_first: bool = False
 
 
 @dataclasses.dataclass
@@ -129,7 +132,7 @@ def _find_site(node: torch.fx.Node, stored: dict[torch.fx.Node, Any]) -> LinearS
             return LinearSite(node, "matmul", a, inner, None, "out_in" if transposed else "in_out")
         if is_stored_2d(a) and not is_stored_2d(b):
             inner, transposed = _strip_transpose(a)
-            return LinearSite(node, "matmul", b, inner, None, "in_out" if transposed else "left")
+            return LinearSite(node, "matmul", b, inner, None, "in_out" if transposed else "left", weight_first=True)
         return None
     if node.op == "call_function" and target in _ADDMM_FUNCTIONS and len(node.args) >= 3:
         added, x, w = node.args[:3]
@@ -195,6 +198,9 @@ def _skip_reason(
     x = _val(site.activation)
     if isinstance(x, torch.Tensor) and not x.is_floating_point():
         return f"input dtype {x.dtype} is not floating point"
+    if site.weight_first and not isinstance(x, torch.Tensor):
+        # the rewrite must know whether x is a vector or a matrix (see LinearSite.weight_first)
+        return "weight @ x where the rank of x is unknown (no example value in the graph)"
     if site.kind == "addmm" and (_arg(site.node, 3, "beta", 1) != 1 or _arg(site.node, 4, "alpha", 1) != 1):
         return "addmm with beta/alpha other than 1"
     return None

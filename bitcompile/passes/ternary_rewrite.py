@@ -32,6 +32,12 @@ def _call(graph: torch.fx.Graph, target, args, like: torch.fx.Node) -> torch.fx.
     return node
 
 
+def _rank(node: torch.fx.Node) -> int:
+    """Dimensions of ``node``'s value (discover keeps weight-first sites whose rank it cannot see float)."""
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value.dim()
+
+
 #: Emits the nodes computing ``x @ W^T (+ bias)`` for an ``(out, in)``-layout weight; returns the output node.
 Emitter = Callable[[torch.fx.Graph, LayerDecision, torch.fx.Node, Any, torch.fx.Node], torch.fx.Node]
 
@@ -39,8 +45,9 @@ Emitter = Callable[[torch.fx.Graph, LayerDecision, torch.fx.Node, Any, torch.fx.
 def rewrite_sites(gm: torch.fx.GraphModule, decisions: Sequence[LayerDecision], emit: Emitter) -> int:
     """Replace every approved linear-like node by what ``emit`` builds; returns how many.
 
-    Handles the layouts around the emitted core: ``W @ x`` gets transposes of ``x`` and the
-    output, addmm's added term is added back. ``emit`` receives ``(graph, decision, x,
+    Handles the layouts around the emitted core: ``W @ x`` (and ``W.t() @ x``) with a matrix
+    ``x`` gets transposes of ``x`` and the output (a 1-D ``x`` is already a single token:
+    ``W @ v == v @ W.T``), addmm's added term is added back. ``emit`` receives ``(graph, decision, x,
     bias, like)`` and deals with the weight itself (transposing ``(in, out)`` weights).
     """
     graph = gm.graph
@@ -54,11 +61,12 @@ def rewrite_sites(gm: torch.fx.GraphModule, decisions: Sequence[LayerDecision], 
         node = site.node
         with graph.inserting_before(node):
             x = new_value.get(site.activation, site.activation)
-            if site.layout == "left":
+            transpose = site.weight_first and _rank(site.activation) >= 2
+            if transpose:
                 x = _call(graph, torch.transpose, (x, -1, -2), node)
             added = new_value.get(site.bias, site.bias)
             out = emit(graph, decision, x, added if site.kind == "linear" else None, node)
-            if site.layout == "left":
+            if transpose:
                 out = _call(graph, torch.transpose, (out, -1, -2), node)
             if site.kind == "addmm":
                 out = _call(graph, torch.add, (added, out), node)

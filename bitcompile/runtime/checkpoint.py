@@ -502,9 +502,19 @@ def load_packed(directory: str | Path, model_or_factory: nn.Module | Callable[[]
     path = Path(directory) / WEIGHTS_FILE if Path(directory).is_dir() else Path(directory)
     if not path.exists():
         raise CheckpointError(f"no packed checkpoint at {path}")
+    if not isinstance(model_or_factory, nn.Module) and not callable(model_or_factory):
+        raise TypeError(
+            f"load_packed: expected the float model (an nn.Module) or a function building it, "
+            f"got {type(model_or_factory).__name__}"
+        )
     metadata, tensors = _read(path)
     layers, int8_layers = _parse_metadata(path.name, metadata)
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"load_packed: the model factory {getattr(model_or_factory, '__name__', model_or_factory)!r} "
+            f"returned {type(model).__name__}, not an nn.Module (did it forget to return the model?)"
+        )
     target = unwrap_model(model)
     layers, int8_layers, tensors = _strip_wrapper_prefixes(layers, int8_layers, tensors, target)
     replacements = _replacements(target, layers, int8_layers)

@@ -13,14 +13,15 @@ import ctypes
 import dataclasses
 import os
 import sys
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from bitcompile.runtime.ops import float_gemv, prepared_cpu_call  # (importing it registers torch.ops.bitcpm.*)
 from bitcompile.runtime.conversion import FixedFormatModule
-from bitcompile.config import TernaryConfig
+from bitcompile.config import TernaryConfig, as_config
 from bitcompile.kernels import cpu as cpu_kernels
 from bitcompile.kernels import get_kernel, resolve_target
 from bitcompile.kernels.groups import describe, num_groups
@@ -248,9 +249,9 @@ def linear_view(module: nn.Module) -> LinearView | None:
     return None
 
 
-def plan_packing(model: nn.Module, config: TernaryConfig | None = None) -> list[PackDecision]:
+def plan_packing(model: nn.Module, config: TernaryConfig | Mapping[str, Any] | None = None) -> list[PackDecision]:
     """Which linear layers (``nn.Linear``, ``Conv1D``) :func:`pack` would pack, and why the others stay float."""
-    config = config or TernaryConfig()
+    config = as_config(config, "plan_packing")
     shared = _shared_parameters(model)
     plan = []
     for name, module in model.named_modules():
@@ -281,7 +282,7 @@ def _ternary_codes(name: str, weight: Tensor, config: TernaryConfig, pre_quantiz
 
 def pack(
     model: nn.Module | str | os.PathLike,
-    config: TernaryConfig | None = None,
+    config: TernaryConfig | Mapping[str, Any] | None = None,
     *,
     pre_quantized: PreQuantized = "auto",
     float_gemv: bool = True,
@@ -296,7 +297,8 @@ def pack(
         model: a trained (or pseudo-quantized) float model, or the path of a local Hugging
             Face model folder (config.json + safetensors; needs ``transformers``, never downloads).
         config: the same :class:`TernaryConfig` the model was trained with (group size,
-            activation mode, exclude/include, min_features, target).
+            activation mode, exclude/include, min_features, target), or the same options as a
+            dict (``{"group_size": 128}``, what ``torch.compile(..., options=...)`` took).
         pre_quantized: ``"auto"`` packs weights that are already ternary losslessly and
             quantizes the others; ``True`` requires every packed layer to be already ternary;
             ``False`` always applies the absmean quantizer.
@@ -316,10 +318,19 @@ def pack(
     return model
 
 
-def _pack(model, config: TernaryConfig | None, pre_quantized: PreQuantized, float_gemv: bool, head: str) -> nn.Module:
-    config = config or TernaryConfig()
-    if head not in ("float", "int8"):
+def _check_pack_arguments(pre_quantized: Any, float_gemv: Any, head: Any) -> None:
+    # `is`, not `in`: 1 == True and "yes" must not quietly mean False
+    if not (pre_quantized is True or pre_quantized is False or (isinstance(pre_quantized, str) and pre_quantized == "auto")):
+        raise ValueError(f"pack: pre_quantized={pre_quantized!r} is invalid: expected 'auto', True or False")
+    if not isinstance(float_gemv, bool):
+        raise ValueError(f"pack: float_gemv={float_gemv!r} is invalid: expected True or False")
+    if not (isinstance(head, str) and head in ("float", "int8")):
         raise ValueError(f"pack: head={head!r} is not one of 'float', 'int8'")
+
+
+def _pack(model, config, pre_quantized: PreQuantized, float_gemv: bool, head: str) -> nn.Module:
+    config = as_config(config, "pack")
+    _check_pack_arguments(pre_quantized, float_gemv, head)
     if not isinstance(model, nn.Module):
         from bitcompile.model_loader import load_model
 

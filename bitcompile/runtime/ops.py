@@ -355,6 +355,8 @@ def float_gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """The op's computation, callable without the dispatcher (eager ``FloatGemvLinear``)."""
     from bitcompile.kernels import cpu
 
+    if weight.numel() == 0:  # a 0-feature layer: reshape(-1, 0) is ambiguous and there is no GEMV to run
+        return torch.nn.functional.linear(x, weight, bias)
     y = cpu.dense_linear(x.reshape(-1, weight.shape[1]), weight, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 

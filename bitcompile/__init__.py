@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from bitcompile.config import TernaryConfig, TernaryConfigError
+from bitcompile.config import BitcompileWarning, TernaryConfig, TernaryConfigError
 from bitcompile.inspect.report import ExplainReport, explain
 from bitcompile.runtime.checkpoint import CheckpointError, load_packed, save_packed
 from bitcompile.runtime.modules import PackedTernaryLinear, pack, plan_packing
@@ -25,6 +25,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "BitcompileWarning",
     "CheckpointError",
     "ExplainReport",
     "PackedTernaryLinear",

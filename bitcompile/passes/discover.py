@@ -233,7 +233,9 @@ def _skip_reason(
     elif weight_path and weight_path.removesuffix(".weight") != name:
         shared_with = f"parameter {weight_path} of another module (tied)"
     out_features, in_features = _out_in(weight.shape, site.layout) if weight.dim() == 2 else (0, 0)
-    if reason := layer_skip_reason(name, weight, out_features, in_features, config, shared_with):
+    caller = calling_module(site.node)
+    module_class = caller[1] if caller and weight_path == f"{caller[0]}.weight" else None  # its own weight
+    if reason := layer_skip_reason(name, weight, out_features, in_features, config, shared_with, module_class):
         return reason
     x = _val(site.activation)
     if isinstance(x, torch.Tensor) and not x.is_floating_point():

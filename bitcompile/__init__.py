@@ -46,10 +46,30 @@ def compile(model: torch.nn.Module, config: TernaryConfig | None = None, **torch
     """``torch.compile(model, backend="bitcpm")`` with a :class:`TernaryConfig` built in Python.
 
     Extra keyword arguments (``dynamic=True``, ``fullgraph=True`` ...) go to ``torch.compile``.
+
+    A ``DistributedDataParallel`` around a ``torch.nn`` container (``DDP(nn.Sequential(...))``)
+    is handled specially: Dynamo skips the container's frame under DDP, so
+    ``torch.compile(ddp_model, backend="bitcpm")`` never hands a graph to the backend and every
+    layer trains in float. Here the wrapped container's ``forward`` is compiled instead and the
+    DDP model itself is returned (state_dict keys unchanged).
     """
     from bitcompile.backend import backend_for
 
-    return torch.compile(model, backend=backend_for(config or TernaryConfig()), **torch_compile_kwargs)
+    backend = backend_for(config or TernaryConfig())
+    wrapped = _ddp_wrapped_torch_nn_module(model)
+    if wrapped is not None:
+        wrapped.forward = torch.compile(wrapped.forward, backend=backend, **torch_compile_kwargs)
+        return model
+    return torch.compile(model, backend=backend, **torch_compile_kwargs)
+
+
+def _ddp_wrapped_torch_nn_module(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module inside ``DDP(module)`` when its class comes from ``torch.nn`` (a frame Dynamo skips)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) and type(model.module).__module__.startswith("torch.nn."):
+        return model.module
+    return None
 
 
 def export_onnx(model: torch.nn.Module, example_inputs: Any, path: Any, **kwargs: Any):

@@ -10,7 +10,8 @@ Two silent failures are turned into one :class:`~bitcompile.config.BitcompileWar
 
 Patterns are matched against the module tree of the frame's ``self`` (every module and
 parameter path), not against one graph's layers, so a graph break never makes a pattern
-look unused. Python's warning filter shows each message once per process.
+look unused; a block compiled on its own by ``distributed.compile_module`` is skipped (the
+patterns name layers of the whole model). Python's warning filter shows each message once per process.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def check_coverage(
     root, resumed = _frame_root(gm)
     owner = type(root).__name__ if root is not None else "the compiled function"
     whole_frame = graph_break_reason is None and not resumed and not _under_ddp()
-    if config.exclude or config.include:
+    if (config.exclude or config.include) and not getattr(root, "bitcompile_compiled_block", False):
         if root is not None:
             names = [n for n, _ in root.named_modules() if n]
             names += [n.removesuffix(".weight") for n, _ in root.named_parameters(remove_duplicate=False)]

@@ -96,6 +96,9 @@ def check_coverage(
     seen.extend((d.name, d.rewritten, d.reason) for d in decisions)
     if graph_break_reason is not None or any(rewritten for _, rewritten, _ in seen):
         return
+    block = getattr(root, "bitcompile_compiled_block", False)
+    if block and seen and all(reason.startswith("excluded by pattern") for _, _, reason in seen):
+        return  # a block the user excluded on purpose (an output head compiled on its own)
     if seen:
         reasons = "; ".join(f"{name}: {reason}" for name, _, reason in seen[:4]) + ("; ..." if len(seen) > 4 else "")
         message = (

@@ -367,3 +367,20 @@ def test_pack_with_example_inputs_follows_the_compiler_on_shared_layers(model_cl
     assert plan["fc"].reason.startswith("the compiler keeps it float: weight is shared")
     with torch.no_grad():
         torch.testing.assert_close(packed(x), expected, **TOL)
+
+
+def test_pack_with_example_inputs_keeps_layers_the_forward_never_calls_float():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.spare = nn.Linear(32, 8), nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.used(x)
+
+    x = torch.randn(2, 32)
+    with pytest.raises(TypeError, match="example_inputs must be a tuple or list of model inputs, got Tensor"):
+        bitcompile.pack(Unused(), example_inputs=x)
+    plan = {d.name: d for d in bitcompile.pack(Unused(), example_inputs=(x,)).bitcompile_pack_plan}
+    assert plan["used"].packed and not plan["spare"].packed
+    assert plan["spare"].reason.startswith("not called when the model ran on example_inputs")

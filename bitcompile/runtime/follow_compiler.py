@@ -43,8 +43,10 @@ def follow_compiler(
     from bitcompile.runtime.modules import linear_view
 
     if not isinstance(example_inputs, (tuple, list)):
-        raise TypeError(f"pack: example_inputs must be a tuple or list of model inputs, got {type(example_inputs).__name__}")
-    decisions = [d for record in capture(model, tuple(example_inputs), config) for d in record.layers if d.kind in _LAYER_KINDS]
+        kind = type(example_inputs).__name__
+        raise TypeError(f"pack: example_inputs must be a tuple or list of model inputs, got {kind}")
+    records = capture(model, tuple(example_inputs), config)
+    decisions = [d for record in records for d in record.layers if d.kind in _LAYER_KINDS]
     by_weight: dict[str, list[LayerDecision]] = {}
     for decision in decisions:
         by_weight.setdefault(decision.weight_name, []).append(decision)
@@ -57,7 +59,8 @@ def follow_compiler(
         kept = next((d for d in calls if not d.rewritten), None)
         outside = next((d for d in calls if _caller(d) not in (entry.name, None)), None)
         if not calls:
-            entry.packed, entry.reason = False, "not called when the model ran on example_inputs: the compiler never made it ternary"
+            entry.packed = False
+            entry.reason = "not called when the model ran on example_inputs: the compiler never made it ternary"
         elif kept is not None:
             entry.packed, entry.reason = False, f"the compiler keeps it float: {kept.reason}"
         elif outside is not None:

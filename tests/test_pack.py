@@ -384,3 +384,11 @@ def test_pack_with_example_inputs_keeps_layers_the_forward_never_calls_float():
     plan = {d.name: d for d in bitcompile.pack(Unused(), example_inputs=(x,)).bitcompile_pack_plan}
     assert plan["used"].packed and not plan["spare"].packed
     assert plan["spare"].reason.startswith("not called when the model ran on example_inputs")
+
+
+def test_state_dict_hooks_of_a_packed_layer_are_dropped_with_a_warning():
+    model = nn.Sequential(nn.Linear(32, 16))
+    model[0]._register_state_dict_hook(lambda module, state, prefix, local: state)
+    with pytest.warns(bitcompile.BitcompileWarning, match=r"layer '0': its _state_dict_hooks hooks .* were dropped"):
+        bitcompile.pack(model)
+    assert isinstance(model[0], PackedTernaryLinear) and not model[0]._state_dict_hooks

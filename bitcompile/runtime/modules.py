@@ -325,7 +325,8 @@ def pack(
             them ``pack`` runs the compiler's capture once and packs exactly the layers the
             compiler makes ternary, including what only the forward shows (a layer called twice,
             a weight read elsewhere: kept float). Without them the plan comes from the module
-            tree, which cannot see those cases (:func:`plan_packing`).
+            tree, which cannot see those cases (:func:`plan_packing`). Like ``explain``, the
+            capture resets Dynamo's caches (compiled models recompile on their next call).
 
     Returns:
         ``model`` itself; ``model.bitcompile_pack_plan`` lists every decision. The freed float

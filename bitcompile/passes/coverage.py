@@ -43,6 +43,8 @@ def _frame_root(gm: torch.fx.GraphModule) -> tuple[nn.Module | None, bool]:
         tx = InstructionTranslator.current_tx()
     except Exception:  # not inside Dynamo (a graph handed over directly): nothing to look at
         return None, False
+    if tx is None:
+        return None, False
     resumed = tx.f_code.co_name.startswith("torch_dynamo_resume_in_")
     for node in gm.graph.nodes:
         source = getattr(node.meta.get("grapharg"), "source", None)

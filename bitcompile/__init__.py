@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from bitcompile.config import TernaryConfig, TernaryConfigError, as_config
+from bitcompile.config import BitcompileWarning, TernaryConfig, TernaryConfigError, as_config
 from bitcompile.inspect.report import ExplainReport, explain
 from bitcompile.runtime.checkpoint import CheckpointError, load_packed, save_packed
 from bitcompile.runtime.modules import PackedTernaryLinear, pack, plan_packing
@@ -25,6 +25,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "BitcompileWarning",
     "CheckpointError",
     "ExplainReport",
     "PackedTernaryLinear",
@@ -47,10 +48,30 @@ def compile(model: torch.nn.Module, config: TernaryConfig | dict[str, Any] | Non
     Unlike ``torch.compile(..., options=...)``, a bad option raises :class:`TernaryConfigError`
     here, not at the first call. Extra keyword arguments (``dynamic=True``, ``fullgraph=True``
     ...) go to ``torch.compile``.
+
+    A ``DistributedDataParallel`` around a ``torch.nn`` container (``DDP(nn.Sequential(...))``)
+    is handled specially: Dynamo skips the container's frame under DDP, so
+    ``torch.compile(ddp_model, backend="bitcpm")`` never hands a graph to the backend and every
+    layer trains in float. Here the wrapped container's ``forward`` is compiled instead and the
+    DDP model itself is returned (state_dict keys unchanged).
     """
     from bitcompile.backend import backend_for
 
-    return torch.compile(model, backend=backend_for(as_config(config, "bitcompile.compile")), **torch_compile_kwargs)
+    backend = backend_for(as_config(config, "bitcompile.compile"))
+    wrapped = _ddp_wrapped_torch_nn_module(model)
+    if wrapped is not None:
+        wrapped.forward = torch.compile(wrapped.forward, backend=backend, **torch_compile_kwargs)
+        return model
+    return torch.compile(model, backend=backend, **torch_compile_kwargs)
+
+
+def _ddp_wrapped_torch_nn_module(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module inside ``DDP(module)`` when its class comes from ``torch.nn`` (a frame Dynamo skips)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) and type(model.module).__module__.startswith("torch.nn."):
+        return model.module
+    return None
 
 
 def export_onnx(model: torch.nn.Module, example_inputs: Any, path: Any, **kwargs: Any):

@@ -26,6 +26,7 @@ import bitcompile.runtime.ops  # noqa: F401  (registers torch.ops.bitcpm.*)
 from bitcompile.config import TernaryConfig, TernaryConfigError
 from bitcompile.distributed.ops import strip_scale_markers
 from bitcompile.kernels import resolve_target
+from bitcompile.passes.coverage import check_coverage
 from bitcompile.passes.discover import LayerDecision, discover
 from bitcompile.passes.freeze_pack import FrozenWeightGuard, check_can_freeze, freeze_pack
 from bitcompile.passes.describe import NODE_ROLES, GraphNode, describe_graph
@@ -104,6 +105,7 @@ def compile_graph(
     # Precomputed per-tensor scales (bitcompile.distributed): weight node -> scale node.
     tensor_scales = strip_scale_markers(gm)
     decisions = discover(gm, example_inputs, config)
+    check_coverage(gm, example_inputs, decisions, config, _graph_break_reason(gm))
     frozen = []
     if config.freeze:
         check_can_freeze()

@@ -27,6 +27,10 @@ class TernaryConfigError(ValueError):
     """An option of the bitcpm backend has a bad name or value."""
 
 
+class BitcompileWarning(UserWarning):
+    """Something bitcompile did is probably not what you meant (a layer kept float, a pattern that matches nothing)."""
+
+
 def _bad(key: str, value: Any, allowed: str) -> TernaryConfigError:
     return TernaryConfigError(f"bitcpm option {key!r}={value!r} is invalid: expected {allowed}")
 

@@ -8,9 +8,10 @@ about ``nn.Linear`` modules, so a model packs exactly the layers the compiler re
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
+from torch import nn
 
 from bitcompile.config import TernaryConfig
 
@@ -23,6 +24,35 @@ def matching_pattern(path: str, patterns: Sequence[str]) -> str | None:
     return None
 
 
+def unmatched_patterns(config: TernaryConfig, names: Iterable[str]) -> list[tuple[str, str]]:
+    """``(option, pattern)`` for every ``exclude`` / ``include`` pattern that matches none of ``names``."""
+    names = list(names)
+    return [
+        (option, pattern)
+        for option in ("exclude", "include")
+        for pattern in getattr(config, option)
+        if not any(matching_pattern(name, [pattern]) for name in names)
+    ]
+
+
+def forward_override_reason(module_class: type | None) -> str | None:
+    """Why an ``nn.Linear`` subclass with its own ``forward`` stays float, or None for a plain linear.
+
+    ``pack`` replaces a whole module by a packed one, so it cannot keep what a subclass adds
+    around the linear call (``super().forward(x) * 0.5``, a normalised weight). The compiler
+    keeps such layers float too, so the trained model is the one ``pack`` serves.
+    Classes that compute exactly ``F.linear`` declare ``computes_plain_linear = True``.
+    """
+    if not isinstance(module_class, type) or not issubclass(module_class, nn.Linear):
+        return None
+    if module_class.forward is nn.Linear.forward or getattr(module_class, "computes_plain_linear", False):
+        return None
+    return (
+        f"{module_class.__name__} overrides nn.Linear.forward; pack() cannot keep its forward around "
+        "2-bit weights, so it stays float (compiler and pack agree)"
+    )
+
+
 def layer_skip_reason(
     name: str,
     weight: torch.Tensor,
@@ -30,8 +60,13 @@ def layer_skip_reason(
     in_features: int,
     config: TernaryConfig,
     shared_with: str | None = None,
+    module_class: type | None = None,
 ) -> str | None:
-    """Why the layer ``name`` stays float, or None when it becomes ternary."""
+    """Why the layer ``name`` stays float, or None when it becomes ternary.
+
+    ``module_class``: the class of the module whose own weight this is and whose forward
+    makes the call (None for a bare parameter used in a matmul).
+    """
     if weight.dim() != 2:
         return f"weight is {weight.dim()}-D, only 2-D weights are ternarized"
     if not weight.is_floating_point():
@@ -42,6 +77,8 @@ def layer_skip_reason(
         return f"excluded by pattern {pattern!r}"
     if config.include and matching_pattern(name, config.include) is None:
         return f"not matched by include patterns {list(config.include)}"
+    if (override := forward_override_reason(module_class)) is not None:
+        return override
     if shared_with:
         return f"weight is shared with {shared_with}"
     if min(out_features, in_features) < config.min_features:

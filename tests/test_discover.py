@@ -245,3 +245,47 @@ def test_weight_first_matmul_with_a_vector_freezes():
         got = compiled(v)
     expected = ref.ternary_linear_forward(torch.relu(v), model.w.detach(), None, -1, "int8")
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+class TransposeSpellings(nn.Module):
+    """Every way of writing ``x @ W^T`` with an (out, in) parameter, each applied to the model input."""
+
+    SPELLINGS = {
+        "t": lambda w: w.t(),
+        "T": lambda w: w.T,
+        "mT": lambda w: w.mT,
+        "transpose01": lambda w: w.transpose(0, 1),
+        "transpose_neg": lambda w: w.transpose(-1, -2),
+        "permute10": lambda w: w.permute(1, 0),
+        "torch_transpose": lambda w: torch.transpose(w, 0, 1),
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.weights = nn.ParameterDict({name: nn.Parameter(torch.randn(8, 16) * 0.1) for name in self.SPELLINGS})
+
+    def forward(self, x):
+        return sum(x @ spell(self.weights[name]) for name, spell in self.SPELLINGS.items())
+
+
+def test_every_transpose_spelling_is_rewritten_like_t_and_the_input_is_never_the_weight():
+    model = TransposeSpellings()
+    x = torch.randn(3, 16)
+    report = bitcompile.explain(model, x)
+    layers = decisions_by_name(report)
+    assert set(layers) == {f"weights.{name}" for name in model.SPELLINGS}
+    assert all(d.rewritten and d.layout == "out_in" and (d.out_features, d.in_features) == (8, 16) for d in layers.values())
+    assert all(d.weight_name == d.name for d in layers.values())  # never the input "l_x_"
+
+    compiled = torch.compile(model, backend="bitcpm", options={"inner": "aot_eager", "activations": None})
+    expected = sum(ref.fake_quant_linear(x, w, None, -1, None) for w in model.weights.values())
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_of_two_inputs_is_not_a_layer():
+    class TwoInputs(nn.Module):
+        def forward(self, x, y):
+            return x @ y.T
+
+    report = bitcompile.explain(TwoInputs(), torch.randn(3, 16), torch.randn(8, 16))
+    assert report.layers == []

@@ -275,3 +275,120 @@ def test_pack_hands_the_freed_float_weights_back_to_the_os():
     assert result.returncode == 0, result.stderr[-2000:]
     dropped = float(result.stdout.split("dropped")[-1])
     assert dropped > 48, f"RSS dropped only {dropped:.0f} MiB after packing 96 MiB of fp32 weights"
+
+
+class Half(nn.Linear):
+    """An nn.Linear subclass that adds to what nn.Linear computes."""
+
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+class WeightNormalised(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, self.weight / self.weight.norm(dim=1, keepdim=True), self.bias)
+
+
+def compiled_qat_output(model, *inputs, **options):
+    with torch.no_grad():
+        return torch.compile(model, backend="bitcpm", options={"inner": "aot_eager", **options})(*inputs)
+
+
+OVERRIDE_REASON = "overrides nn.Linear.forward; pack() cannot keep its forward around 2-bit weights"
+
+
+@pytest.mark.parametrize(
+    "subclass, compiler_reason",
+    [(Half, "Half " + OVERRIDE_REASON), (WeightNormalised, "weight is an activation computed in the graph")],
+)
+def test_linear_subclass_with_own_forward_is_kept_float_by_compiler_and_pack(subclass, compiler_reason):
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), subclass(32, 16))
+    x = torch.randn(4, 32)
+    report = bitcompile.explain(model, x)
+    assert {d.name for d in report.rewritten} == {"0"}
+    assert len(report.skipped) == 1 and report.skipped[0].reason.startswith(compiler_reason)
+    expected = compiled_qat_output(model, x)
+    packed = bitcompile.pack(copy.deepcopy(model))
+    assert isinstance(packed[0], PackedTernaryLinear) and type(packed[2]) is subclass
+    assert f"{subclass.__name__} {OVERRIDE_REASON}" in packed.bitcompile_pack_plan[1].reason
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), expected, **TOL)
+        first = ref.fake_quant_linear(x, model[0].weight, model[0].bias, -1, "int8")
+        torch.testing.assert_close(packed(x), model[2](F.relu(first)), **TOL)  # subclass forward, float weight
+
+
+def test_forward_hooks_survive_packing_and_their_handles_still_remove_them():
+    model = nn.Sequential(nn.Linear(32, 16))
+    x = torch.randn(3, 32)
+    calls = []
+    pre = model[0].register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    post = model[0].register_forward_hook(lambda module, args, out: calls.append(type(module).__name__) or out + 1)
+    weight, bias = model[0].weight, model[0].bias
+    expected = ref.fake_quant_linear(x * 2, weight, bias, -1, "int8") + 1
+    packed = bitcompile.pack(model)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), expected, **TOL)
+    assert calls == ["PackedTernaryLinear"]
+    pre.remove(), post.remove()
+    with torch.no_grad():
+        plain = packed(x)
+    assert calls == ["PackedTernaryLinear"]  # the removed hook did not run
+    torch.testing.assert_close(plain, ref.fake_quant_linear(x, weight, bias, -1, "int8"), **TOL)
+
+
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(32, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.out(F.relu(self.fc(F.relu(self.fc(x)))))
+
+
+class WeightReadElsewhere(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(32, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.out(self.fc(x) + self.fc.weight.mean(0))
+
+
+@pytest.mark.parametrize("model_class", [CalledTwice, WeightReadElsewhere])
+def test_pack_with_example_inputs_follows_the_compiler_on_shared_layers(model_class):
+    model = model_class()
+    x = torch.randn(4, 32)
+    report = bitcompile.explain(model, x)
+    assert {d.name for d in report.rewritten} == {"out"} and "weight is shared" in report.skipped[0].reason
+    expected = compiled_qat_output(model, x)
+    packed = bitcompile.pack(copy.deepcopy(model), example_inputs=(x,))
+    plan = {d.name: d for d in packed.bitcompile_pack_plan}
+    assert plan["out"].packed and not plan["fc"].packed
+    assert plan["fc"].reason.startswith("the compiler keeps it float: weight is shared")
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), expected, **TOL)
+
+
+def test_pack_with_example_inputs_keeps_layers_the_forward_never_calls_float():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.spare = nn.Linear(32, 8), nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.used(x)
+
+    x = torch.randn(2, 32)
+    with pytest.raises(TypeError, match="example_inputs must be a tuple or list of model inputs, got Tensor"):
+        bitcompile.pack(Unused(), example_inputs=x)
+    plan = {d.name: d for d in bitcompile.pack(Unused(), example_inputs=(x,)).bitcompile_pack_plan}
+    assert plan["used"].packed and not plan["spare"].packed
+    assert plan["spare"].reason.startswith("not called when the model ran on example_inputs")
+
+
+def test_state_dict_hooks_of_a_packed_layer_are_dropped_with_a_warning():
+    model = nn.Sequential(nn.Linear(32, 16))
+    model[0]._register_state_dict_hook(lambda module, state, prefix, local: state)
+    with pytest.warns(bitcompile.BitcompileWarning, match=r"layer '0': its _state_dict_hooks hooks .* were dropped"):
+        bitcompile.pack(model)
+    assert isinstance(model[0], PackedTernaryLinear) and not model[0]._state_dict_hooks

@@ -26,6 +26,8 @@ def compile_module(module: nn.Module, options: Mapping[str, Any] | TernaryConfig
     eagerly); any other module uses ``module.compile``. Extra ``kwargs`` go to ``torch.compile``.
     """
     config = TernaryConfig.from_options(options)
+    # include/exclude name layers of the whole model, not of this block: no "matches nothing" warning
+    module.bitcompile_compiled_block = True
     if type(module).__module__.startswith("torch.nn."):
         module.forward = torch.compile(module.forward, backend="bitcpm", options=config.to_options(), **kwargs)
     else:

@@ -37,6 +37,8 @@ _ADDMM_FUNCTIONS = {torch.addmm, torch.ops.aten.addmm.default}
 _MATMUL_METHODS = {"matmul", "mm", "__matmul__"}
 _TRANSPOSE_METHODS = {"t"}
 _TRANSPOSE_FUNCTIONS = {torch.t, torch.ops.aten.t.default}
+_SWAP_METHODS = {"transpose", "permute"}
+_SWAP_FUNCTIONS = {torch.transpose, torch.permute, torch.ops.aten.transpose.int, torch.ops.aten.permute.default}
 _EMBEDDING_FUNCTIONS = {F.embedding, torch.ops.aten.embedding.default}
 
 
@@ -84,11 +86,18 @@ def _arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any
 
 
 def _stored_tensor(node: Any, example_by_placeholder: dict[torch.fx.Node, Any]) -> Any:
-    """The real tensor behind a graph input / attribute, or None for activations and literals."""
+    """The real tensor behind a graph input / attribute, or None for activations and literals.
+
+    A tensor the caller passed in (``model(x)``: source ``L['x']``) is an activation, not
+    stored, unless it is an ``nn.Parameter`` (functional code handing parameters around).
+    """
     if not isinstance(node, torch.fx.Node):
         return None
     if node.op == "placeholder":
-        return example_by_placeholder.get(node)
+        tensor = example_by_placeholder.get(node)
+        if _is_caller_input(node) and not isinstance(tensor, nn.Parameter):
+            return None
+        return tensor
     if node.op == "get_attr":
         obj: Any = node.graph.owning_module
         for part in str(node.target).split("."):
@@ -97,13 +106,47 @@ def _stored_tensor(node: Any, example_by_placeholder: dict[torch.fx.Node, Any]) 
     return None
 
 
+def _is_caller_input(node: torch.fx.Node) -> bool:
+    """A placeholder Dynamo filled from a frame argument itself (``L['x']``), not from an attribute of one."""
+    from torch._dynamo.source import LocalSource
+
+    return isinstance(getattr(node.meta.get("grapharg"), "source", None), LocalSource)
+
+
+def _is_2d(node: torch.fx.Node) -> bool:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return not isinstance(value, torch.Tensor) or value.dim() == 2  # unknown: the caller checks the stored tensor
+
+
+def _swaps_two_dims(node: torch.fx.Node) -> bool:
+    """``w.transpose(0, 1)`` / ``(-1, -2)`` / ``w.permute(1, 0)`` on a 2-D ``w``: the same as ``w.t()``."""
+    dims = [*node.args[1:], *node.kwargs.values()]
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = list(dims[0])  # permute((1, 0))
+    if len(dims) != 2 or not all(isinstance(d, int) for d in dims):
+        return False
+    is_permute = node.target in ("permute", torch.permute, torch.ops.aten.permute.default)
+    normalized = [d % 2 for d in dims]
+    return normalized == [1, 0] if is_permute else normalized[0] != normalized[1]
+
+
 def _strip_transpose(node: Any) -> tuple[Any, bool]:
-    """``w.t()`` → (w, True); anything else → (node, False)."""
-    if isinstance(node, torch.fx.Node) and len(node.args) == 1:
-        if (node.op == "call_method" and node.target in _TRANSPOSE_METHODS) or (
-            node.op == "call_function" and node.target in _TRANSPOSE_FUNCTIONS
-        ):
-            return node.args[0], True
+    """``w.t()``, ``w.T``, ``w.mT``, ``w.transpose(0, 1)``, ``w.permute(1, 0)`` → (w, True); else (node, False)."""
+    if not isinstance(node, torch.fx.Node) or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return node, False
+    inner = node.args[0]
+    if len(node.args) == 1 and (
+        (node.op == "call_method" and node.target in _TRANSPOSE_METHODS)
+        or (node.op == "call_function" and node.target in _TRANSPOSE_FUNCTIONS)
+    ):
+        return inner, True
+    if node.op == "call_function" and node.target is getattr and node.args[1:] in (("T",), ("mT",)) and _is_2d(inner):
+        return inner, True
+    swap = (node.op == "call_method" and node.target in _SWAP_METHODS) or (
+        node.op == "call_function" and node.target in _SWAP_FUNCTIONS
+    )
+    if swap and _is_2d(inner) and _swaps_two_dims(node):
+        return inner, True
     return node, False
 
 
@@ -193,7 +236,9 @@ def _skip_reason(
     elif weight_path and weight_path.removesuffix(".weight") != name:
         shared_with = f"parameter {weight_path} of another module (tied)"
     out_features, in_features = _out_in(weight.shape, site.layout) if weight.dim() == 2 else (0, 0)
-    if reason := layer_skip_reason(name, weight, out_features, in_features, config, shared_with):
+    caller = calling_module(site.node)
+    module_class = caller[1] if caller and weight_path == f"{caller[0]}.weight" else None  # its own weight
+    if reason := layer_skip_reason(name, weight, out_features, in_features, config, shared_with, module_class):
         return reason
     x = _val(site.activation)
     if isinstance(x, torch.Tensor) and not x.is_floating_point():

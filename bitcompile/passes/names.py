@@ -12,8 +12,9 @@ import re
 
 import torch.fx
 
-# The compiled module itself: L['self'], or L['args'][0] when its forward is wrapped in *args.
-_ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\](?:\[\d+\])?")
+# The compiled module itself: L['self'], or L['args'][0] when its forward is wrapped in *args,
+# or L['fn'].__self__ when a bound ``module.forward`` was compiled (distributed.compile_module).
+_ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\](?:\[\d+\])?(?:\.__self__)?")
 _TOKEN = re.compile(
     r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]"  # ._modules['x']
     r"|\.([A-Za-z0-9_]+)"  # .attr or .3 (module stack paths)

@@ -13,7 +13,8 @@ import ctypes
 import dataclasses
 import os
 import sys
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -21,12 +22,12 @@ from torch import Tensor, nn
 
 from bitcompile.runtime.ops import float_gemv, prepared_cpu_call  # (importing it registers torch.ops.bitcpm.*)
 from bitcompile.runtime.conversion import FixedFormatModule
-from bitcompile.config import TernaryConfig, as_config
+from bitcompile.config import BitcompileWarning, TernaryConfig, as_config
 from bitcompile.kernels import cpu as cpu_kernels
 from bitcompile.kernels import get_kernel, resolve_target
 from bitcompile.kernels.groups import describe, num_groups
 from bitcompile.kernels.packing import pack_codes, packed_shape, unpack_codes
-from bitcompile.policy import layer_skip_reason
+from bitcompile.policy import layer_skip_reason, unmatched_patterns
 from bitcompile.runtime.prequantized import detect_ternary
 
 PreQuantized = Literal["auto"] | bool
@@ -161,6 +162,8 @@ class FloatGemvLinear(nn.Linear):
     fp32 rounding (another summation order), not bitwise.
     """
 
+    computes_plain_linear = True  # policy.forward_override_reason: same result as nn.Linear.forward
+
     def forward(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
             if not torch.is_grad_enabled() and x.is_cpu and x.dtype == torch.float32 and self.weight.dtype == torch.float32:
@@ -249,8 +252,19 @@ def linear_view(module: nn.Module) -> LinearView | None:
     return None
 
 
-def plan_packing(model: nn.Module, config: TernaryConfig | Mapping[str, Any] | None = None) -> list[PackDecision]:
-    """Which linear layers (``nn.Linear``, ``Conv1D``) :func:`pack` would pack, and why the others stay float."""
+def plan_packing(
+    model: nn.Module,
+    config: TernaryConfig | Mapping[str, Any] | None = None,
+    example_inputs: Sequence[Any] | None = None,
+) -> list[PackDecision]:
+    """Which linear layers (``nn.Linear``, ``Conv1D``) :func:`pack` would pack, and why the others stay float.
+
+    Without ``example_inputs`` the plan comes from the module tree and the shared policy
+    (names, sizes, ties, subclasses that override ``forward``). What only the forward shows
+    (a layer called twice, its weight read elsewhere) needs ``example_inputs``: the model then
+    runs once through the compiler's own capture and discovery, and a layer is packed only if
+    the compiler makes every call of it ternary (:mod:`bitcompile.runtime.follow_compiler`).
+    """
     config = as_config(config, "plan_packing")
     shared = _shared_parameters(model)
     plan = []
@@ -259,8 +273,14 @@ def plan_packing(model: nn.Module, config: TernaryConfig | Mapping[str, Any] | N
             continue
         others = [n for n in shared.get(id(view.parameter), []) if n != f"{name}.weight"]
         shared_with = f"{', '.join(others)} (tied)" if others else None
-        reason = layer_skip_reason(name, view.weight, view.out_features, view.in_features, config, shared_with)
+        reason = layer_skip_reason(
+            name, view.weight, view.out_features, view.in_features, config, shared_with, type(module)
+        )
         plan.append(PackDecision(name, view.out_features, view.in_features, reason is None, reason or "packed"))
+    if example_inputs is not None:
+        from bitcompile.runtime.follow_compiler import follow_compiler
+
+        follow_compiler(model, plan, config, example_inputs, shared)
     return plan
 
 
@@ -287,6 +307,7 @@ def pack(
     pre_quantized: PreQuantized = "auto",
     float_gemv: bool = True,
     head: Literal["float", "int8"] = "float",
+    example_inputs: Sequence[Any] | None = None,
 ) -> nn.Module:
     """Replace approved linear layers of ``model`` (in place) by :class:`PackedTernaryLinear`.
 
@@ -308,12 +329,18 @@ def pack(
         head: ``"int8"`` stores the output head (``get_output_embeddings()`` or ``lm_head``)
             as per-row int8 and runs it W8A8 (:mod:`bitcompile.runtime.int8_head`); an
             embedding tied to it reads its rows from the same codes. ``"float"`` keeps it.
+        example_inputs: inputs the model was trained on (a tuple, as for ``explain``). With
+            them ``pack`` runs the compiler's capture once and packs exactly the layers the
+            compiler makes ternary, including what only the forward shows (a layer called twice,
+            a weight read elsewhere: kept float). Without them the plan comes from the module
+            tree, which cannot see those cases (:func:`plan_packing`). Like ``explain``, the
+            capture resets Dynamo's caches (compiled models recompile on their next call).
 
     Returns:
         ``model`` itself; ``model.bitcompile_pack_plan`` lists every decision. The freed float
         weights' memory is handed back to the OS (glibc).
     """
-    model = _pack(model, config, pre_quantized, float_gemv, head)
+    model = _pack(model, config, pre_quantized, float_gemv, head, example_inputs)
     _return_freed_memory()  # after _pack's frame, which referenced the float weights, is gone
     return model
 
@@ -328,7 +355,9 @@ def _check_pack_arguments(pre_quantized: Any, float_gemv: Any, head: Any) -> Non
         raise ValueError(f"pack: head={head!r} is not one of 'float', 'int8'")
 
 
-def _pack(model, config, pre_quantized: PreQuantized, float_gemv: bool, head: str) -> nn.Module:
+def _pack(
+    model, config, pre_quantized: PreQuantized, float_gemv: bool, head: str, example_inputs: Sequence[Any] | None
+) -> nn.Module:
     config = as_config(config, "pack")
     _check_pack_arguments(pre_quantized, float_gemv, head)
     if not isinstance(model, nn.Module):
@@ -336,7 +365,8 @@ def _pack(model, config, pre_quantized: PreQuantized, float_gemv: bool, head: st
 
         model, _ = load_model(os.fspath(model))
     _check_not_packed(model)
-    plan = plan_packing(model, config)
+    plan = plan_packing(model, config, example_inputs)
+    _warn_nothing_packed_or_unmatched(plan, config)
     int8_modules = _int8_head_replacements(model, plan) if head == "int8" else {}
     replacements: dict[str, PackedTernaryLinear] = {}
     for decision in plan:
@@ -357,6 +387,24 @@ def _pack(model, config, pre_quantized: PreQuantized, float_gemv: bool, head: st
         _serve_float_layers(model, plan, config)
     model.bitcompile_pack_plan = plan
     return model
+
+
+def _warn_nothing_packed_or_unmatched(plan: list[PackDecision], config: TernaryConfig) -> None:
+    """A typo in ``exclude`` / ``include`` must not silently pack nothing, or the wrong layers."""
+    if plan and not any(d.packed for d in plan):
+        reasons = "; ".join(f"{d.name}: {d.reason}" for d in plan[:3])
+        warnings.warn(
+            f"pack: none of the model's {len(plan)} linear layers is packed ({reasons}{'; ...' if len(plan) > 3 else ''})",
+            BitcompileWarning,
+            stacklevel=4,
+        )
+    for option, pattern in unmatched_patterns(config, [d.name for d in plan]):
+        warnings.warn(
+            f"pack: {option} pattern {pattern!r} matches none of the model's {len(plan)} linear layers "
+            f"({', '.join(d.name for d in plan[:6])}{', ...' if len(plan) > 6 else ''}); check its spelling",
+            BitcompileWarning,
+            stacklevel=4,
+        )
 
 
 def _return_freed_memory() -> None:
@@ -411,9 +459,33 @@ def _int8_head_replacements(model: nn.Module, plan: list[PackDecision]) -> dict[
     return {name: module.to(device) for name, module in replacements.items()}
 
 
+#: Module hook dicts that describe calls, not parameters: they move to a replacement module.
+_CALL_HOOKS = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook",
+)  # fmt: skip
+#: Hook dicts about the old module's parameters and state_dict layout: they cannot follow it.
+_STATE_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
 def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """``model.<name> = new`` for a dotted ``name``."""
+    """``model.<name> = new`` for a dotted ``name``; the old module's forward/backward hooks move to ``new``.
+
+    The hook dicts themselves move, so the user's ``RemovableHandle``s still remove them.
+    State-dict hooks are about the old parameters and are dropped with a warning.
+    """
     parent, _, child = name.rpartition(".")
+    old = model.get_submodule(name)
+    for attr in _CALL_HOOKS:
+        if attr in old.__dict__:
+            setattr(new, attr, getattr(old, attr))
+    if dropped := [attr for attr in _STATE_HOOKS if getattr(old, attr, None)]:
+        warnings.warn(
+            f"layer {name!r}: its {', '.join(dropped)} hooks refer to the replaced module's parameters "
+            f"and were dropped when it became {type(new).__name__}",
+            BitcompileWarning,
+            stacklevel=3,
+        )
     setattr(model.get_submodule(parent), child, new)
 
 

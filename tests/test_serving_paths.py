@@ -228,3 +228,42 @@ def test_gradients_flow_through_a_packed_layer_to_an_adapter(group):
     torch.testing.assert_close(adapter.weight.grad.double(), want_adapter_grad, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # and the forward is the packed kernel's
         assert torch.equal(y.detach(), layer(hidden))
+
+
+class _BodyAndHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.lm_head = nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.lm_head(torch.relu(self.body(x)))
+
+
+@pytest.mark.parametrize("activations", ["int8", None])
+def test_a_nan_or_inf_activation_gives_nan_on_every_path(isa, activations):
+    """Regression (issue 15, item 4): on AVX2 / AVX-512 a token holding a NaN, or a mix of
+    +-inf and NaN, came out finite from packed, frozen, compiled packed and QAT models; the
+    scalar kernel and the reference give NaN. W1.58A8: every output of such a token is NaN.
+    Weight-only: the reference's matmul (x * 0 is NaN for a NaN / inf x, else +-inf)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 8))
+    x = torch.randn(4, 64)
+    x[1, 7], x[2, 0], x[3, 5:8] = float("nan"), float("inf"), torch.tensor([float("-inf"), float("inf"), float("nan")])
+    config = bitcompile.TernaryConfig(activations=activations)
+    options = {"activations": activations, "inner": "aot_eager"}
+    with torch.no_grad():
+        want = ref.ternary_linear_forward(x, model[0].weight, model[0].bias, -1, activations).float()
+        if activations == "int8":
+            want[1:] = float("nan")  # s_x is NaN or inf: x / s_x holds a NaN, so does every dot product
+        qat = torch.compile(copy.deepcopy(model), backend="bitcpm", options=options)(x)
+        frozen = torch.compile(copy.deepcopy(model).eval(), backend="bitcpm", options={**options, "freeze": True})(x)
+        packed = bitcompile.pack(copy.deepcopy(model), config)
+        eager = packed(x)
+        compiled = torch.compile(packed, backend="bitcpm", options=options)(x)
+        head_config = bitcompile.TernaryConfig(activations=activations, exclude=["lm_head"])
+        head_out = bitcompile.pack(_BodyAndHead(), head_config, head="int8")(x)
+    assert torch.isnan(want[3]).all() and not torch.isfinite(want[2]).any()
+    for name, y in {"QAT (no_grad)": qat, "freeze": frozen, "packed": eager, "compiled packed": compiled}.items():
+        assert torch.equal(torch.isnan(y), torch.isnan(want)), name
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5, equal_nan=True, msg=name)  # +-inf: same signs
+    assert torch.isnan(head_out[1:]).all() and torch.isfinite(head_out[:1]).all()

@@ -59,7 +59,7 @@ class _GemmArgs(ctypes.Structure):
         ("unit_chunks", ctypes.c_int), ("n_units", ctypes.c_int),
         ("xf", ctypes.c_void_p), ("ldxf", ctypes.c_int64),
         ("w", ctypes.c_void_p), ("sw", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-        ("out", ctypes.c_void_p), ("ldo", ctypes.c_int64), ("out_bf16", ctypes.c_int),
+        ("out", ctypes.c_void_p), ("ldo", ctypes.c_int64), ("out_bf16", ctypes.c_int), ("bias_bf16", ctypes.c_int),
     ]  # fmt: skip
 
 

@@ -8,8 +8,21 @@ pattern becomes "packed matmul" on constants).
 Dynamo does not guard on parameter *values*, so a frozen graph would silently keep the
 old weights after an optimizer step or ``load_state_dict``. :class:`FrozenWeightGuard`
 wraps the compiled graph and checks, per call, that every frozen parameter is the same
-object at the same version counter (a handful of integer comparisons); otherwise it raises
-and asks for a recompile. It never serves stale weights.
+object at the same version counter and that its contents were not written since. It never
+serves stale weights.
+
+The version counter misses writes: ``p.data.copy_(w)`` (``.data`` has a counter of its own),
+``p.data = w``, and any in-place change of an inference tensor (which has no counter, e.g.
+``load_state_dict`` under ``torch.inference_mode()``). So at freeze time the guard also takes
+a copy-on-write clone of each weight (``torch._lazy_clone``: no bytes are copied). The weight
+and that clone then share one storage, and torch copies it before anything obtains a
+writable pointer to it, which ends the sharing: checking ``torch._C._is_cow_tensor`` per call
+costs about as much as reading ``_version``. When the sharing has ended, the guard compares
+the weight with the clone (which kept the folded values): equal (a kernel asked for a
+writable pointer but wrote nothing, or ``.data =`` the same values) → shared again and served;
+different → :class:`FrozenWeightsChanged`. Where a storage cannot be shared copy-on-write
+(memory from numpy or a file mapping), the clone is a real copy, compared on every call.
+Writes through a raw pointer taken before freezing (a numpy view, DLPack) stay invisible.
 """
 
 from __future__ import annotations
@@ -33,19 +46,48 @@ class FrozenWeightsChanged(RuntimeError):
     """A weight folded into a frozen graph changed after compilation."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class _FrozenParameter:
     name: str
     input_index: int
     identity: int
-    version: int | None  # None for inference tensors (no version counter): identity only
+    version: int | None  # None for inference tensors (no version counter)
     #: how the tensor was folded, for the error message
     folded_as: str = "frozen into a compiled graph (options={'freeze': True})"
+    #: the folded contents: a copy-on-write clone sharing the tensor's storage, or (``cow`` False) a real copy
+    snapshot: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+    cow: bool = False
 
 
 def version_of(tensor: torch.Tensor) -> int | None:
     """``tensor._version``, or None for an inference tensor (created under torch.inference_mode)."""
     return None if tensor.is_inference() else tensor._version
+
+
+def _snapshot(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The contents of ``tensor`` kept for later comparison: a copy-on-write clone (no bytes
+    copied; ``tensor`` becomes copy-on-write too), or a real copy where torch cannot share the storage."""
+    source = tensor.detach()
+    try:
+        clone = torch._lazy_clone(source)
+    except (RuntimeError, AttributeError):  # a storage torch cannot share (numpy, mmap), or an older torch
+        return source.clone(), False
+    return clone, torch._C._is_cow_tensor(source)
+
+
+def frozen_parameter(name: str, input_index: int, tensor: torch.Tensor, folded_as: str | None = None) -> _FrozenParameter:
+    """What :class:`FrozenWeightGuard` watches for graph input ``input_index`` (``tensor``), folded now."""
+    extra = {} if folded_as is None else {"folded_as": folded_as}
+    snapshot, cow = _snapshot(tensor)
+    return _FrozenParameter(name, input_index, id(tensor), version_of(tensor), snapshot=snapshot, cow=cow, **extra)
+
+
+def _same_contents(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+        return False
+    if torch.equal(a, b):
+        return True
+    return a.is_floating_point() and bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())  # NaN == NaN here
 
 
 class FrozenWeightGuard:
@@ -57,14 +99,33 @@ class FrozenWeightGuard:
     def __call__(self, *args: Any) -> Any:
         # Called with the graph inputs as positional args, or as one list (the "boxed" convention).
         inputs = args[0] if len(args) == 1 and isinstance(args[0], list) else args
+        is_cow = torch._C._is_cow_tensor
         for entry in self.frozen:
             tensor = inputs[entry.input_index]
-            if id(tensor) != entry.identity or (entry.version is not None and tensor._version != entry.version):
-                raise FrozenWeightsChanged(
-                    f"the weight of layer {entry.name!r} changed after it was {entry.folded_as}; "
-                    "recompile (torch._dynamo.reset() or a new torch.compile) so inference uses the new weights"
-                )
+            if (
+                id(tensor) != entry.identity
+                or (entry.version is not None and tensor._version != entry.version)
+                or not (entry.cow and is_cow(tensor))
+            ):
+                self._check_contents(entry, tensor)
         return self.compiled(*args)
+
+    @staticmethod
+    def _check_contents(entry: _FrozenParameter, tensor: torch.Tensor) -> None:
+        """The slow path: another object, a new version, or a storage no longer shared with the snapshot."""
+        if (
+            id(tensor) != entry.identity
+            or (entry.version is not None and tensor._version != entry.version)
+            or entry.snapshot is None
+            or not _same_contents(tensor.detach(), entry.snapshot)
+        ):
+            entry.snapshot, entry.cow = None, False  # changed for good: drop the folded values' memory
+            raise FrozenWeightsChanged(
+                f"the weight of layer {entry.name!r} changed after it was {entry.folded_as}; "
+                "recompile (torch._dynamo.reset() or a new torch.compile) so inference uses the new weights"
+            )
+        if entry.cow:  # unchanged, but no longer shared (a writable pointer was taken; ``.data =`` equal values)
+            entry.snapshot, entry.cow = _snapshot(tensor)
 
 
 def check_can_freeze() -> None:
@@ -105,8 +166,7 @@ def freeze_pack(
         slot = len(frozen)
         packed_name = register(f"_bitcpm_frozen_packed_{slot}", pack_codes(codes))
         scales_name = register(f"_bitcpm_frozen_scales_{slot}", scales)
-        source = example_inputs[index]
-        frozen.append(_FrozenParameter(decision.name, index, id(source), version_of(source)))
+        frozen.append(frozen_parameter(decision.name, index, example_inputs[index]))
         packed = graph.get_attr(packed_name)
         scale = graph.get_attr(scales_name)
         op_args = (x, packed, scale, bias, decision.in_features, config.group_code, config.quantize_activations, kernel)

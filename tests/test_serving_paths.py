@@ -267,3 +267,58 @@ def test_a_nan_or_inf_activation_gives_nan_on_every_path(isa, activations):
         assert torch.equal(torch.isnan(y), torch.isnan(want)), name
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5, equal_nan=True, msg=name)  # +-inf: same signs
     assert torch.isnan(head_out[1:]).all() and torch.isfinite(head_out[:1]).all()
+
+
+def _packed_bf16_layer(seed):
+    torch.manual_seed(seed)
+    return bitcompile.pack(nn.Sequential(nn.Linear(96, 64)).to(torch.bfloat16))
+
+
+def _load_under_inference_mode(model):
+    with torch.inference_mode():
+        model.load_state_dict(_packed_bf16_layer(1).state_dict())
+
+
+# writes the version counter does not see (issue 15, item 5)
+UNTRACKED_WRITES = {
+    "load_state_dict of inference tensors": _load_under_inference_mode,
+    "bias.data.add_": lambda model: model[0].bias.data.add_(1.0),
+    "packed.data.copy_": lambda model: model[0].packed.data.copy_(_packed_bf16_layer(2)[0].packed),
+    "scales.data.mul_": lambda model: model[0].scales.data.mul_(2.0),
+}
+
+
+@pytest.mark.parametrize("how", list(UNTRACKED_WRITES))
+def test_packed_bf16_layer_never_serves_a_stale_copy(how):
+    """The prepared call kept an fp32 copy of the bf16 bias, stale after these writes; it now
+    reads the layer's own tensors. Checked for the eager module and the op compiled graphs call."""
+    inference = how == "load_state_dict of inference tensors"
+    with torch.inference_mode(inference):
+        model = _packed_bf16_layer(0)  # under inference mode: inference tensors, no version counter
+        x = torch.randn(3, 96, dtype=torch.bfloat16)
+    layer = model[0]
+
+    def op():
+        return torch.ops.bitcpm.ternary_linear_packed(x, layer.packed, layer.scales, layer.bias, 96, -1, True, "cpu")
+
+    with torch.inference_mode(inference), torch.no_grad():
+        before = model(x)
+        assert torch.equal(op(), before)
+        UNTRACKED_WRITES[how](model)
+        want = cpu.packed_linear(x, layer.packed, layer.scales, 96, -1, layer.bias, True, torch.bfloat16)  # no cache
+        assert not torch.equal(want, before)
+        assert torch.equal(model(x), want)
+        assert torch.equal(op(), want)
+
+
+def test_prepared_call_reads_a_bf16_bias_as_it_is():
+    q = torch.randint(-1, 2, (8, 64), dtype=torch.int8)
+    packed, scales, x = packing.pack_codes(q), torch.rand(8, 1) + 0.5, torch.randn(20, 64)
+    bias = torch.randn(8).to(torch.bfloat16)
+    prepared = cpu.PreparedPackedLinear(packed, scales, 64, -1, bias)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(prepared(x, out_dtype), cpu.packed_linear(x, packed, scales, 64, -1, bias, True, out_dtype))
+    with pytest.raises(ValueError, match="must be contiguous"):
+        cpu.PreparedPackedLinear(packed, scales, 64, -1, torch.randn(16)[::2])
+    with pytest.raises(ValueError, match="must be contiguous"):
+        cpu.PreparedPackedLinear(packed, scales, 64, -1, torch.randn(8).half())

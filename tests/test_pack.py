@@ -333,3 +333,17 @@ def test_pack_hands_the_freed_float_weights_back_to_the_os():
     assert result.returncode == 0, result.stderr[-2000:]
     dropped = float(result.stdout.split("dropped")[-1])
     assert dropped > 48, f"RSS dropped only {dropped:.0f} MiB after packing 96 MiB of fp32 weights"
+
+
+def test_freeze_an_older_graph_refuses_weights_a_newer_graph_folded():
+    """Graphs for two input shapes: the second is frozen after an untracked write, so it folds
+    the new weights; the first must still refuse them (it folded the old ones)."""
+    model = MLP(40, [24], 6).eval()
+    small, large = torch.randn(3, 40), torch.randn(5, 40)
+    compiled = torch.compile(model, backend="bitcpm", options={"freeze": True, "inner": "aot_eager"}, dynamic=False)
+    with torch.no_grad():
+        compiled(small)
+        model.out.weight.data.copy_(_new_weight(model))
+        torch.testing.assert_close(compiled(large), reference_mlp(model, large, -1, "int8"), **TOL)
+        with pytest.raises(FrozenWeightsChanged, match="layer 'out' changed"):
+            compiled(small)

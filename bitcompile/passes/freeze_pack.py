@@ -28,12 +28,14 @@ Writes through a raw pointer taken before freezing (a numpy view, DLPack) stay i
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.fx
 from torch._dynamo.source import ConstantSource
+from torch.utils.weak import WeakIdKeyDictionary
 
 from bitcompile.config import TernaryConfig
 from bitcompile.kernels import get_kernel
@@ -46,6 +48,48 @@ class FrozenWeightsChanged(RuntimeError):
     """A weight folded into a frozen graph changed after compilation."""
 
 
+class _Contents:
+    """The contents of one watched tensor, shared by every guard that folded it.
+
+    ``snapshot``: a copy-on-write clone sharing the tensor's storage (``cow``), or a real copy
+    where torch cannot share it. ``generation`` counts the different contents seen: a guard
+    folded generation g serves only while it is still g. One record per tensor, because a
+    storage that is copy-on-write says that nobody wrote since *some* guard last shared it,
+    not which one: a graph frozen after a write (another input shape, say) shares the new
+    values, and the older graph must still see that they are not the ones it folded.
+    """
+
+    __slots__ = ("snapshot", "cow", "generation", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.generation = 0
+        self.snapshot, self.cow = _snapshot(tensor)
+
+    def refresh(self, tensor: torch.Tensor) -> None:
+        """``tensor``'s storage is no longer shared with the snapshot (or never was): compare, share again."""
+        changed = not _same_contents(tensor.detach(), self.snapshot)
+        if changed:
+            self.generation += 1
+        if changed or self.cow:  # (a real copy of unchanged values is kept: compared on every call)
+            self.snapshot, self.cow = _snapshot(tensor)
+
+
+# watched tensor -> weakref to its _Contents; both held weakly: the record lives as long as a
+# guard that uses it, so the snapshot (after a write, a second copy of the values) goes with the graphs
+_CONTENTS = WeakIdKeyDictionary()
+
+
+def _contents_of(tensor: torch.Tensor) -> _Contents:
+    ref = _CONTENTS.get(tensor)
+    record = ref() if ref is not None else None
+    if record is None:
+        record = _Contents(tensor)
+        _CONTENTS[tensor] = weakref.ref(record)
+    elif not (record.cow and _is_cow_tensor(tensor)):
+        record.refresh(tensor)  # written since another graph folded it? then a new generation
+    return record
+
+
 @dataclasses.dataclass
 class _FrozenParameter:
     name: str
@@ -54,14 +98,17 @@ class _FrozenParameter:
     version: int | None  # None for inference tensors (no version counter)
     #: how the tensor was folded, for the error message
     folded_as: str = "frozen into a compiled graph (options={'freeze': True})"
-    #: the folded contents: a copy-on-write clone sharing the tensor's storage, or (``cow`` False) a real copy
-    snapshot: torch.Tensor | None = dataclasses.field(default=None, repr=False)
-    cow: bool = False
+    contents: _Contents | None = dataclasses.field(default=None, repr=False)
+    generation: int = 0  # of ``contents`` when the tensor was folded
 
 
 def version_of(tensor: torch.Tensor) -> int | None:
     """``tensor._version``, or None for an inference tensor (created under torch.inference_mode)."""
     return None if tensor.is_inference() else tensor._version
+
+
+# without it (an older torch) every snapshot is a real copy, compared on every call
+_is_cow_tensor = getattr(torch._C, "_is_cow_tensor", lambda tensor: False)
 
 
 def _snapshot(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -72,14 +119,16 @@ def _snapshot(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
         clone = torch._lazy_clone(source)
     except (RuntimeError, AttributeError):  # a storage torch cannot share (numpy, mmap), or an older torch
         return source.clone(), False
-    return clone, torch._C._is_cow_tensor(source)
+    return clone, _is_cow_tensor(source)
 
 
 def frozen_parameter(name: str, input_index: int, tensor: torch.Tensor, folded_as: str | None = None) -> _FrozenParameter:
     """What :class:`FrozenWeightGuard` watches for graph input ``input_index`` (``tensor``), folded now."""
     extra = {} if folded_as is None else {"folded_as": folded_as}
-    snapshot, cow = _snapshot(tensor)
-    return _FrozenParameter(name, input_index, id(tensor), version_of(tensor), snapshot=snapshot, cow=cow, **extra)
+    contents = _contents_of(tensor)
+    return _FrozenParameter(
+        name, input_index, id(tensor), version_of(tensor), contents=contents, generation=contents.generation, **extra
+    )
 
 
 def _same_contents(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -95,37 +144,41 @@ class FrozenWeightGuard:
 
     def __init__(self, compiled: Callable[..., Any], frozen: Sequence[_FrozenParameter]) -> None:
         self.compiled, self.frozen = compiled, tuple(frozen)
+        # NOTE: plain tuples for the per-call loop (attribute lookups were half its cost)
+        self._checks = tuple(
+            (e.input_index, e.identity, -1 if e.version is None else e.version, e.contents, e.generation, e)
+            for e in self.frozen
+        )
 
     def __call__(self, *args: Any) -> Any:
         # Called with the graph inputs as positional args, or as one list (the "boxed" convention).
         inputs = args[0] if len(args) == 1 and isinstance(args[0], list) else args
-        is_cow = torch._C._is_cow_tensor
-        for entry in self.frozen:
-            tensor = inputs[entry.input_index]
+        is_cow = _is_cow_tensor
+        for index, identity, version, contents, generation, entry in self._checks:
+            tensor = inputs[index]
             if (
-                id(tensor) != entry.identity
-                or (entry.version is not None and tensor._version != entry.version)
-                or not (entry.cow and is_cow(tensor))
+                id(tensor) != identity
+                or (version >= 0 and tensor._version != version)
+                or not (is_cow(tensor) and contents.cow)
+                or contents.generation != generation
             ):
-                self._check_contents(entry, tensor)
+                self._check(entry, tensor)
         return self.compiled(*args)
 
     @staticmethod
-    def _check_contents(entry: _FrozenParameter, tensor: torch.Tensor) -> None:
-        """The slow path: another object, a new version, or a storage no longer shared with the snapshot."""
-        if (
-            id(tensor) != entry.identity
-            or (entry.version is not None and tensor._version != entry.version)
-            or entry.snapshot is None
-            or not _same_contents(tensor.detach(), entry.snapshot)
-        ):
-            entry.snapshot, entry.cow = None, False  # changed for good: drop the folded values' memory
+    def _check(entry: _FrozenParameter, tensor: torch.Tensor) -> None:
+        """The slow path: another object, a new version, or a storage no longer shared copy-on-write."""
+        unchanged = id(tensor) == entry.identity and (entry.version is None or tensor._version == entry.version)
+        if unchanged:
+            contents = entry.contents
+            if not (contents.cow and _is_cow_tensor(tensor)):
+                contents.refresh(tensor)
+            unchanged = contents.generation == entry.generation
+        if not unchanged:
             raise FrozenWeightsChanged(
                 f"the weight of layer {entry.name!r} changed after it was {entry.folded_as}; "
                 "recompile (torch._dynamo.reset() or a new torch.compile) so inference uses the new weights"
             )
-        if entry.cow:  # unchanged, but no longer shared (a writable pointer was taken; ``.data =`` equal values)
-            entry.snapshot, entry.cow = _snapshot(tensor)
 
 
 def check_can_freeze() -> None:

@@ -23,6 +23,9 @@ writable pointer but wrote nothing, or ``.data =`` the same values) → shared a
 different → :class:`FrozenWeightsChanged`. Where a storage cannot be shared copy-on-write
 (memory from numpy or a file mapping), the clone is a real copy, compared on every call.
 Writes through a raw pointer taken before freezing (a numpy view, DLPack) stay invisible.
+Costs: ~0.2 µs per frozen weight per call; no memory until the weight is written, then the
+clone keeps the folded values (one copy of that weight) for as long as a graph that folded
+them lives.
 """
 
 from __future__ import annotations

@@ -797,12 +797,14 @@ _INT8_DENSE_MAX_K = 65_000  # (x + 128) * w sums stay within int32 up to 66,000 
 
 
 def int8_dense_linear(
-    x2d: Tensor, w_codes: Tensor, w_scales: Tensor, bias: Tensor | None, out_dtype: torch.dtype, w_sums: Tensor | None = None
+    x2d: Tensor, w_codes: Tensor, w_scales: Tensor, bias: Tensor | None, out_dtype: torch.dtype
 ) -> Tensor:
     """W8A8 dense layer (contract of :func:`reference.int8_dense_linear`, bit-identical): per-token
     int8 activations x per-row int8 weights with VNNI, on all threads.
 
-    ``w_sums`` (int32 ``(N,)``, ``w_codes.sum(1)``) may be passed to skip recomputing it per call.
+    Reads ``w_codes``, ``w_scales`` and an fp32 ``bias`` as they are, keeping no derived copy
+    (the kernel sums the weight rows it needs on every call), so writes no version counter
+    records are seen at once.
     """
     n, k = w_codes.shape
     if x2d.dim() != 2 or x2d.shape[1] != k:
@@ -832,12 +834,11 @@ def int8_dense_linear(
     xq, sx, _, _ = _prep(x, 0 if x.dtype == torch.float32 else 1, k, kp, run_isa, None)
     wq = w_codes if w_codes.stride(-1) == 1 else w_codes.contiguous()
     sw = w_scales.float().contiguous()
-    sums = w_sums if w_sums is not None else wq.sum(dim=1, dtype=torch.int32)
     b = None if bias is None else bias.float().contiguous()
     y = torch.empty((m, n), dtype=torch.float32)
     a = _DenseArgs(
         m, n, k, None, 0, None, wq.stride(0), _ptr(b), y.data_ptr(), n,
-        xq.data_ptr(), sx.data_ptr(), kp, wq.data_ptr(), sw.data_ptr(), sums.data_ptr(),
+        xq.data_ptr(), sx.data_ptr(), kp, wq.data_ptr(), sw.data_ptr(), None,
     )  # fmt: skip
     _LIB.bc_dense_i8(ctypes.byref(a), run_isa, _threads())
     return y

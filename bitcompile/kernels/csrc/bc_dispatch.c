@@ -458,7 +458,7 @@ void bc_dense_f32(const bc_dense_args *a, int isa, int nthreads) {
  * 16-bit saturation, so it runs the portable kernel). */
 int bc_plan_dense_i8(int isa) { return isa == BC_ISA_AVX512 ? isa : BC_ISA_GENERIC; }
 
-/* W8A8 dense: a->xq prepared by bc_prep_i8 (row stride Kp), a->wsum the weight row sums. */
+/* W8A8 dense: a->xq prepared by bc_prep_i8 (row stride Kp). */
 void bc_dense_i8(const bc_dense_args *a, int isa, int nthreads) {
     bc_dense_fn fn = bc_dense_i8_generic;
 #ifdef BC_X86

@@ -75,7 +75,8 @@ typedef struct {
     float *out;
     int64_t ldo;
     /* int8 path: xq M x Kp (zero padded, Kp = K rounded up to 64), wq N x K (row stride ldw),
-     * wsum[n] = sum_k wq[n, k] (the kernels feed x + 128 as unsigned bytes) */
+     * (the AVX-512 kernel feeds x + 128 as unsigned bytes and subtracts 128 * sum_k wq[n, k],
+     * which it sums itself on every call; wsum is unused) */
     const int8_t *xq;
     const float *sx;
     int Kp;

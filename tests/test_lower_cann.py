@@ -395,3 +395,23 @@ def test_freeze_on_target_cann_uses_prepared_weights(monkeypatch):
         model.layers[0].mlp.up_proj.weight.mul_(2)
         with pytest.raises(FrozenWeightsChanged, match=r"layers\.0\.mlp\.up_proj.*freeze"):
             compiled(tokens)
+
+
+def test_prepared_ascend_weights_follow_writes_the_version_counter_misses():
+    """Regression (issue 15, item 5): the cache of prepared weights checked identity and version
+    only, so a recompile after ``packed.data.copy_(...)`` folded the old weights again."""
+    from bitcompile.kernels import cann
+    from bitcompile.kernels.packing import pack_codes
+
+    g = torch.Generator().manual_seed(0)
+    packed = pack_codes(torch.randint(-1, 2, (16, 64), generator=g, dtype=torch.int8))
+    scales = torch.rand(16, 1, generator=g) + 0.5
+    first = cann.prepare_packed(packed, scales, 64, -1, True, torch.float32)
+    assert cann.prepare_packed(packed, scales, 64, -1, True, torch.float32)["weight"] is first["weight"]  # cached
+    new_codes = torch.randint(-1, 2, (16, 64), generator=g, dtype=torch.int8)
+    packed.data.copy_(pack_codes(new_codes))
+    again = cann.prepare_packed(packed, scales, 64, -1, True, torch.float32)
+    assert torch.equal(again["weight"], new_codes.t())  # int8 (K, N), prepared from the new codes
+    scale_before = again["scale"].clone()
+    scales.data.mul_(2)
+    assert torch.equal(cann.prepare_packed(packed, scales, 64, -1, True, torch.float32)["scale"], scale_before * 2)

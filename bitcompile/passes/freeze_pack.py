@@ -11,37 +11,27 @@ wraps the compiled graph and checks, per call, that every frozen parameter is th
 object at the same version counter and that its contents were not written since. It never
 serves stale weights.
 
-The version counter misses writes: ``p.data.copy_(w)`` (``.data`` has a counter of its own),
-``p.data = w``, and any in-place change of an inference tensor (which has no counter, e.g.
-``load_state_dict`` under ``torch.inference_mode()``). So at freeze time the guard also takes
-a copy-on-write clone of each weight (``torch._lazy_clone``: no bytes are copied). The weight
-and that clone then share one storage, and torch copies it before anything obtains a
-writable pointer to it, which ends the sharing: checking ``torch._C._is_cow_tensor`` per call
-costs about as much as reading ``_version``. When the sharing has ended, the guard compares
-the weight with the clone (which kept the folded values): equal (a kernel asked for a
-writable pointer but wrote nothing, or ``.data =`` the same values) → shared again and served;
-different → :class:`FrozenWeightsChanged`. Where a storage cannot be shared copy-on-write
-(memory from numpy or a file mapping), the clone is a real copy, compared on every call.
-Writes through a raw pointer taken before freezing (a numpy view, DLPack) stay invisible.
-Costs: ~0.2 µs per frozen weight per call; no memory until the weight is written, then the
-clone keeps the folded values (one copy of that weight) for as long as a graph that folded
-them lives.
+The version counter misses writes (``p.data.copy_(w)``, ``p.data = w``, any in-place change
+of an inference tensor), so the guard also checks the weight's contents record
+(:mod:`bitcompile.kernels.contents`): a copy-on-write clone taken at freeze time, whose
+sharing any write ends. Cost: ~0.2 µs per frozen weight per call; no memory until a weight is
+written, then the clone keeps the folded values (one copy of that weight) while a graph that
+folded them lives.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.fx
 from torch._dynamo.source import ConstantSource
-from torch.utils.weak import WeakIdKeyDictionary
 
 from bitcompile.config import TernaryConfig
 from bitcompile.kernels import get_kernel
+from bitcompile.kernels.contents import Contents, contents_of, is_cow_tensor
 from bitcompile.kernels.packing import pack_codes
 from bitcompile.passes.discover import LayerDecision
 from bitcompile.passes.ternary_rewrite import _call, rewrite_sites
@@ -49,48 +39,6 @@ from bitcompile.passes.ternary_rewrite import _call, rewrite_sites
 
 class FrozenWeightsChanged(RuntimeError):
     """A weight folded into a frozen graph changed after compilation."""
-
-
-class _Contents:
-    """The contents of one watched tensor, shared by every guard that folded it.
-
-    ``snapshot``: a copy-on-write clone sharing the tensor's storage (``cow``), or a real copy
-    where torch cannot share it. ``generation`` counts the different contents seen: a guard
-    folded generation g serves only while it is still g. One record per tensor, because a
-    storage that is copy-on-write says that nobody wrote since *some* guard last shared it,
-    not which one: a graph frozen after a write (another input shape, say) shares the new
-    values, and the older graph must still see that they are not the ones it folded.
-    """
-
-    __slots__ = ("snapshot", "cow", "generation", "__weakref__")
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.generation = 0
-        self.snapshot, self.cow = _snapshot(tensor)
-
-    def refresh(self, tensor: torch.Tensor) -> None:
-        """``tensor``'s storage is no longer shared with the snapshot (or never was): compare, share again."""
-        changed = not _same_contents(tensor.detach(), self.snapshot)
-        if changed:
-            self.generation += 1
-        if changed or self.cow:  # (a real copy of unchanged values is kept: compared on every call)
-            self.snapshot, self.cow = _snapshot(tensor)
-
-
-# watched tensor -> weakref to its _Contents; both held weakly: the record lives as long as a
-# guard that uses it, so the snapshot (after a write, a second copy of the values) goes with the graphs
-_CONTENTS = WeakIdKeyDictionary()
-
-
-def _contents_of(tensor: torch.Tensor) -> _Contents:
-    ref = _CONTENTS.get(tensor)
-    record = ref() if ref is not None else None
-    if record is None:
-        record = _Contents(tensor)
-        _CONTENTS[tensor] = weakref.ref(record)
-    elif not (record.cow and _is_cow_tensor(tensor)):
-        record.refresh(tensor)  # written since another graph folded it? then a new generation
-    return record
 
 
 @dataclasses.dataclass
@@ -101,7 +49,7 @@ class _FrozenParameter:
     version: int | None  # None for inference tensors (no version counter)
     #: how the tensor was folded, for the error message
     folded_as: str = "frozen into a compiled graph (options={'freeze': True})"
-    contents: _Contents | None = dataclasses.field(default=None, repr=False)
+    contents: Contents | None = dataclasses.field(default=None, repr=False)
     generation: int = 0  # of ``contents`` when the tensor was folded
 
 
@@ -110,36 +58,13 @@ def version_of(tensor: torch.Tensor) -> int | None:
     return None if tensor.is_inference() else tensor._version
 
 
-# without it (an older torch) every snapshot is a real copy, compared on every call
-_is_cow_tensor = getattr(torch._C, "_is_cow_tensor", lambda tensor: False)
-
-
-def _snapshot(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The contents of ``tensor`` kept for later comparison: a copy-on-write clone (no bytes
-    copied; ``tensor`` becomes copy-on-write too), or a real copy where torch cannot share the storage."""
-    source = tensor.detach()
-    try:
-        clone = torch._lazy_clone(source)
-    except (RuntimeError, AttributeError):  # a storage torch cannot share (numpy, mmap), or an older torch
-        return source.clone(), False
-    return clone, _is_cow_tensor(source)
-
-
 def frozen_parameter(name: str, input_index: int, tensor: torch.Tensor, folded_as: str | None = None) -> _FrozenParameter:
     """What :class:`FrozenWeightGuard` watches for graph input ``input_index`` (``tensor``), folded now."""
     extra = {} if folded_as is None else {"folded_as": folded_as}
-    contents = _contents_of(tensor)
+    contents = contents_of(tensor)
     return _FrozenParameter(
         name, input_index, id(tensor), version_of(tensor), contents=contents, generation=contents.generation, **extra
     )
-
-
-def _same_contents(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
-        return False
-    if torch.equal(a, b):
-        return True
-    return a.is_floating_point() and bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())  # NaN == NaN here
 
 
 class FrozenWeightGuard:
@@ -156,7 +81,7 @@ class FrozenWeightGuard:
     def __call__(self, *args: Any) -> Any:
         # Called with the graph inputs as positional args, or as one list (the "boxed" convention).
         inputs = args[0] if len(args) == 1 and isinstance(args[0], list) else args
-        is_cow = _is_cow_tensor
+        is_cow = is_cow_tensor
         for index, identity, version, contents, generation, entry in self._checks:
             tensor = inputs[index]
             if (
@@ -174,7 +99,7 @@ class FrozenWeightGuard:
         unchanged = id(tensor) == entry.identity and (entry.version is None or tensor._version == entry.version)
         if unchanged:
             contents = entry.contents
-            if not (contents.cow and _is_cow_tensor(tensor)):
+            if not (contents.cow and is_cow_tensor(tensor)):
                 contents.refresh(tensor)
             unchanged = contents.generation == entry.generation
         if not unchanged:

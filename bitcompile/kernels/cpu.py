@@ -78,7 +78,7 @@ class _DenseArgs(ctypes.Structure):
         ("x", ctypes.c_void_p), ("ldx", ctypes.c_int64), ("w", ctypes.c_void_p), ("ldw", ctypes.c_int64),
         ("bias", ctypes.c_void_p), ("out", ctypes.c_void_p), ("ldo", ctypes.c_int64),
         ("xq", ctypes.c_void_p), ("sx", ctypes.c_void_p), ("Kp", ctypes.c_int),
-        ("wq", ctypes.c_void_p), ("sw", ctypes.c_void_p), ("wsum", ctypes.c_void_p),
+        ("wq", ctypes.c_void_p), ("sw", ctypes.c_void_p), ("xsum", ctypes.c_void_p),
     ]  # fmt: skip
 
 
@@ -802,9 +802,8 @@ def int8_dense_linear(
     """W8A8 dense layer (contract of :func:`reference.int8_dense_linear`, bit-identical): per-token
     int8 activations x per-row int8 weights with VNNI, on all threads.
 
-    Reads ``w_codes``, ``w_scales`` and an fp32 ``bias`` as they are, keeping no derived copy
-    (the kernel sums the weight rows it needs on every call), so writes no version counter
-    records are seen at once.
+    Keeps nothing derived from the weights between calls (the kernel's correction term is a sum
+    over the activations), so writes no version counter records are seen at once.
     """
     n, k = w_codes.shape
     if x2d.dim() != 2 or x2d.shape[1] != k:

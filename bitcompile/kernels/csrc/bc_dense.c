@@ -114,10 +114,13 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))) void bc_dense_f32_
     }
 }
 
-/* vpdpbusd multiplies unsigned by signed bytes: feed x + 128 (x ^ 0x80) against the signed
- * weights and subtract 128 * sum_k w[n, k] from the exact int32 sum. */
+/* vpdpbusd multiplies unsigned by signed bytes: feed the weights as w + 128 (w ^ 0x80) against
+ * the signed activations and subtract 128 * sum_k x[m, k] (a->xsum) from the exact int32 sum.
+ * NOTE: the correction is a sum over the activations, computed once per call; the former one,
+ * sum_k w[n, k], was cached per weight tensor and went stale when the codes were written
+ * behind their version counter (issue 15). Padding lanes: w 0 -> 128, times x 0. */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static inline void
-i8_tile_avx512(const bc_dense_args *a, int m0, int n, const int MR, const int NR_, const int32_t *wsum) {
+i8_tile_avx512(const bc_dense_args *a, int m0, int n, const int MR, const int NR_) {
     __m512i acc[4][NR];
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     for (int m = 0; m < MR; m++)
@@ -131,53 +134,34 @@ i8_tile_avx512(const bc_dense_args *a, int m0, int n, const int MR, const int NR
         if (do_pf)
             for (int j = 0; j < NR_; j++) _mm_prefetch(pf + (int64_t)NR_ * k + 64 * j, _MM_HINT_T0);
         __m512i wv[NR];
-        for (int j = 0; j < NR_; j++) wv[j] = _mm512_maskz_loadu_epi8(mk, w0 + j * a->ldw + k);
+        for (int j = 0; j < NR_; j++) wv[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w0 + j * a->ldw + k), flip);
         for (int m = 0; m < MR; m++) {
-            __m512i xv = _mm512_xor_si512(_mm512_loadu_si512(a->xq + (int64_t)(m0 + m) * a->Kp + k), flip);
-            for (int j = 0; j < NR_; j++) acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], xv, wv[j]);
+            __m512i xv = _mm512_loadu_si512(a->xq + (int64_t)(m0 + m) * a->Kp + k);
+            for (int j = 0; j < NR_; j++) acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], wv[j], xv);
         }
     }
     for (int m = 0; m < MR; m++)
         for (int j = 0; j < NR_; j++) {
-            int32_t dot = _mm512_reduce_add_epi32(acc[m][j]) - 128 * wsum[j];
+            int32_t dot = _mm512_reduce_add_epi32(acc[m][j]) - 128 * a->xsum[m0 + m];
             a->out[(int64_t)(m0 + m) * a->ldo + n + j] = i8_finish(a, m0 + m, n + j, dot);
         }
 }
 
-/* sum_k w[n + j, k] for j < nr. NOTE: computed per call, never cached: a cached copy went
- * stale when the codes were written behind their version counter (issue 15). This pass brings
- * the tile's rows into L1 for the dot products that follow, so it adds no memory traffic. */
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static inline void
-i8_row_sums_avx512(const bc_dense_args *a, int n, int nr, int32_t *wsum) {
-    const __m512i ones = _mm512_set1_epi8(1);
-    for (int j = 0; j < nr; j++) {
-        const int8_t *w = a->wq + (int64_t)(n + j) * a->ldw;
-        __m512i s = _mm512_setzero_si512();
-        for (int k = 0; k < a->K; k += 64) {
-            __mmask64 mk = a->K - k >= 64 ? ~0ULL : (1ULL << (a->K - k)) - 1;
-            s = _mm512_dpbusd_epi32(s, ones, _mm512_maskz_loadu_epi8(mk, w + k));
-        }
-        wsum[j] = _mm512_reduce_add_epi32(s);
-    }
-}
-
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void bc_dense_i8_avx512(const bc_dense_args *a,
                                                                                             int n0, int n1) {
-    int32_t wsum[NR];
     for (int n = n0; n < n1; n += NR) {
         int nr = n1 - n < NR ? n1 - n : NR;
-        i8_row_sums_avx512(a, n, nr, wsum);
         for (int m = 0; m < a->M; m += 4) {
             int mr = a->M - m < 4 ? a->M - m : 4;
             if (nr == NR) {
                 switch (mr) {
-                case 1: i8_tile_avx512(a, m, n, 1, NR, wsum); break;
-                case 2: i8_tile_avx512(a, m, n, 2, NR, wsum); break;
-                case 3: i8_tile_avx512(a, m, n, 3, NR, wsum); break;
-                default: i8_tile_avx512(a, m, n, 4, NR, wsum); break;
+                case 1: i8_tile_avx512(a, m, n, 1, NR); break;
+                case 2: i8_tile_avx512(a, m, n, 2, NR); break;
+                case 3: i8_tile_avx512(a, m, n, 3, NR); break;
+                default: i8_tile_avx512(a, m, n, 4, NR); break;
                 }
             } else {
-                for (int j = 0; j < nr; j++) i8_tile_avx512(a, m, n + j, mr, 1, wsum + j);
+                for (int j = 0; j < nr; j++) i8_tile_avx512(a, m, n + j, mr, 1);
             }
         }
     }

@@ -464,7 +464,23 @@ void bc_dense_i8(const bc_dense_args *a, int isa, int nthreads) {
 #ifdef BC_X86
     if (isa == BC_ISA_AVX512) fn = bc_dense_i8_avx512;
 #endif
-    run_dense(a, fn, (int64_t)a->M * a->N * a->K, nthreads);
+    if (fn == bc_dense_i8_generic) {
+        run_dense(a, fn, (int64_t)a->M * a->N * a->K, nthreads);
+        return;
+    }
+    /* the activation sums of the kernel's w + 128 correction, once per call */
+    int32_t one_row, *xsum = a->M == 1 ? &one_row : malloc(sizeof(int32_t) * (size_t)a->M);
+    if (!xsum) abort();
+    for (int m = 0; m < a->M; m++) {
+        const int8_t *x = a->xq + (int64_t)m * a->Kp;
+        int32_t s = 0;
+        for (int k = 0; k < a->K; k++) s += x[k];
+        xsum[m] = s;
+    }
+    bc_dense_args b = *a;
+    b.xsum = xsum;
+    run_dense(&b, fn, (int64_t)a->M * a->N * a->K, nthreads);
+    if (xsum != &one_row) free(xsum);
 }
 
 typedef struct {

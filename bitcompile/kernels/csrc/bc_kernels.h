@@ -75,14 +75,14 @@ typedef struct {
     float *out;
     int64_t ldo;
     /* int8 path: xq M x Kp (zero padded, Kp = K rounded up to 64), wq N x K (row stride ldw),
-     * (the AVX-512 kernel feeds x + 128 as unsigned bytes and subtracts 128 * sum_k wq[n, k],
-     * which it sums itself on every call; wsum is unused) */
+     * xsum[m] = sum_k xq[m, k]: the AVX-512 kernel feeds w + 128 as unsigned bytes (bc_dense_i8
+     * fills it) */
     const int8_t *xq;
     const float *sx;
     int Kp;
     const int8_t *wq;
     const float *sw;
-    const int32_t *wsum;
+    const int32_t *xsum;
 } bc_dense_args;
 
 typedef void (*bc_dense_fn)(const bc_dense_args *a, int n0, int n1);

@@ -365,3 +365,89 @@ def test_without_the_library_everything_falls_back_to_reference(monkeypatch):
     want = reference.packed_linear(x, packed, s, 300, 64, b, True, torch.float32)
     assert torch.equal(cpu.packed_linear(x, packed, s, 300, 64, b, True, torch.float32), want)
     assert torch.equal(cpu.pack_codes(q), packed)
+
+
+# ---- non-finite activations: a token with a NaN or inf gives NaN outputs, on every ISA ----
+
+NAN, INF = float("nan"), float("inf")
+NON_FINITE = {"nan": [NAN], "inf": [INF], "-inf": [-INF], "-inf,inf": [-INF, INF], "inf,nan": [INF, NAN]}
+
+
+def _with_non_finite(m, k, values, x_dtype=torch.float32, seed=0):
+    """Random (m, k) activations; row 0 (and the last row, if m > 2) hold ``values`` among finite ones."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * 3
+    x[0, k // 3 : k // 3 + len(values)] = torch.tensor(values)
+    if m > 2:
+        x[m - 1, k - 1] = values[-1]
+    return x.to(x_dtype), ~torch.isfinite(x).all(dim=1)
+
+
+def _assert_nan_rows(got, bad_rows, finite_rows_alone):
+    """Every output of a token with a NaN / inf activation is NaN (DESIGN.md §3 in IEEE
+    arithmetic: s_x is NaN or inf, x / s_x has a NaN, so has every dot product); the other
+    tokens give what they give without that token (within fp32 rounding: the grouped kernels'
+    tiles depend on M)."""
+    assert torch.isnan(got[bad_rows]).all()
+    want = finite_rows_alone(~bad_rows) if (~bad_rows).any() else got[~bad_rows]
+    torch.testing.assert_close(got[~bad_rows], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("values", list(NON_FINITE.values()), ids=list(NON_FINITE))
+@pytest.mark.parametrize("m", [1, 3, 20])
+@pytest.mark.parametrize("groups", [(-1, -1), (0, "tensor"), (64, 64), (48, 48)])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_non_finite_activations_give_nan_rows_on_every_isa(isa, monkeypatch, values, m, groups, x_dtype):
+    """Regression: the AVX2 / AVX-512 absmax (vmaxps) dropped a NaN, and inf / inf codes were
+    whatever NaN converts to, so these tokens came out finite or +-inf on some ISAs."""
+    code, group_size = groups
+    n, k = 9, 200
+    x, bad = _with_non_finite(m, k, values, x_dtype, seed=m)
+    _, _, b, q, s = _problem(1, n, k, group_size, seed=5)
+    packed = packing.pack_codes(q)
+
+    codes, scales = cpu.quantize_activations(x)  # the C activation quantizer
+    want_codes, want_scales = reference.quantize_activations(x)
+    assert torch.equal(codes, want_codes) and not codes[bad].any()
+    torch.testing.assert_close(scales, want_scales, rtol=0, atol=0, equal_nan=True)
+    assert not torch.isfinite(scales[bad]).any()
+
+    def packed_linear(rows, out_dtype=torch.float32):
+        return cpu.packed_linear(x[rows], packed, s, k, code, b, True, out_dtype)
+
+    for out_dtype in (torch.float32, torch.bfloat16):
+        _assert_nan_rows(packed_linear(slice(None), out_dtype), bad, lambda rows: packed_linear(rows, out_dtype))
+        from_codes = cpu.packed_int8_matmul(codes, scales, packed, s, k, code, b, out_dtype)
+        _assert_nan_rows(from_codes, bad, lambda rows: packed_linear(rows, out_dtype))
+        prepared = cpu.PreparedPackedLinear(packed, s, k, code, b)(x, out_dtype)  # the model layers' call
+        _assert_nan_rows(prepared, bad, lambda rows: packed_linear(rows, out_dtype))
+    training = cpu.int8_ternary_matmul(codes, scales, q, s, code, b, torch.float32)  # the QAT forward
+    want = reference.int8_ternary_matmul(want_codes, want_scales, q, s, code, b, torch.float32)
+    assert torch.isnan(want[bad]).all()
+    _assert_nan_rows(training, bad, lambda rows: want[rows])
+
+    # weight-only: x * 0 is NaN for a NaN or inf x: the same NaN / inf pattern as the reference's matmul
+    got = cpu.packed_float_matmul(x, packed, s, k, code, b, torch.float32)
+    want = reference.packed_float_matmul(x, packed, s, k, code, b, torch.float32)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+    assert torch.equal(got[torch.isinf(got)], want[torch.isinf(want)])  # the same signs
+    assert torch.isnan(got[bad]).any() and torch.isfinite(got[~bad]).all()
+
+    if code <= 0:  # from ONEDNN_MIN_TOKENS on: decoded tiles x torch._int_mm (forced here at small M)
+        monkeypatch.setattr(cpu, "ONEDNN_MIN_TOKENS", 1)
+        monkeypatch.setattr(cpu, "DECODE_TILE_ROWS", 4)
+        _assert_nan_rows(packed_linear(slice(None)), bad, packed_linear)
+        prepared = cpu.PreparedPackedLinear(packed, s, k, code, b)(x, torch.float32)
+        _assert_nan_rows(prepared, bad, packed_linear)
+
+
+@pytest.mark.parametrize("values", list(NON_FINITE.values()), ids=list(NON_FINITE))
+def test_non_finite_activations_in_the_int8_head_kernel(isa, values):
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(40, 130, generator=g), torch.randn(40, generator=g)
+    codes, scales = reference.quantize_rows_int8(w)
+    x, bad = _with_non_finite(5, 130, values)
+    got = cpu.int8_dense_linear(x, codes, scales, b, torch.float32)
+    _assert_nan_rows(got, bad, lambda rows: cpu.int8_dense_linear(x[rows], codes, scales, b, torch.float32))
+    want = reference.int8_dense_linear(x, codes, scales, b, torch.float32)
+    assert torch.isnan(want[bad]).all() and torch.equal(got[~bad], want[~bad])

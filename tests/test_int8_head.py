@@ -232,3 +232,21 @@ def test_gradients_flow_through_the_int8_head():
     torch.testing.assert_close(hidden.grad.double(), g.double() @ w, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         assert torch.equal(y.detach(), model.lm_head(hidden))
+
+
+@pytest.mark.parametrize("how", ["codes.data.copy_", "load_state_dict of inference tensors"])
+def test_int8_head_follows_writes_its_version_counter_misses(isa, how):
+    """Regression (issue 15): the row sums of the codes (the VNNI kernel's x + 128 correction)
+    were cached by data pointer and version, stale after these writes."""
+    g = torch.Generator().manual_seed(4)
+    new_w, w, x = torch.randn(33, 70, generator=g), torch.randn(33, 70, generator=g), torch.randn(2, 70, generator=g)
+    with torch.inference_mode(how.startswith("load_state_dict")):
+        head = Int8Linear.from_weight(w, None)
+        head(x)  # served once before the write
+        if how == "codes.data.copy_":
+            codes, scales = reference.quantize_rows_int8(new_w)
+            head.codes.data.copy_(codes)
+            head.scales.data.copy_(scales)
+        else:
+            head.load_state_dict(Int8Linear.from_weight(new_w, None).state_dict())
+        torch.testing.assert_close(head(x).double(), w8a8(x, new_w, None), rtol=1e-5, atol=1e-4)

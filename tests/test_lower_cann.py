@@ -522,3 +522,23 @@ def test_a8_weight_is_nz_on_an_npu_unless_k_or_n_is_1():
         assert (emu.get_npu_format(prepared["weight"]) == emu.ACL_FORMAT_FRACTAL_NZ) is nz
         y = cann.prepared_linear(torch.randn(3, 96).bfloat16(), prepared, None, True, n)
         assert y.shape == (3, n)
+
+
+def test_prepared_ascend_weights_follow_writes_the_version_counter_misses():
+    """Regression (issue 15, item 5): the cache of prepared weights checked identity and version
+    only, so a recompile after ``packed.data.copy_(...)`` folded the old weights again."""
+    from bitcompile.kernels import cann
+    from bitcompile.kernels.packing import pack_codes
+
+    g = torch.Generator().manual_seed(0)
+    packed = pack_codes(torch.randint(-1, 2, (16, 64), generator=g, dtype=torch.int8))
+    scales = torch.rand(16, 1, generator=g) + 0.5
+    first = cann.prepare_packed(packed, scales, 64, -1, True, torch.float32)
+    assert cann.prepare_packed(packed, scales, 64, -1, True, torch.float32)["weight"] is first["weight"]  # cached
+    new_codes = torch.randint(-1, 2, (16, 64), generator=g, dtype=torch.int8)
+    packed.data.copy_(pack_codes(new_codes))
+    again = cann.prepare_packed(packed, scales, 64, -1, True, torch.float32)
+    assert torch.equal(again["weight"], new_codes.t())  # int8 (K, N), prepared from the new codes
+    scale_before = again["scale"].clone()
+    scales.data.mul_(2)
+    assert torch.equal(cann.prepare_packed(packed, scales, 64, -1, True, torch.float32)["scale"], scale_before * 2)

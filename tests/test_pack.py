@@ -1,6 +1,7 @@
 """pack / save / load / freeze: packed models compute what the independent reference says, lose nothing."""
 
 import copy
+import io
 import json
 import struct
 import subprocess
@@ -221,6 +222,63 @@ def test_freeze_folds_weights_and_refuses_stale_ones():
         torch.compile(MLP(8, [8], 2), backend="bitcpm", options={"freeze": True})(torch.randn(2, 8))
 
 
+def _new_weight(model):
+    return torch.randn(model.out.weight.shape, generator=torch.Generator().manual_seed(7))
+
+
+# writes that leave the version counter as it was (issue 15, item 5)
+UNTRACKED_WRITES = {
+    "data.copy_": lambda model: model.out.weight.data.copy_(_new_weight(model)),  # .data: a counter of its own
+    "data =": lambda model: setattr(model.out.weight, "data", _new_weight(model)),
+    "data[0, 0] +=": lambda model: model.out.weight.data[0].add_(1.0),  # one row, through .data
+}
+
+
+@pytest.mark.parametrize("write", list(UNTRACKED_WRITES.values()), ids=list(UNTRACKED_WRITES))
+def test_freeze_refuses_weights_written_behind_the_version_counter(write):
+    model = MLP(40, [24], 6).eval()
+    x = torch.randn(3, 40)
+    compiled = torch.compile(model, backend="bitcpm", options={"freeze": True, "inner": "aot_eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), reference_mlp(model, x, -1, "int8"), **TOL)
+        version = model.out.weight._version
+        write(model)
+        assert model.out.weight._version == version  # invisible to the counter
+        with pytest.raises(FrozenWeightsChanged, match="layer 'out' changed after it was frozen"):
+            compiled(x)
+
+
+def test_freeze_under_inference_mode_refuses_a_loaded_state_dict():
+    """Inference tensors have no version counter: load_state_dict used to leave the old weights
+    folded in, served with the new bias."""
+    with torch.inference_mode():
+        model = MLP(40, [24], 6).eval()
+        x = torch.randn(3, 40)
+        compiled = torch.compile(model, backend="bitcpm", options={"freeze": True, "inner": "aot_eager"})
+        torch.testing.assert_close(compiled(x), reference_mlp(model, x, -1, "int8"), **TOL)
+        torch.manual_seed(1)
+        model.load_state_dict(MLP(40, [24], 6).state_dict())
+        with pytest.raises(FrozenWeightsChanged, match="changed after it was frozen"):
+            compiled(x)
+
+
+def test_freeze_keeps_serving_after_reads_and_equal_rewrites():
+    """Reading the weights (an eager forward, torch.save) or putting the same values back is no change."""
+    model = MLP(40, [24], 6).eval()
+    x = torch.randn(3, 40)
+    compiled = torch.compile(model, backend="bitcpm", options={"freeze": True, "inner": "aot_eager"})
+    with torch.no_grad():
+        want = compiled(x)
+        model(x)
+        torch.save(model.state_dict(), io.BytesIO())
+        model.out.weight.data = model.out.weight.detach().clone()
+        assert torch.equal(compiled(x), want)
+        assert torch.equal(compiled(x), want)
+        model.out.weight.data.mul_(2)  # and a later untracked write is still seen
+        with pytest.raises(FrozenWeightsChanged):
+            compiled(x)
+
+
 @pytest.mark.parametrize("group_size", [-1, 0, 32])
 @pytest.mark.parametrize("quantize_activations", [True, False])
 def test_opcheck_packed_op(group_size, quantize_activations):
@@ -392,3 +450,17 @@ def test_state_dict_hooks_of_a_packed_layer_are_dropped_with_a_warning():
     with pytest.warns(bitcompile.BitcompileWarning, match=r"layer '0': its _state_dict_hooks hooks .* were dropped"):
         bitcompile.pack(model)
     assert isinstance(model[0], PackedTernaryLinear) and not model[0]._state_dict_hooks
+
+
+def test_freeze_an_older_graph_refuses_weights_a_newer_graph_folded():
+    """Graphs for two input shapes: the second is frozen after an untracked write, so it folds
+    the new weights; the first must still refuse them (it folded the old ones)."""
+    model = MLP(40, [24], 6).eval()
+    small, large = torch.randn(3, 40), torch.randn(5, 40)
+    compiled = torch.compile(model, backend="bitcpm", options={"freeze": True, "inner": "aot_eager"}, dynamic=False)
+    with torch.no_grad():
+        compiled(small)
+        model.out.weight.data.copy_(_new_weight(model))
+        torch.testing.assert_close(compiled(large), reference_mlp(model, large, -1, "int8"), **TOL)
+        with pytest.raises(FrozenWeightsChanged, match="layer 'out' changed"):
+            compiled(small)

@@ -228,3 +228,97 @@ def test_gradients_flow_through_a_packed_layer_to_an_adapter(group):
     torch.testing.assert_close(adapter.weight.grad.double(), want_adapter_grad, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # and the forward is the packed kernel's
         assert torch.equal(y.detach(), layer(hidden))
+
+
+class _BodyAndHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.lm_head = nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.lm_head(torch.relu(self.body(x)))
+
+
+@pytest.mark.parametrize("activations", ["int8", None])
+def test_a_nan_or_inf_activation_gives_nan_on_every_path(isa, activations):
+    """Regression (issue 15, item 4): on AVX2 / AVX-512 a token holding a NaN, or a mix of
+    +-inf and NaN, came out finite from packed, frozen, compiled packed and QAT models; the
+    scalar kernel and the reference give NaN. W1.58A8: every output of such a token is NaN.
+    Weight-only: the reference's matmul (x * 0 is NaN for a NaN / inf x, else +-inf)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 8))
+    x = torch.randn(4, 64)
+    x[1, 7], x[2, 0], x[3, 5:8] = float("nan"), float("inf"), torch.tensor([float("-inf"), float("inf"), float("nan")])
+    config = bitcompile.TernaryConfig(activations=activations)
+    options = {"activations": activations, "inner": "aot_eager"}
+    with torch.no_grad():
+        want = ref.ternary_linear_forward(x, model[0].weight, model[0].bias, -1, activations).float()
+        if activations == "int8":
+            want[1:] = float("nan")  # s_x is NaN or inf: x / s_x holds a NaN, so does every dot product
+        qat = torch.compile(copy.deepcopy(model), backend="bitcpm", options=options)(x)
+        frozen = torch.compile(copy.deepcopy(model).eval(), backend="bitcpm", options={**options, "freeze": True})(x)
+        packed = bitcompile.pack(copy.deepcopy(model), config)
+        eager = packed(x)
+        compiled = torch.compile(packed, backend="bitcpm", options=options)(x)
+        head_config = bitcompile.TernaryConfig(activations=activations, exclude=["lm_head"])
+        head_out = bitcompile.pack(_BodyAndHead(), head_config, head="int8")(x)
+    assert torch.isnan(want[3]).all() and not torch.isfinite(want[2]).any()
+    for name, y in {"QAT (no_grad)": qat, "freeze": frozen, "packed": eager, "compiled packed": compiled}.items():
+        assert torch.equal(torch.isnan(y), torch.isnan(want)), name
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5, equal_nan=True, msg=name)  # +-inf: same signs
+    assert torch.isnan(head_out[1:]).all() and torch.isfinite(head_out[:1]).all()
+
+
+def _packed_bf16_layer(seed):
+    torch.manual_seed(seed)
+    return bitcompile.pack(nn.Sequential(nn.Linear(96, 64)).to(torch.bfloat16))
+
+
+def _load_under_inference_mode(model):
+    with torch.inference_mode():
+        model.load_state_dict(_packed_bf16_layer(1).state_dict())
+
+
+# writes the version counter does not see (issue 15, item 5)
+UNTRACKED_WRITES = {
+    "load_state_dict of inference tensors": _load_under_inference_mode,
+    "bias.data.add_": lambda model: model[0].bias.data.add_(1.0),
+    "packed.data.copy_": lambda model: model[0].packed.data.copy_(_packed_bf16_layer(2)[0].packed),
+    "scales.data.mul_": lambda model: model[0].scales.data.mul_(2.0),
+}
+
+
+@pytest.mark.parametrize("how", list(UNTRACKED_WRITES))
+def test_packed_bf16_layer_never_serves_a_stale_copy(how):
+    """The prepared call kept an fp32 copy of the bf16 bias, stale after these writes; it now
+    reads the layer's own tensors. Checked for the eager module and the op compiled graphs call."""
+    inference = how == "load_state_dict of inference tensors"
+    with torch.inference_mode(inference):
+        model = _packed_bf16_layer(0)  # under inference mode: inference tensors, no version counter
+        x = torch.randn(3, 96, dtype=torch.bfloat16)
+    layer = model[0]
+
+    def op():
+        return torch.ops.bitcpm.ternary_linear_packed(x, layer.packed, layer.scales, layer.bias, 96, -1, True, "cpu")
+
+    with torch.inference_mode(inference), torch.no_grad():
+        before = model(x)
+        assert torch.equal(op(), before)
+        UNTRACKED_WRITES[how](model)
+        want = cpu.packed_linear(x, layer.packed, layer.scales, 96, -1, layer.bias, True, torch.bfloat16)  # no cache
+        assert not torch.equal(want, before)
+        assert torch.equal(model(x), want)
+        assert torch.equal(op(), want)
+
+
+def test_prepared_call_reads_a_bf16_bias_as_it_is():
+    q = torch.randint(-1, 2, (8, 64), dtype=torch.int8)
+    packed, scales, x = packing.pack_codes(q), torch.rand(8, 1) + 0.5, torch.randn(20, 64)
+    bias = torch.randn(8).to(torch.bfloat16)
+    prepared = cpu.PreparedPackedLinear(packed, scales, 64, -1, bias)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(prepared(x, out_dtype), cpu.packed_linear(x, packed, scales, 64, -1, bias, True, out_dtype))
+    with pytest.raises(ValueError, match="must be contiguous"):
+        cpu.PreparedPackedLinear(packed, scales, 64, -1, torch.randn(16)[::2])
+    with pytest.raises(ValueError, match="must be contiguous"):
+        cpu.PreparedPackedLinear(packed, scales, 64, -1, torch.randn(8).half())

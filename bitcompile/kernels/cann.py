@@ -30,6 +30,7 @@ from torch import Tensor
 from bitcompile.kernels import reference
 from bitcompile.kernels.cann_plan import LayerPlan, plan_layer, resolve_chip
 from bitcompile.kernels.cann_plan import compute_dtype as _plan_compute_dtype
+from bitcompile.kernels.contents import contents_of
 from bitcompile.kernels.groups import PER_TENSOR
 from bitcompile.kernels.npu_emulator import ACL_FORMAT_FRACTAL_NZ, ensure_npu_ops
 
@@ -268,12 +269,14 @@ def describe_prepared(prepared: dict) -> str:
     return str(prepared["layout"])
 
 
-def _version(tensor: Tensor) -> int | None:
-    return None if tensor.is_inference() else tensor._version
+def _state(tensor: Tensor) -> tuple:
+    """Version and contents generation (kernels.contents: writes the version counter misses)."""
+    contents = contents_of(tensor)
+    return None if tensor.is_inference() else tensor._version, contents, contents.generation
 
 
 # (id(packed), id(scales), in_features, group, quantize_activations, dtype, chip, nz, graph_mode) ->
-#   (weakref packed, its version, weakref scales, its version, static fields, weakref weight, weakref scale)
+#   (weakref packed, its state, weakref scales, its state, static fields, weakref weight, weakref scale)
 _prepared_cache: dict[tuple, tuple] = {}
 _STATIC_FIELDS = ("path", "group", "chip", "layout")
 
@@ -288,7 +291,7 @@ def prepare_packed(
     graph. Graphs compiled from the same packed buffers (prefill and decode shapes, a
     recompile) share one set of prepared tensors while any of them is alive: the cache holds
     them weakly and checks that ``packed``/``scales`` are the same tensors at the same
-    version counters.
+    version counters, with the same contents (:mod:`bitcompile.kernels.contents`).
     """
     from bitcompile.kernels.packing import check_packed_args, unpack_codes
 
@@ -301,7 +304,7 @@ def prepare_packed(
         weight, scale = weight_ref(), scale_ref()
         if (
             packed_ref() is packed and scales_ref() is w_scales and weight is not None and scale is not None
-            and _version(packed) == packed_version and _version(w_scales) == scales_version
+            and _state(packed) == packed_version and _state(w_scales) == scales_version
         ):  # fmt: skip
             return {**dict(zip(_STATIC_FIELDS, static)), "weight": weight, "scale": scale}
     x_like = torch.empty(0, in_features, dtype=dtype if dtype.is_floating_point else torch.float32)
@@ -312,7 +315,7 @@ def prepare_packed(
     for stale in [k for k, e in _prepared_cache.items() if e[0]() is None or e[5]() is None]:
         del _prepared_cache[stale]
     _prepared_cache[key] = (
-        weakref.ref(packed), _version(packed), weakref.ref(w_scales), _version(w_scales),
+        weakref.ref(packed), _state(packed), weakref.ref(w_scales), _state(w_scales),
         tuple(prepared[f] for f in _STATIC_FIELDS), weakref.ref(prepared["weight"]), weakref.ref(prepared["scale"]),
     )  # fmt: skip
     return prepared

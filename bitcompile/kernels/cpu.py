@@ -59,7 +59,7 @@ class _GemmArgs(ctypes.Structure):
         ("unit_chunks", ctypes.c_int), ("n_units", ctypes.c_int),
         ("xf", ctypes.c_void_p), ("ldxf", ctypes.c_int64),
         ("w", ctypes.c_void_p), ("sw", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-        ("out", ctypes.c_void_p), ("ldo", ctypes.c_int64), ("out_bf16", ctypes.c_int),
+        ("out", ctypes.c_void_p), ("ldo", ctypes.c_int64), ("out_bf16", ctypes.c_int), ("bias_bf16", ctypes.c_int),
     ]  # fmt: skip
 
 
@@ -78,7 +78,7 @@ class _DenseArgs(ctypes.Structure):
         ("x", ctypes.c_void_p), ("ldx", ctypes.c_int64), ("w", ctypes.c_void_p), ("ldw", ctypes.c_int64),
         ("bias", ctypes.c_void_p), ("out", ctypes.c_void_p), ("ldo", ctypes.c_int64),
         ("xq", ctypes.c_void_p), ("sx", ctypes.c_void_p), ("Kp", ctypes.c_int),
-        ("wq", ctypes.c_void_p), ("sw", ctypes.c_void_p), ("wsum", ctypes.c_void_p),
+        ("wq", ctypes.c_void_p), ("sw", ctypes.c_void_p), ("xsum", ctypes.c_void_p),
     ]  # fmt: skip
 
 
@@ -638,6 +638,15 @@ def ternary_linear_backward(
 # ---- serving: one foreign call per layer ----
 
 
+def can_prepare(packed: Tensor, w_scales: Tensor, bias: Tensor | None) -> bool:
+    """Whether :class:`PreparedPackedLinear` can read these tensors as they are (no copy)."""
+    return (
+        packed.dtype == torch.uint8 and packed.is_contiguous() and w_scales.dtype == torch.float32
+        and w_scales.is_contiguous()
+        and (bias is None or (bias.dtype in _FLOAT_ACTIVATIONS and bias.is_contiguous()))
+    )  # fmt: skip
+
+
 def tensor_state(t: Tensor) -> tuple[int, int]:
     """Where a tensor's data is and how often it was changed in place. Inference-mode tensors
     have no version counter; they cannot be changed outside inference mode."""
@@ -652,10 +661,15 @@ class PreparedPackedLinear:
     that (docs/serving.md). Calling this object quantizes the activations and runs the GEMM
     in one C call.
 
-    It keeps the storage the C code reads alive (so calling it is always memory-safe) but
-    only weak references to the caller's tensor objects (a cache keyed by them must not keep
-    them alive). :meth:`is_current` / :meth:`serves` say whether it still computes the layer
-    those tensors describe: same objects, same data pointers, no in-place change since.
+    The C code reads the caller's tensors themselves, never a copy: an in-place change that
+    leaves no trace (``.data.copy_()``, ``load_state_dict`` on inference tensors, which have no
+    version counter) is seen by the next call. So ``packed`` and ``w_scales`` must be
+    contiguous (uint8, fp32) and ``bias`` a contiguous fp32 or bf16 vector (the kernel reads
+    bf16 as it is). It keeps that storage alive (so calling it is always memory-safe) but only
+    weak references to the caller's tensor objects (a cache keyed by them must not keep them
+    alive). :meth:`is_current` / :meth:`serves` say whether it still reads the tensors that
+    describe the layer: same objects, same data pointers (``.data =`` moves them), same
+    version (``resize_`` and other in-place changes of the metadata bump it).
     """
 
     def __init__(self, packed: Tensor, w_scales: Tensor, in_features: int, group_code: int, bias: Tensor | None):
@@ -665,15 +679,21 @@ class PreparedPackedLinear:
         check_packed_args("PreparedPackedLinear", probe, packed, w_scales, in_features, group_code, bias)
         if not _on_cpu(packed, w_scales, *([bias] if bias is not None else [])):
             raise ValueError("PreparedPackedLinear: packed, scales and bias must be CPU tensors")
+        if not can_prepare(packed, w_scales, bias):
+            raise ValueError(
+                "PreparedPackedLinear: packed (uint8), scales (fp32) and bias (fp32 or bf16) must be contiguous "
+                f"tensors of those dtypes, got {packed.dtype}, {w_scales.dtype}, {None if bias is None else bias.dtype}"
+            )
         self._sources = tuple(None if t is None else weakref.ref(t) for t in (packed, w_scales, bias))
         self._snapshot = self._state_of(packed, w_scales, bias)
         self.isa_id = _isa_id()  # NOTE: fixed here; BITCOMPILE_ISA set later needs a new object
-        w, sw = packed.contiguous(), w_scales.float().contiguous()
-        b = None if bias is None else bias.float().contiguous()
-        self._storages = tuple(t.untyped_storage() for t in (w, sw, b) if t is not None)
-        self._bias = b
-        # new tensor objects on the same storage, for the large-M path (not the caller's objects)
-        self._packed_view, self._scales_view = (torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride()) for t in (w, sw))
+        self._storages = tuple(t.untyped_storage() for t in (packed, w_scales, bias) if t is not None)
+        # new tensor objects on the caller's storage (not the caller's objects, which are held weakly)
+        self._packed_view, self._scales_view, self._bias = (
+            None if t is None else torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+            for t in (packed, w_scales, bias)
+        )  # fmt: skip
+        w, sw, b = packed, w_scales, bias
         kp = padded_in_features(in_features)
         uc = ctypes.c_int()
         self.run_isa = _LIB.bc_plan_i8(self.isa_id, group_code, kp, ctypes.byref(uc))
@@ -682,7 +702,7 @@ class PreparedPackedLinear:
         self.in_features, self.group_code = in_features, group_code
         self._args = _GemmArgs(
             0, n, in_features, kp, group_code, num_groups(in_features, group_code), None, None, None, uc.value, n_units,
-            None, 0, _ptr(w), _ptr(sw), _ptr(b), None, n, 0,
+            None, 0, _ptr(w), _ptr(sw), _ptr(b), None, n, 0, int(b is not None and b.dtype == torch.bfloat16),
         )  # fmt: skip
         self._args_bf16 = _GemmArgs.from_buffer_copy(self._args)
         self._args_bf16.out_bf16 = 1
@@ -726,7 +746,7 @@ class PreparedPackedLinear:
         y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.bfloat16 if bf16 else torch.float32)
         m = x.numel() // k if k else 0
         if k == 0:  # an empty sum: the bias alone
-            y.copy_(self._bias.expand_as(y)) if self._bias is not None else y.zero_()
+            y.copy_(self._bias.float().expand_as(y)) if self._bias is not None else y.zero_()
         elif m >= ONEDNN_MIN_TOKENS and self.out_features and self.group_code <= PER_TENSOR:
             kind = 0 if x.dtype == torch.float32 else 1
             w, sw, b = self._packed_view, self._scales_view, self._bias
@@ -777,12 +797,13 @@ _INT8_DENSE_MAX_K = 65_000  # (x + 128) * w sums stay within int32 up to 66,000 
 
 
 def int8_dense_linear(
-    x2d: Tensor, w_codes: Tensor, w_scales: Tensor, bias: Tensor | None, out_dtype: torch.dtype, w_sums: Tensor | None = None
+    x2d: Tensor, w_codes: Tensor, w_scales: Tensor, bias: Tensor | None, out_dtype: torch.dtype
 ) -> Tensor:
     """W8A8 dense layer (contract of :func:`reference.int8_dense_linear`, bit-identical): per-token
     int8 activations x per-row int8 weights with VNNI, on all threads.
 
-    ``w_sums`` (int32 ``(N,)``, ``w_codes.sum(1)``) may be passed to skip recomputing it per call.
+    Keeps nothing derived from the weights between calls (the kernel's correction term is a sum
+    over the activations), so writes no version counter records are seen at once.
     """
     n, k = w_codes.shape
     if x2d.dim() != 2 or x2d.shape[1] != k:
@@ -812,12 +833,11 @@ def int8_dense_linear(
     xq, sx, _, _ = _prep(x, 0 if x.dtype == torch.float32 else 1, k, kp, run_isa, None)
     wq = w_codes if w_codes.stride(-1) == 1 else w_codes.contiguous()
     sw = w_scales.float().contiguous()
-    sums = w_sums if w_sums is not None else wq.sum(dim=1, dtype=torch.int32)
     b = None if bias is None else bias.float().contiguous()
     y = torch.empty((m, n), dtype=torch.float32)
     a = _DenseArgs(
         m, n, k, None, 0, None, wq.stride(0), _ptr(b), y.data_ptr(), n,
-        xq.data_ptr(), sx.data_ptr(), kp, wq.data_ptr(), sw.data_ptr(), sums.data_ptr(),
+        xq.data_ptr(), sx.data_ptr(), kp, wq.data_ptr(), sw.data_ptr(), None,
     )  # fmt: skip
     _LIB.bc_dense_i8(ctypes.byref(a), run_isa, _threads())
     return y

@@ -47,10 +47,16 @@ def dequantize_weight(codes: Tensor, scales: Tensor, group_code: int) -> Tensor:
 
 
 def quantize_activations(x2d: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token absmax int8: ``codes`` int8 ``(M, K)``, ``scales`` fp32 ``(M,)``."""
+    """Per-token absmax int8: ``codes`` int8 ``(M, K)``, ``scales`` fp32 ``(M,)``.
+
+    A token holding a NaN or an inf has a NaN or inf scale; its codes are all 0 (``x / s`` is
+    NaN or 0 there, and NaN has no int8 value), so every output of that token is NaN
+    (``0 * s_w * s_x``), on every kernel and ISA.
+    """
     x = x2d.detach().float()
     scales = x.abs().amax(dim=1).clamp_min(EPS) / 127 if x.shape[1] else x.new_full((x.shape[0],), EPS / 127)
-    codes = torch.clamp(torch.round(x / scales[:, None]), -128, 127).to(torch.int8)
+    codes = torch.clamp(torch.round(x / scales[:, None]), -128, 127)
+    codes = codes.masked_fill_(~torch.isfinite(scales)[:, None], 0).to(torch.int8)
     return codes, scales
 
 

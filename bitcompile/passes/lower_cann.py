@@ -54,7 +54,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from bitcompile.config import TernaryConfig
 from bitcompile.kernels import get_kernel
 from bitcompile.passes.discover import LayerDecision
-from bitcompile.passes.freeze_pack import FrozenWeightGuard, _FrozenParameter, version_of
+from bitcompile.passes.freeze_pack import FrozenWeightGuard, _FrozenParameter, frozen_parameter
 from bitcompile.passes.names import calling_module
 
 log = logging.getLogger(__name__)
@@ -335,10 +335,7 @@ def prepare_packed_layers(
                     tensor = example_inputs[index]
                     watched.setdefault(
                         index,
-                        _FrozenParameter(
-                            decision.name if decision else str(source.target), index, id(tensor), version_of(tensor),
-                            _PREPARED_FOLDED_AS,
-                        ),  # fmt: skip
+                        frozen_parameter(decision.name if decision else str(source.target), index, tensor, _PREPARED_FOLDED_AS),
                     )
                 else:
                     folded_attrs.add(source)

@@ -27,9 +27,9 @@ def int8_dense_linear_op(x: Tensor, codes: Tensor, scales: Tensor, bias: Tensor 
     return _int8_linear(x, codes, scales, bias)
 
 
-def _int8_linear(x: Tensor, codes: Tensor, scales: Tensor, bias: Tensor | None, row_sums: Tensor | None = None) -> Tensor:
+def _int8_linear(x: Tensor, codes: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
     """The op's computation, callable without the dispatcher (eager ``Int8Linear``)."""
-    y = cpu_kernels.int8_dense_linear(x.reshape(-1, codes.shape[1]), codes, scales, bias, torch.float32, row_sums)
+    y = cpu_kernels.int8_dense_linear(x.reshape(-1, codes.shape[1]), codes, scales, bias, torch.float32)
     return y.reshape(*x.shape[:-1], codes.shape[0])
 
 
@@ -76,7 +76,6 @@ class Int8Linear(FixedFormatModule):
         self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.ones(out_features, 1))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
-        self._sums: tuple[Tensor, Tensor, tuple[int, int]] | None = None  # (row sums, codes, codes state)
 
     @classmethod
     def from_weight(cls, weight: Tensor, bias: Tensor | None) -> Int8Linear:
@@ -90,16 +89,6 @@ class Int8Linear(FixedFormatModule):
     def share_codes_with(self, embedding: Int8Embedding) -> None:
         """Tie this head to ``embedding``: both read the same int8 codes and scales."""
         self.codes, self.scales = embedding.codes, embedding.scales
-
-    def _row_sums(self) -> Tensor:
-        """``codes.sum(1)`` (the kernel's correction term), recomputed when ``codes`` is another
-        tensor, moved (``.data =``) or changed in place."""
-        codes = self.codes
-        state = cpu_kernels.tensor_state(codes)
-        cached = self._sums
-        if cached is None or cached[1] is not codes or cached[2] != state:
-            cached = self._sums = (codes.sum(dim=1, dtype=torch.int32), codes, state)
-        return cached[0]
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
@@ -116,12 +105,7 @@ class Int8Linear(FixedFormatModule):
 
     def _eager(self, x: Tensor) -> Tensor:
         # NOTE: the kernel directly, not the op: the dispatcher costs more than a decode GEMV
-        return _int8_linear(x, self.codes, self.scales, self.bias, self._row_sums())
-
-    def __getstate__(self) -> dict:
-        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
-        state["_sums"] = None
-        return state
+        return _int8_linear(x, self.codes, self.scales, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 weights and activations"

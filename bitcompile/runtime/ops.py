@@ -288,8 +288,8 @@ def prepared_cpu_call(x, packed, scales, bias, in_features, group_size, quantize
         return None
     from bitcompile.kernels import cpu
 
-    if not cpu.available() or not packed.is_cpu or packed.dtype != torch.uint8 or scales.dtype != torch.float32:
-        return None
+    if not cpu.available() or not packed.is_cpu or not cpu.can_prepare(packed, scales, bias):
+        return None  # e.g. a non-contiguous or fp16 buffer: the general path reads it per call
     buffers = {"packed": packed, "scales": scales, "bias": bias}
     prepared = _PREPARED_CALLS.get(packed)
     if prepared is not None and prepared.in_features == in_features and prepared.group_code == group_size:

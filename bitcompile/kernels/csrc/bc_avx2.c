@@ -177,7 +177,7 @@ INLINE void tile_f32(const bc_gemm_args *a, int m0, int n, const int MR) {
         }
         float y = hsum_ps(facc[m]);
         if (64 * nfull < a->K) y += tail * sw[g > 0 ? (64 * nfull) / g : 0];
-        if (a->bias) y = y + a->bias[n];
+        if (a->bias) y = y + bc_bias_at(a, n);
         bc_store(a, m0 + m, n, y);
     }
 }
@@ -221,15 +221,26 @@ void bc_prep_i8_avx2(const bc_prep_args *a, int m0, int m1) {
         } else {
             const void *row = a->x_kind == 0 ? (const void *)((const float *)a->x + (int64_t)m * a->ldx)
                                              : (const void *)((const uint16_t *)a->x + (int64_t)m * a->ldx);
-            const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-            __m256 vmax = _mm256_setzero_ps();
-            for (int k = 0; k < K8; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(load8(a, row, k), absmask));
-            float tmp[8], amax = 0.f;
-            _mm256_storeu_ps(tmp, vmax);
-            for (int i = 0; i < 8; i++) amax = tmp[i] > amax ? tmp[i] : amax;
-            for (int k = K8; k < K; k++) amax = fabsf(load1(a, row, k)) > amax ? fabsf(load1(a, row, k)) : amax;
+            /* max of |x| as unsigned bit patterns: the float order for non-negative values, and a
+             * NaN (bits above inf's) wins, where vmaxps would drop it (it returns its second operand) */
+            const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
+            __m256i vmax = _mm256_setzero_si256();
+            for (int k = 0; k < K8; k += 8)
+                vmax = _mm256_max_epu32(vmax, _mm256_and_si256(_mm256_castps_si256(load8(a, row, k)), absmask));
+            uint32_t tmp[8], bits = 0;
+            _mm256_storeu_si256((__m256i *)tmp, vmax);
+            for (int i = 0; i < 8; i++) bits = tmp[i] > bits ? tmp[i] : bits;
+            for (int k = K8; k < K; k++) {
+                uint32_t b = bc_f32_to_bits(load1(a, row, k)) & 0x7fffffffu;
+                bits = b > bits ? b : bits;
+            }
+            float amax = bc_bits_to_f32(bits);
             float s = (amax < 1e-5f ? 1e-5f : amax) / 127.f;
             a->sx[m] = s;
+            if (!bc_is_finite(amax)) {  /* the reference's codes of a NaN / inf row: all 0 */
+                memset(q, 0, (size_t)K);
+                goto codes_done;
+            }
             const __m256 sv = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
             for (int k = 0; k < K8; k += 8) {
                 __m256 r = _mm256_round_ps(_mm256_div_ps(load8(a, row, k), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -242,6 +253,7 @@ void bc_prep_i8_avx2(const bc_prep_args *a, int m0, int m1) {
                 q[k] = (int8_t)(r < -128.f ? -128 : r > 127.f ? 127 : (int)r);
             }
         }
+    codes_done:
         memset(q + K, 0, (size_t)(a->Kp - K));
         if (a->corr) {
             int32_t *c = a->corr + (int64_t)m * a->n_units * 16;

@@ -267,7 +267,7 @@ INLINE void tile_f32(const bc_gemm_args *a, int m0, int n, const int MR) {
     }
     for (int m = 0; m < MR; m++) {
         float y = _mm512_reduce_add_ps(facc[m]);
-        if (a->bias) y = y + a->bias[n];
+        if (a->bias) y = y + bc_bias_at(a, n);
         bc_store(a, m0 + m, n, y);
     }
 }
@@ -306,14 +306,20 @@ void BC_NAME(bc_prep_i8_avx512)(const bc_prep_args *a, int m0, int m1) {
         } else {
             const void *row = a->x_kind == 0 ? (const void *)((const float *)a->x + (int64_t)m * a->ldx)
                                              : (const void *)((const uint16_t *)a->x + (int64_t)m * a->ldx);
-            __m512 vmax = _mm512_setzero_ps();
+            /* max of |x| as unsigned bit patterns: the float order for non-negative values, and a
+             * NaN (bits above inf's) wins, where vmaxps would drop it (it returns its second operand) */
+            __m512i vmax = _mm512_setzero_si512();
             for (int k = 0; k < K; k += 16) {
                 __mmask16 mk = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
-                vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(a, row, k, mk)));
+                vmax = _mm512_max_epu32(vmax, _mm512_castps_si512(_mm512_abs_ps(load16(a, row, k, mk))));
             }
-            float amax = _mm512_reduce_max_ps(vmax);
+            float amax = bc_bits_to_f32(_mm512_reduce_max_epu32(vmax));
             float s = (amax < 1e-5f ? 1e-5f : amax) / 127.f;
             a->sx[m] = s;
+            if (!bc_is_finite(amax)) {  /* the reference's codes of a NaN / inf row: all 0 */
+                memset(q, 0, (size_t)K);
+                goto codes_done;
+            }
             const __m512 sv = _mm512_set1_ps(s), lo = _mm512_set1_ps(-128.f), hi = _mm512_set1_ps(127.f);
             for (int k = 0; k < K; k += 16) {
                 __mmask16 mk = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
@@ -323,6 +329,7 @@ void BC_NAME(bc_prep_i8_avx512)(const bc_prep_args *a, int m0, int m1) {
                 _mm_mask_storeu_epi8(q + k, mk, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
             }
         }
+    codes_done:
         memset(q + K, 0, (size_t)(a->Kp - K));
         if (a->corr) {
             int32_t *c = a->corr + (int64_t)m * a->n_units * 16;

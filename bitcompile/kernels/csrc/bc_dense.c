@@ -114,8 +114,11 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))) void bc_dense_f32_
     }
 }
 
-/* vpdpbusd multiplies unsigned by signed bytes: feed x + 128 (x ^ 0x80) against the signed
- * weights and subtract 128 * sum_k w[n, k] from the exact int32 sum. */
+/* vpdpbusd multiplies unsigned by signed bytes: feed the weights as w + 128 (w ^ 0x80) against
+ * the signed activations and subtract 128 * sum_k x[m, k] (a->xsum) from the exact int32 sum.
+ * NOTE: the correction is a sum over the activations, computed once per call; the former one,
+ * sum_k w[n, k], was cached per weight tensor and went stale when the codes were written
+ * behind their version counter (issue 15). Padding lanes: w 0 -> 128, times x 0. */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static inline void
 i8_tile_avx512(const bc_dense_args *a, int m0, int n, const int MR, const int NR_) {
     __m512i acc[4][NR];
@@ -131,15 +134,15 @@ i8_tile_avx512(const bc_dense_args *a, int m0, int n, const int MR, const int NR
         if (do_pf)
             for (int j = 0; j < NR_; j++) _mm_prefetch(pf + (int64_t)NR_ * k + 64 * j, _MM_HINT_T0);
         __m512i wv[NR];
-        for (int j = 0; j < NR_; j++) wv[j] = _mm512_maskz_loadu_epi8(mk, w0 + j * a->ldw + k);
+        for (int j = 0; j < NR_; j++) wv[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w0 + j * a->ldw + k), flip);
         for (int m = 0; m < MR; m++) {
-            __m512i xv = _mm512_xor_si512(_mm512_loadu_si512(a->xq + (int64_t)(m0 + m) * a->Kp + k), flip);
-            for (int j = 0; j < NR_; j++) acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], xv, wv[j]);
+            __m512i xv = _mm512_loadu_si512(a->xq + (int64_t)(m0 + m) * a->Kp + k);
+            for (int j = 0; j < NR_; j++) acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], wv[j], xv);
         }
     }
     for (int m = 0; m < MR; m++)
         for (int j = 0; j < NR_; j++) {
-            int32_t dot = _mm512_reduce_add_epi32(acc[m][j]) - 128 * a->wsum[n + j];
+            int32_t dot = _mm512_reduce_add_epi32(acc[m][j]) - 128 * a->xsum[m0 + m];
             a->out[(int64_t)(m0 + m) * a->ldo + n + j] = i8_finish(a, m0 + m, n + j, dot);
         }
 }

@@ -288,8 +288,37 @@ void bc_gemm_i8(const bc_gemm_args *a, int isa, int nthreads) {
     run_gemm(a, i8_kernel(isa), pick_threads(nthreads, (int64_t)a->M * a->N * a->Kp, a->N));
 }
 
+/* Whether row m of the fp32 activations holds a NaN or an inf (max of |x| as bit patterns). */
+static int f32_row_nonfinite(const bc_gemm_args *a, int m) {
+    const uint32_t *x = (const uint32_t *)(a->xf + (int64_t)m * a->ldxf);
+    uint32_t bits = 0;
+    for (int k = 0; k < a->K; k++) {
+        uint32_t b = x[k] & 0x7fffffffu;
+        bits = b > bits ? b : bits;
+    }
+    return bits >= 0x7f800000u;
+}
+
 void bc_gemm_f32(const bc_gemm_args *a, int isa, int nthreads) {
-    run_gemm(a, f32_kernel(isa), pick_threads(nthreads, (int64_t)a->M * a->N * a->Kp * 8, a->N));
+    bc_gemm_fn fn = f32_kernel(isa);
+    run_gemm(a, fn, pick_threads(nthreads, (int64_t)a->M * a->N * a->Kp * 8, a->N));
+#ifdef BC_X86
+    if (fn != bc_gemm_i2_f32_avx512) return;
+#else
+    return;
+#endif
+    /* NOTE: the AVX-512 kernel adds x only where the weight is +-1, so a NaN or inf x facing
+     * a zero weight is lost, where the reference's x * 0 gives NaN. Such rows (one cheap scan
+     * of x per call) are computed again by the portable kernel, which multiplies every
+     * weight: NaN / +-inf results do not depend on the order of the sum, so every ISA agrees. */
+    for (int m = 0; m < a->M; m++) {
+        if (!f32_row_nonfinite(a, m)) continue;
+        bc_gemm_args row = *a;
+        row.M = 1;
+        row.xf = a->xf + (int64_t)m * a->ldxf;
+        row.out = (char *)a->out + (int64_t)m * a->ldo * (a->out_bf16 ? 2 : 4);
+        bc_gemm_i2_f32_generic(&row, 0, a->N);
+    }
 }
 
 /* Row passes (activation prep, elementwise): M rows split over threads once the pass has
@@ -429,13 +458,29 @@ void bc_dense_f32(const bc_dense_args *a, int isa, int nthreads) {
  * 16-bit saturation, so it runs the portable kernel). */
 int bc_plan_dense_i8(int isa) { return isa == BC_ISA_AVX512 ? isa : BC_ISA_GENERIC; }
 
-/* W8A8 dense: a->xq prepared by bc_prep_i8 (row stride Kp), a->wsum the weight row sums. */
+/* W8A8 dense: a->xq prepared by bc_prep_i8 (row stride Kp). */
 void bc_dense_i8(const bc_dense_args *a, int isa, int nthreads) {
     bc_dense_fn fn = bc_dense_i8_generic;
 #ifdef BC_X86
     if (isa == BC_ISA_AVX512) fn = bc_dense_i8_avx512;
 #endif
-    run_dense(a, fn, (int64_t)a->M * a->N * a->K, nthreads);
+    if (fn == bc_dense_i8_generic) {
+        run_dense(a, fn, (int64_t)a->M * a->N * a->K, nthreads);
+        return;
+    }
+    /* the activation sums of the kernel's w + 128 correction, once per call */
+    int32_t one_row, *xsum = a->M == 1 ? &one_row : malloc(sizeof(int32_t) * (size_t)a->M);
+    if (!xsum) abort();
+    for (int m = 0; m < a->M; m++) {
+        const int8_t *x = a->xq + (int64_t)m * a->Kp;
+        int32_t s = 0;
+        for (int k = 0; k < a->K; k++) s += x[k];
+        xsum[m] = s;
+    }
+    bc_dense_args b = *a;
+    b.xsum = xsum;
+    run_dense(&b, fn, (int64_t)a->M * a->N * a->K, nthreads);
+    if (xsum != &one_row) free(xsum);
 }
 
 typedef struct {

@@ -76,7 +76,7 @@ void bc_gemm_i2_f32_generic(const bc_gemm_args *a, int n0, int n1) {
                 int len = a->K - k0 < g ? a->K - k0 : g;
                 y += dot_f32(x + k0, q + k0, len) * sw[a->group > 0 ? gi : 0];
             }
-            if (a->bias) y = y + a->bias[n];
+            if (a->bias) y = y + bc_bias_at(a, n);
             bc_store(a, m, n, y);
         }
     }
@@ -111,7 +111,9 @@ void bc_prep_i8_generic(const bc_prep_args *a, int m0, int m1) {
             /* s = max(amax, eps) / 127 in fp32; q = clamp(round_half_even(x / s)) as torch computes it */
             float s = (amax < 1e-5f ? 1e-5f : amax) / 127.f;
             a->sx[m] = s;
-            for (int k = 0; k < a->K; k++) {
+            /* a NaN / inf row: codes 0 (x / s is NaN or 0 there; the reference defines NaN -> 0) */
+            if (!bc_is_finite(amax)) memset(q, 0, (size_t)a->K);
+            else for (int k = 0; k < a->K; k++) {
                 float r = nearbyintf(BC_XK(k) / s);
                 q[k] = (int8_t)(r < -128.f ? -128 : r > 127.f ? 127 : (int)r);
             }

@@ -37,10 +37,11 @@ typedef struct {
     int64_t ldxf;
     const uint8_t *w;            /* N x Kp/4 */
     const float *sw;             /* N x G */
-    const float *bias;           /* N or NULL */
+    const void *bias;            /* N fp32 (bf16 when bias_bf16) or NULL */
     void *out;                   /* M x N, row stride ldo elements */
     int64_t ldo;
     int out_bf16;
+    int bias_bf16;               /* read the model's bf16 bias as it is: no fp32 copy to go stale */
 } bc_gemm_args;
 
 /* Kernel signature: compute output columns [n0, n1) for every row m. */
@@ -74,13 +75,14 @@ typedef struct {
     float *out;
     int64_t ldo;
     /* int8 path: xq M x Kp (zero padded, Kp = K rounded up to 64), wq N x K (row stride ldw),
-     * wsum[n] = sum_k wq[n, k] (the kernels feed x + 128 as unsigned bytes) */
+     * xsum[m] = sum_k xq[m, k]: the AVX-512 kernel feeds w + 128 as unsigned bytes (bc_dense_i8
+     * fills it) */
     const int8_t *xq;
     const float *sx;
     int Kp;
     const int8_t *wq;
     const float *sw;
-    const int32_t *wsum;
+    const int32_t *xsum;
 } bc_dense_args;
 
 typedef void (*bc_dense_fn)(const bc_dense_args *a, int n0, int n1);
@@ -149,9 +151,24 @@ static inline uint16_t bc_f32_to_bf16(float f) {
     return (uint16_t)(v.u >> 16);
 }
 
+static inline uint32_t bc_f32_to_bits(float f) {
+    union { float f; uint32_t u; } v = { f };
+    return v.u;
+}
+static inline float bc_bits_to_f32(uint32_t u) {
+    union { uint32_t u; float f; } v = { u };
+    return v.f;
+}
+/* neither NaN nor +-inf (by the bits: exact whatever the compiler's float flags) */
+static inline int bc_is_finite(float f) { return (bc_f32_to_bits(f) & 0x7fffffffu) < 0x7f800000u; }
+
 static inline float bc_bf16_to_f32(uint16_t h) {
     union { uint32_t u; float f; } v = { (uint32_t)h << 16 };
     return v.f;
+}
+
+static inline float bc_bias_at(const bc_gemm_args *a, int n) {
+    return a->bias_bf16 ? bc_bf16_to_f32(((const uint16_t *)a->bias)[n]) : ((const float *)a->bias)[n];
 }
 
 static inline void bc_store(const bc_gemm_args *a, int m, int n, float y) {
@@ -162,7 +179,7 @@ static inline void bc_store(const bc_gemm_args *a, int m, int n, float y) {
 /* y = ((float)acc * sw) * sx (+ bias): the reference's order of roundings (per row / tensor). */
 static inline float bc_finish_row(const bc_gemm_args *a, int m, int n, float dot_scaled) {
     float y = dot_scaled * a->sx[m];
-    if (a->bias) y = y + a->bias[n];
+    if (a->bias) y = y + bc_bias_at(a, n);
     return y;
 }
 

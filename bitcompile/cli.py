@@ -172,7 +172,21 @@ def _run_inspect(args: argparse.Namespace) -> int:
         path.write_text(json.dumps(report.to_json(), indent=2))
         console.print(f"wrote {path}")
     if args.html:
-        page = report.to_html(args.html, title=f"bitcompile inspect {args.model}")
+        from bitcompile.inspect.html import picture_error_line
+
+        def picture_failed(index: int, error: Exception) -> None:
+            if args.debug:
+                traceback.print_exception(error)
+            print(f"bitcompile inspect: warning: {picture_error_line(index, error)}", file=sys.stderr)
+
+        try:
+            page = report.to_html(args.html, title=f"bitcompile inspect {args.model}", on_picture_error=picture_failed)
+        except Exception as error:  # the page itself (not one picture) failed: one line unless --debug
+            if args.debug:
+                raise
+            first = (str(error).strip().splitlines() or [""])[0]
+            print(f"bitcompile inspect: error: writing the HTML report failed: {type(error).__name__}: {first}", file=sys.stderr)
+            return 1
         console.print(f"wrote {page}")
     if args.mlir:
         from bitcompile.inspect.mlir import write_mlir

@@ -244,3 +244,48 @@ def test_harness_sees_errors_and_outside_requests(browser, tmp_path):
     page.open(bad.as_uri())
     assert any("boom" in e for e in page.errors) and any("undefinedFunction" in e for e in page.errors)
     assert page.requests == ["https://cdn.example.invalid/lib.js"]
+
+
+@pytest.fixture(scope="module")
+def hf_page_path(tmp_path_factory):
+    """``bitcompile inspect FOLDER --html`` on a 4-layer Hugging Face Llama saved by transformers."""
+    transformers = pytest.importorskip("transformers")
+    from bitcompile.cli import main
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    tmp = tmp_path_factory.mktemp("hf")
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp / "llama", safe_serialization=True)
+    assert main(["inspect", str(tmp / "llama"), "--html", str(tmp / "html")]) == 0
+    return tmp / "html" / "index.html"
+
+
+def test_hf_report_page_renders_without_errors(browser, hf_page_path, tmp_path):
+    page = Page(browser)
+    page.open(hf_page_path.as_uri())
+    assert page.errors == [] and page.requests == []
+    assert page.js("document.querySelectorAll('#layer-table tbody tr').length") == 29  # 4 x 7 + lm_head
+    assert page.js("document.querySelectorAll('.picture svg').length") == 1
+    assert page.js("document.querySelectorAll('.picture-failed').length") == 0
+    size = page.js("(() => { const r = document.querySelector('.picture svg').getBoundingClientRect(); return [r.width, r.height]; })()")
+    assert size[0] > 200 and size[1] > 300
+    roles = page.js("[...document.querySelectorAll('.picture svg g.node')].map(g => g.getAttribute('data-role'))")
+    assert roles.count("ternary") == 8 and roles.count("collapsed") == 1  # layers.0 + lm_head; layers.1-3 collapsed
+    collapsed = page.js("document.querySelector('.picture g.node[data-role=collapsed]').textContent")
+    assert "model.layers.1 … model.layers.3" in collapsed and "21 ternary" in collapsed
+    fill = page.js("getComputedStyle(document.querySelector('.picture g.node[data-role=ternary] path, .picture g.node[data-role=ternary] polygon, .picture g.node[data-role=ternary] rect')).fill")
+    assert fill == "rgb(201, 239, 201)"
+    flagged = page.js(
+        """(() => { const node = document.querySelector('.picture g.node[data-layer="model.layers.0.mlp.down_proj"]');
+                     node.dispatchEvent(new MouseEvent('click', {bubbles: true}));
+                     const row = document.querySelector('tr.flash');
+                     return row && row.getAttribute('data-layer'); })()"""
+    )
+    assert flagged == "model.layers.0.mlp.down_proj"
+    page.js("document.querySelector('#graph-0 .picture').scrollIntoView()")
+    shot = page.screenshot(_artifacts(tmp_path) / "inspect_hf_graph.png")
+    print(f"screenshot: {shot}")
+    assert shot.read_bytes().startswith(b"\x89PNG")

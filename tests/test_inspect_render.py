@@ -2,12 +2,17 @@
 
 import shutil
 import xml.etree.ElementTree as ET
+from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import bitcompile
-from bitcompile.inspect.render import STYLES, build_view, render_svg, roles
+from bitcompile.inspect.render import STYLES, build_view, render_svg, render_svg_python, roles
+from bitcompile.inspect.report import GraphReport
+from bitcompile.passes.describe import GraphNode
 from bitcompile.models import MLP, TinyLlama, TinyLlamaConfig
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -97,3 +102,64 @@ def test_auto_engine_without_dot_uses_builtin_layout(llama12, monkeypatch):
         render_svg(llama12.graphs[0], engine="dot")
     with pytest.raises(ValueError, match="engine='png' is invalid"):
         render_svg(llama12.graphs[0], engine="png")
+
+
+# --- Any graph the capture can produce draws: a property test over made-up graphs ---------------
+
+_MODULES = ["", "model", "model.rotary", "apply_rotary_pos_emb"] + [
+    f"model.layers.{k}{sub}" for k in range(4) for sub in ("", ".attn", ".attn.q", ".mlp", ".mlp.act", ".mlp.experts")
+]
+
+
+@st.composite
+def _graphs(draw):
+    """A random DAG in the shape of a captured graph: blocks repeated from a template (so some
+    collapse), then mutated: nodes moved to other modules, inputs that name removed nodes,
+    helpers placed before their op, rewritten layers whose ops are not contiguous."""
+    roles = st.sampled_from(["plain", "plain", "plain", "ternary", "inserted", "skipped"])
+    template = draw(st.lists(st.tuples(roles, st.sampled_from(["", ".attn", ".attn.q", ".mlp", ".mlp.act"]),
+                                       st.sampled_from(["q", "k", "mlp.up", "mlp.down"]),
+                                       st.lists(st.integers(1, 4), max_size=3)), min_size=1, max_size=8))  # fmt: skip
+    blocks = draw(st.integers(1, 5))
+    nodes = [GraphNode("x", "placeholder", "x", [], "", "input"), GraphNode("w", "placeholder", "model.w", [], "", "parameter")]
+    for b in range(blocks):
+        for i, (role, sub, layer, back) in enumerate(template):
+            name = f"b{b}_{i}"
+            inputs = [nodes[max(len(nodes) - d, 0)].name for d in back] or [nodes[-1].name]
+            layer_name = f"model.layers.{b}.{layer}" if role != "plain" else ""
+            module = layer_name or f"model.layers.{b}{sub}"
+            nodes.append(GraphNode(name, "call_function", "op" if role == "plain" else "bitcpm.ternary_linear",
+                                   inputs, module, role, layer_name))  # fmt: skip
+    for _ in range(draw(st.integers(0, 6))):  # mutations
+        k = draw(st.integers(2, len(nodes) - 1))
+        n = nodes[k]
+        what = draw(st.sampled_from(["module", "ghost", "param", "role", "layer"]))
+        if what == "module":
+            n.module = draw(st.sampled_from(_MODULES))
+        elif what == "ghost":
+            n.inputs.append("removed_node")
+        elif what == "param":
+            n.inputs.append("w")
+        elif what == "role":
+            n.role = draw(roles)
+        else:
+            n.layer = draw(st.sampled_from(["", "model.layers.0.q", "model.layers.1.mlp.up"]))
+    used = {a for n in nodes for a in n.inputs}
+    nodes.append(GraphNode("output", "output", "output", [n.name for n in nodes[2:] if n.name not in used][-3:], "", "output"))
+    layers = sorted({n.layer for n in nodes if n.layer})
+    decisions = [SimpleNamespace(name=name, reason="r", out_features=8, in_features=8) for name in layers]
+    return GraphReport(0, "0/0", None, "", "", decisions, nodes)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_graphs())
+def test_any_captured_shape_draws(graph):
+    view = build_view(graph)
+    index = {n.id: i for i, n in enumerate(view.nodes)}
+    assert len(index) == len(view.nodes)
+    for src, dst in view.edges:  # boxes come in topological order: the picture has no cycle
+        assert index[src] < index[dst]
+    ET.fromstring(render_svg_python(view, "g"))
+    # without collapsing, every layer with a ternary op is a ternary box of its own
+    drawn = {n.layer for n in build_view(graph, collapse_min=10**9).nodes if n.role == "ternary"}
+    assert drawn == {n.layer for n in graph.nodes if n.role == "ternary"}

@@ -10,7 +10,9 @@ before/after the rewrite with the rewritten and skipped lines highlighted.
 from __future__ import annotations
 
 import html
+import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +25,11 @@ if TYPE_CHECKING:
 OPEN_CODE_LINES = 120
 
 _ASSIGN = re.compile(r"^\s+([A-Za-z_]\w*) = ")
+
+log = logging.getLogger(__name__)
+
+#: Called with (graph index, error) when a graph's picture cannot be drawn; the page is written without it.
+PictureErrorHandler = Callable[[int, Exception], None]
 
 _CSS = """
 :root { --ternary: %(ternary)s; --ternary-edge: %(ternary_edge)s; --skipped: %(skipped)s;
@@ -62,6 +69,7 @@ pre.code span.rewritten { background: var(--ternary); }
 pre.code span.replaced { background: #fde2e2; }
 pre.code span.skipped { background: var(--skipped); }
 .break { color: #a33; }
+.picture-failed { border: 1px dashed #c46a00; background: #fff8ee; border-radius: 6px; padding: 8px 12px; margin: 8px 0; }
 footer { color: #777; font-size: 12px; padding: 24px 20px; }
 """
 
@@ -101,9 +109,33 @@ def _code(code: str, marks: dict[str, str], caption: str) -> str:
     )
 
 
-def _graph_section(report: ExplainReport, graph: GraphReport, engine: str) -> tuple[str, str]:
-    """HTML of one graph and its standalone SVG."""
-    svg, view = render_svg(graph, engine=engine, title=f"graph {graph.index}", id_prefix=f"g{graph.index}")
+def picture_error_line(index: int, error: Exception) -> str:
+    """The one line that says a picture is missing and why."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"the picture of graph {index} could not be drawn ({type(error).__name__}: {first}); the page has its tables and code"
+
+
+def _log_picture_error(index: int, error: Exception) -> None:
+    log.warning("%s", picture_error_line(index, error))
+
+
+def _graph_section(
+    report: ExplainReport, graph: GraphReport, engine: str, on_error: PictureErrorHandler
+) -> tuple[str, str | None]:
+    """HTML of one graph and its standalone SVG (None when the picture failed: a note stands in its place)."""
+    try:
+        svg, view = render_svg(graph, engine=engine, title=f"graph {graph.index}", id_prefix=f"g{graph.index}")
+        picture = f'<div class="picture" data-graph="{graph.index}">{svg}</div>'
+        drawn = f"{view.total_nodes} nodes drawn as {len(view.nodes)} boxes"
+        drawn += f", {view.collapsed_blocks} repeated blocks collapsed" if view.collapsed_blocks else ""
+    except Exception as error:  # a picture is never worth the report: note it, keep the rest
+        on_error(graph.index, error)
+        svg, drawn = None, f"{len(graph.nodes)} nodes, picture not drawn"
+        picture = (
+            f'<p class="picture-failed" data-graph="{graph.index}">The picture of this graph could not be drawn '
+            f"({_e(type(error).__name__)}: {_e((str(error).strip().splitlines() or [''])[0])}). "
+            "The layer table above and the code below are complete.</p>"
+        )
     rewritten = sum(1 for layer in graph.layers if layer.rewritten)
     skipped = len(graph.layers) - rewritten
     before_marks = {name: "replaced" for name in graph.replaced}
@@ -111,13 +143,11 @@ def _graph_section(report: ExplainReport, graph: GraphReport, engine: str) -> tu
     for layer in graph.layers:
         if not layer.rewritten and graph.layer_node(layer):
             before_marks[graph.layer_node(layer)] = after_marks[graph.layer_node(layer)] = "skipped"
-    folded = f", {view.collapsed_blocks} repeated blocks collapsed" if view.collapsed_blocks else ""
     why = f' <span class="break">(graph break before it: {_e(graph.graph_break_reason)})</span>' if graph.graph_break_reason else ""
     body = (
         f'<details class="graph" id="graph-{graph.index}" open><summary>Graph {graph.index}: '
-        f"{rewritten} layers rewritten, {skipped} kept float, {view.total_nodes} nodes drawn as {len(view.nodes)} "
-        f"boxes{folded}{why}</summary>"
-        f'<div class="picture" data-graph="{graph.index}">{svg}</div>'
+        f"{rewritten} layers rewritten, {skipped} kept float, {drawn}{why}</summary>"
+        + picture
         + _code(graph.before, before_marks, "Code before the rewrite (red: replaced, orange: kept float)")
         + _code(graph.after, after_marks, "Code after the rewrite (green: ternary ops, orange: kept float)")
         + "</details>"
@@ -147,16 +177,27 @@ def _layer_rows(report: ExplainReport) -> str:
     return "".join(rows)
 
 
-def render_html(report: ExplainReport, *, title: str = "bitcompile report", engine: str = "auto") -> tuple[str, list[str]]:
-    """The page's HTML and each graph's standalone SVG."""
+def render_html(
+    report: ExplainReport,
+    *,
+    title: str = "bitcompile report",
+    engine: str = "auto",
+    on_picture_error: PictureErrorHandler | None = None,
+) -> tuple[str, list[str | None]]:
+    """The page's HTML and each graph's standalone SVG (None for a picture that could not be drawn).
+
+    A picture that fails leaves a one-line note in its place; ``on_picture_error(index, error)``
+    is told (default: a warning on this module's logger).
+    """
     import bitcompile
     from bitcompile.inspect.report import INFERENCE_NOTE, SCHEMA_VERSION, human_bytes
 
     t = report.totals()
     ratio = f"{t['weight_memory_ratio']:.1f}×" if t["weight_memory_ratio"] else "n/a"
-    sections, svgs = [], []
+    sections: list[str] = []
+    svgs: list[str | None] = []
     for graph in report.graphs:
-        body, svg = _graph_section(report, graph, engine)
+        body, svg = _graph_section(report, graph, engine, on_picture_error or _log_picture_error)
         sections.append(body)
         svgs.append(svg)
     breaks = "".join(f'<li class="break">{_e(reason)}</li>' for reason in report.graph_break_reasons)
@@ -208,13 +249,24 @@ def render_html(report: ExplainReport, *, title: str = "bitcompile report", engi
     return page, svgs
 
 
-def write_html(report: ExplainReport, directory: str | Path, *, title: str = "bitcompile report", engine: str = "auto") -> Path:
+def write_html(
+    report: ExplainReport,
+    directory: str | Path,
+    *,
+    title: str = "bitcompile report",
+    engine: str = "auto",
+    on_picture_error: PictureErrorHandler | None = None,
+) -> Path:
     """Write ``index.html`` and ``graph_<i>.svg`` into ``directory``; returns the page's path."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    page, svgs = render_html(report, title=title, engine=engine)
+    page, svgs = render_html(report, title=title, engine=engine, on_picture_error=on_picture_error)
     for i, svg in enumerate(svgs):
-        (out / f"graph_{i}.svg").write_text(svg, encoding="utf-8")
+        path = out / f"graph_{i}.svg"
+        if svg is not None:
+            path.write_text(svg, encoding="utf-8")
+        else:
+            path.unlink(missing_ok=True)  # not a stale picture from an earlier run
     path = out / "index.html"
     path.write_text(page, encoding="utf-8")
     return path

@@ -2,9 +2,13 @@
 
 Two steps. :func:`build_view` turns the graph's nodes (``GraphReport.nodes``) into what is
 worth drawing: parameters become part of the label of the layer that reads them, the
-``getitem``/transpose helpers a rewrite inserts fold into their ternary op, and runs of
-structurally identical blocks (``layers.1`` … ``layers.29`` of a 30-layer model) collapse
-into one box after the first block, which stays expanded, so a big model stays readable.
+``getitem``/transpose helpers a rewrite inserts fold into their ternary op, a submodule's
+plain ops fold into one box (an RMSNorm, an attention with its rotary embedding, an MoE's
+expert dispatch), and runs of structurally identical blocks (``layers.1`` … ``layers.29`` of
+a 30-layer model) collapse into one box after the first block, which stays expanded, so a
+big model stays readable. Every fold keeps the picture acyclic (:class:`Folder`) and takes
+graphs as transformers makes them: helpers before their op, inputs naming nodes that are
+gone, ops of one module that are not contiguous.
 :func:`render_svg` then lays the view out with graphviz ``dot`` when it is on PATH, or with
 the small layered layout below (longest-path layers, dummy nodes on long edges, barycenter
 ordering: the Sugiyama recipe) when it is not. Both produce the same node ids and colours.
@@ -22,8 +26,11 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from bitcompile.inspect.fold import Folder, Unit, fold_modules, link, toposort
+
 if TYPE_CHECKING:
     from bitcompile.inspect.report import GraphReport
+    from bitcompile.passes.describe import GraphNode
 
 log = logging.getLogger(__name__)
 
@@ -97,130 +104,6 @@ def _relative(module: str, block: str) -> str:
     return module[len(block) :] if module == block or module.startswith(block + ".") else module
 
 
-@dataclasses.dataclass
-class _Unit:
-    """A box before styling: one node, a folded rewrite (op + helpers) or a folded module."""
-
-    name: str
-    role: str
-    label: str
-    sub: str
-    title: str
-    module: str
-    layer: str
-    shape: str
-    members: list[str]
-    pos: int
-    inputs: list[str] = dataclasses.field(default_factory=list)
-
-
-def _toposort(units: dict[str, _Unit]) -> list[_Unit]:
-    """Kahn's algorithm, ties broken by original position (the folds keep the graph acyclic)."""
-    import heapq
-
-    indegree = {name: len(u.inputs) for name, u in units.items()}
-    users: dict[str, list[str]] = defaultdict(list)
-    for u in units.values():
-        for a in u.inputs:
-            users[a].append(u.name)
-    ready = [(u.pos, u.name) for u in units.values() if indegree[u.name] == 0]
-    heapq.heapify(ready)
-    out = []
-    while ready:
-        _, name = heapq.heappop(ready)
-        out.append(units[name])
-        for user in users[name]:
-            indegree[user] -= 1
-            if indegree[user] == 0:
-                heapq.heappush(ready, (units[user].pos, user))
-    assert len(out) == len(units), "folding made the graph cyclic"
-    return out
-
-
-def _link(units: dict[str, _Unit], alias: dict[str, str], by_name: dict) -> None:
-    """(Re)compute each unit's input units from its members' inputs."""
-    for u in units.values():
-        inputs: list[str] = []
-        for member in u.members:
-            for a in by_name[member].inputs:
-                head = alias.get(a)
-                if head is not None and head != u.name and head not in inputs:
-                    inputs.append(head)
-        u.inputs = inputs
-
-
-def _convex(group: set[str], units: dict[str, _Unit], users: dict[str, list[str]]) -> bool:
-    """True if no path leaves ``group`` and comes back (folding it then cannot make a cycle)."""
-    limit = max(units[g].pos for g in group)
-    frontier = [v for g in group for v in users[g] if v not in group]
-    seen: set[str] = set()
-    while frontier:
-        v = frontier.pop()
-        if v in seen or units[v].pos > limit:
-            continue
-        seen.add(v)
-        for w in users[v]:
-            if w in group:
-                return False
-            frontier.append(w)
-    return True
-
-
-def _fold_modules(units: dict[str, _Unit], alias: dict[str, str], by_name: dict) -> None:
-    """Fold the plain ops of one submodule (an RMSNorm's eight ops, an attention's reshapes) into a box."""
-    users: dict[str, list[str]] = defaultdict(list)
-    for u in units.values():
-        for a in u.inputs:
-            users[a].append(u.name)
-    by_module: dict[str, list[str]] = defaultdict(list)
-    for u in units.values():
-        if u.role == "plain" and u.module and not re.search(r"\.\d+$", u.module) and not u.module.isdigit():
-            by_module[u.module].append(u.name)
-    for module, names in by_module.items():
-        # connected components through direct edges inside the module
-        inside = set(names)
-        parent = {n: n for n in names}
-
-        def find(n: str) -> str:
-            while parent[n] != n:
-                parent[n] = parent[parent[n]]
-                n = parent[n]
-            return n
-
-        for n in names:
-            for a in units[n].inputs:
-                if a in inside:
-                    parent[find(a)] = find(n)
-        groups: dict[str, list[str]] = defaultdict(list)
-        for n in names:
-            groups[find(n)].append(n)
-        for members in groups.values():
-            if len(members) < 2 or not _convex(set(members), units, users):
-                continue
-            members.sort(key=lambda n: units[n].pos)
-            head = units[members[0]]
-            ops = [units[m].label for m in members]
-            module_type = by_name[head.name].module_type or module.rsplit(".", 1)[-1]
-            folded = _Unit(
-                head.name,
-                "plain",
-                module_type,
-                f"{module} · {len(members)} ops",
-                f"{module_type} {module}: {' → '.join(ops)}",
-                module,
-                "",
-                units[members[-1]].shape,
-                [x for m in members for x in units[m].members],
-                head.pos,
-            )
-            for m in members:
-                del units[m]
-            units[head.name] = folded
-            for x in folded.members:
-                alias[x] = head.name
-    _link(units, alias, by_name)
-
-
 def build_view(graph: GraphReport, collapse_min: int = COLLAPSE_MIN_RUN, id_prefix: str = "n") -> GraphView:
     """The drawable form of one graph; see the module docstring for what is folded and collapsed."""
     nodes = [n for n in graph.nodes if n.role != "parameter"]
@@ -229,44 +112,64 @@ def build_view(graph: GraphReport, collapse_min: int = COLLAPSE_MIN_RUN, id_pref
     shapes = {layer.name: f"{layer.out_features}x{layer.in_features}" for layer in graph.layers}
     params = {n.name: n.target for n in graph.nodes if n.role == "parameter"}
 
-    # 1. One box per node; a rewritten layer's op and the helpers inserted with it share one.
-    head_of_layer: dict[str, str] = {}
+    # 1. One box per node. Then a rewritten layer's ops and the helpers inserted with it share
+    #    one (a helper may come before its op: GPT-2's weight.t()), then a submodule's plain ops
+    #    do; each fold only when the picture stays acyclic.
     ops_of_layer: dict[str, list[str]] = defaultdict(list)
     for n in nodes:
-        if n.role == "ternary" and n.layer:
-            head_of_layer.setdefault(n.layer, n.name)
-            if n.target not in ops_of_layer[n.layer]:
-                ops_of_layer[n.layer].append(n.target)
-    alias = {n.name: head_of_layer.get(n.layer, n.name) if n.role in ("ternary", "inserted") else n.name for n in nodes}
-    units: dict[str, _Unit] = {}
-    for pos, n in enumerate(nodes):
-        head = alias[n.name]
-        if head != n.name:
-            units[head].members.append(n.name)
-            continue
-        weights = [params[a] for a in n.inputs if a in params]
+        if n.role == "ternary" and n.layer and n.target not in ops_of_layer[n.layer]:
+            ops_of_layer[n.layer].append(n.target)
+
+    def title_of(n: GraphNode, members: Iterable[str]) -> str:
         if n.role == "ternary":
-            ops = ops_of_layer.get(n.layer, [n.target])
-            label = " → ".join(op.split(".")[-1] for op in ops)
-            sub = f"{n.layer}  {shapes.get(n.layer, '')}".strip()
-            title = f"{n.layer}: rewritten to {' → '.join(ops)}; {reasons.get(n.layer, '')}"
+            title = f"{n.layer}: rewritten to {' → '.join(ops_of_layer.get(n.layer) or [n.target])}; {reasons.get(n.layer, '')}"
         elif n.role == "skipped":
-            label, sub = n.target, f"{n.layer}  {shapes.get(n.layer, '')}".strip()
             title = f"{n.layer}: kept float: {reasons.get(n.layer, '')}"
         elif n.role in ("input", "output"):
-            label, sub = n.role, n.target if n.role == "input" else ""
             title = f"{n.role} {n.target}"
         else:
-            label, sub = n.target, n.module or n.name
             title = f"{n.name} = {n.target}(…)" + (f" in {n.module}" if n.module else "")
+        weights = [params[a] for m in members for a in by_name[m].inputs if a in params]
         if weights:
-            title += "; reads " + ", ".join(weights)
-        if n.shape:
-            title += f"; shape {n.shape}"
-        units[n.name] = _Unit(n.name, n.role, label, sub, title, n.module, n.layer, n.shape, [n.name], pos)
-    _link(units, alias, by_name)
-    _fold_modules(units, alias, by_name)
-    order = _toposort(units)
+            title += "; reads " + ", ".join(dict.fromkeys(weights))
+        return title + (f"; shape {n.shape}" if n.shape else "")
+
+    units: dict[str, Unit] = {}
+    for pos, n in enumerate(nodes):
+        if n.role == "ternary":
+            label = " → ".join(op.split(".")[-1] for op in ops_of_layer.get(n.layer) or [n.target])
+            sub = f"{n.layer}  {shapes.get(n.layer, '')}".strip()
+        elif n.role == "skipped":
+            label, sub = n.target, f"{n.layer}  {shapes.get(n.layer, '')}".strip()
+        elif n.role in ("input", "output"):
+            label, sub = n.role, n.target if n.role == "input" else ""
+        else:
+            label, sub = n.target, n.module or n.name
+        units[n.name] = Unit(n.name, n.role, label, sub, title_of(n, [n.name]), n.module, n.layer, n.shape, [n.name], pos)
+    alias = {n.name: n.name for n in nodes}
+    link(units, alias, by_name)
+    folder = Folder(units)
+    of_layer: dict[str, list[str]] = defaultdict(list)
+    for n in nodes:
+        if n.role in ("ternary", "inserted") and n.layer:
+            of_layer[n.layer].append(n.name)
+
+    def make_layer(members: list[Unit]) -> Unit:
+        head = next(m for m in members if m.role == "ternary")
+        nested = [x for m in members for x in m.members]
+        return dataclasses.replace(head, members=nested, title=title_of(by_name[head.name], nested))
+
+    for names in of_layer.values():
+        if len(names) > 1 and any(units[m].role == "ternary" for m in names):
+            folded = folder.fold(names, make_layer)
+            for x in folded.members if folded else ():
+                alias[x] = folded.name
+    fold_modules(folder, alias, by_name)
+    # A call that neither reads nor feeds a value (torch._C._log_api_usage_once) has nothing to show.
+    used = {a for u in units.values() for a in u.inputs}
+    for name in [n for n, u in units.items() if u.role == "plain" and not u.inputs and n not in used]:
+        del units[name]
+    order = toposort(units)
     for pos, u in enumerate(order):
         u.pos = pos
 
@@ -303,40 +206,44 @@ def build_view(graph: GraphReport, collapse_min: int = COLLAPSE_MIN_RUN, id_pref
         )
 
     # 3. A block identical to an earlier, expanded one is collapsed (when the pattern repeats
-    #    at least ``collapse_min`` times); consecutive collapsed blocks share one box.
+    #    at least ``collapse_min`` times); consecutive collapsed blocks share one box, also when
+    #    they follow a pattern of several blocks (Gemma's sliding / full attention layers).
     signatures = {block: signature(block) for block in blocks}
     counts: dict[tuple, int] = defaultdict(int)
     for sig in signatures.values():
         counts[sig] += 1
     shown: dict[tuple, str] = {}
-    runs: list[tuple[str, list[str]]] = []  # (like, hidden blocks)
+    runs: list[tuple[list[str], list[str]]] = []  # (likes, hidden blocks)
     for block in blocks:
         sig = signatures[block]
         if sig not in shown or counts[sig] < collapse_min:
             shown.setdefault(sig, block)
             continue
         like, prev = shown[sig], runs[-1][1][-1] if runs else None
-        if prev is not None and runs[-1][0] == like and info[prev] == (info[block][0], info[block][1] - 1):
+        if prev is not None and info[prev] == (info[block][0], info[block][1] - 1):
             runs[-1][1].append(block)
+            if like not in runs[-1][0]:
+                runs[-1][0].append(like)
         else:
-            runs.append((like, [block]))
+            runs.append(([like], [block]))
     box_of: dict[str, str] = {}  # unit name -> collapsed box id
     group_of: dict[str, str] = {}
     out_nodes: list[ViewNode] = []
     boxes: dict[str, ViewNode] = {}
-    for k, (like, hidden) in enumerate(runs):
+    for k, (likes, hidden) in enumerate(runs):
         box = f"{id_prefix}-collapsed-{k}"
         members = [order[i] for b in hidden for i in segments[b]]
         ternary = sum(1 for m in members if m.role == "ternary")
         skipped = sum(1 for m in members if m.role == "skipped")
         label = f"{hidden[0]} … {hidden[-1]}" if len(hidden) > 1 else hidden[0]
         noun = "blocks" if len(hidden) > 1 else "block"
+        like = ", ".join(likes)
         boxes[box] = ViewNode(
             box,
             "collapsed",
             label,
             f"{len(hidden)} {noun} like {like}: {ternary} ternary, {skipped} kept float",
-            f"{len(hidden)} {noun} structurally identical to {like}, collapsed "
+            f"{len(hidden)} {noun} structurally identical to {' or '.join(likes)}, collapsed "
             f"({ternary} layers rewritten to ternary, {skipped} kept float)",
         )
         for m in members:

@@ -11,6 +11,7 @@ import dataclasses
 import io
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -197,15 +198,24 @@ class ExplainReport:
             (out / f"graph_{graph.index}_after.py").write_text(graph.after)
         return out
 
-    def to_html(self, directory: str | Path, *, title: str = "bitcompile report", engine: str = "auto") -> Path:
+    def to_html(
+        self,
+        directory: str | Path,
+        *,
+        title: str = "bitcompile report",
+        engine: str = "auto",
+        on_picture_error: Callable[[int, Exception], None] | None = None,
+    ) -> Path:
         """Write a self-contained ``index.html`` (tables, code before/after, one SVG per graph).
 
         ``engine`` picks the graph layout: ``"dot"`` (graphviz), ``"python"`` (built in) or
-        ``"auto"`` (graphviz when ``dot`` is on PATH). Returns the path of the page.
+        ``"auto"`` (graphviz when ``dot`` is on PATH). A graph whose picture cannot be drawn
+        gets a one-line note instead and ``on_picture_error(graph_index, error)`` is called
+        (default: a logged warning); the page is written all the same. Returns its path.
         """
         from bitcompile.inspect.html import write_html
 
-        return write_html(self, directory, title=title, engine=engine)
+        return write_html(self, directory, title=title, engine=engine, on_picture_error=on_picture_error)
 
     def render(self, console: Console) -> None:
         """Print the per-layer table and totals to a rich console."""

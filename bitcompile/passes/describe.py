@@ -109,7 +109,7 @@ def describe_graph(
                 layer = layer_of.get(n, "")
             else:
                 role = "plain"
-        module = calling_module(n) if n.op not in ("placeholder", "output") else None
+        module = calling_module(n, within_model=True) if n.op not in ("placeholder", "output") else None
         path, cls = (module[0], getattr(module[1], "__name__", str(module[1]))) if module else ("", "")
         inputs = [a.name for a in n.all_input_nodes]
         out.append(GraphNode(n.name, n.op, target, inputs, path, role, layer, _shape(n), cls))

@@ -50,10 +50,21 @@ def placeholder_path(node: torch.fx.Node) -> str | None:
     return dotted_path(source.name)
 
 
-def calling_module(node: torch.fx.Node) -> tuple[str, type] | None:
-    """Innermost module (dotted path, class) whose forward made this call, if Dynamo recorded it."""
+def calling_module(node: torch.fx.Node, *, within_model: bool = False) -> tuple[str, type] | None:
+    """Innermost module (dotted path, class) whose forward made this call, if Dynamo recorded it.
+
+    ``within_model=True`` skips modules reached through a global rather than through the
+    compiled model (``G['...'].apply_rotary_pos_emb``: transformers wraps functions such as
+    the rotary embedding in a module when the ``kernels`` package is installed): their ops
+    belong to the model's module that called them.
+    """
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
-    path, cls = list(stack.values())[-1]
+    entries = list(stack.values())
+    if within_model:
+        local = [entry for entry in entries if str(entry[0]).startswith("L[")]
+        if local and local[-1] is not entries[-1]:
+            entries = local
+    path, cls = entries[-1]
     return dotted_path(path), cls

@@ -200,6 +200,7 @@ def _mutate_tensor(data, tensors: dict) -> None:
     if op == "dtype":
         tensors[name] = tensor.to(data.draw(DTYPES))
     elif op == "shape":
+        tensor = tensor.reshape(-1) if tensor.dim() == 0 else tensor  # an earlier draw may have made it a scalar
         shapes = [tensor.reshape(-1), tensor[:1], tensor[1:], torch.cat([tensor, tensor[:1]]), tensor.reshape(1, -1),
                   tensor.sum().reshape(()).to(tensor.dtype)]  # fmt: skip
         if tensor.dim() == 2:

@@ -40,6 +40,7 @@ quantize_weight = reference.quantize_weight
 dequantize_weight = reference.dequantize_weight
 # The fused straight-through backward stays ours: torch_npu's quantized ops have no autograd.
 ternary_linear_backward = reference.ternary_linear_backward
+BACKWARD_PRECISIONS = reference.BACKWARD_PRECISIONS
 
 _default_chip: str | None = None
 

@@ -96,7 +96,7 @@ def find_library() -> Path | None:
     return None
 
 
-def abi_mismatch(lib: ctypes.CDLL, structs: dict[int, type[ctypes.Structure]] = SHARED_STRUCTS) -> str | None:
+def abi_mismatch(lib: ctypes.CDLL, structs: dict[int, type[ctypes.Structure]] | None = None) -> str | None:
     """Why ``lib``'s structs do not match their ctypes mirrors (None when every size agrees).
 
     A field added on one side only shifts every field after it: the C code would read
@@ -104,6 +104,7 @@ def abi_mismatch(lib: ctypes.CDLL, structs: dict[int, type[ctypes.Structure]] = 
     """
     if not hasattr(lib, "bc_struct_size"):
         return "the library predates the struct-size check (bc_struct_size is missing); rebuild it"
+    structs = SHARED_STRUCTS if structs is None else structs
     size_of = lib.bc_struct_size
     size_of.argtypes, size_of.restype = [ctypes.c_int], ctypes.c_size_t
     wrong = [

@@ -1,4 +1,4 @@
-"""C ternary kernels (bitcompile/kernels/cpu.py) against tests/reference_impl.py and kernels/reference.py.
+"""C ternary kernels (bitcompile/kernels/cpu/) against tests/reference_impl.py and kernels/reference.py.
 
 Every ISA path is forced with BITCOMPILE_ISA; shapes cover the GEMV (M <= 8) and GEMM
 paths, N and K that are not multiples of 4/32/64/128/256, every group mode, bias or not,
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import reference_impl as ref
-from bitcompile.kernels import cpu, get_kernel, packing, reference, resolve_target
+from bitcompile.kernels import cpu, packing, reference
+from bitcompile.targets import get_kernel, resolve_target
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"C kernels not built: {cpu.unavailable_reason()}")
 

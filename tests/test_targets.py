@@ -118,3 +118,12 @@ def test_the_npu_emulator_is_imported_only_when_it_provides_the_npu_ops():
     assert "bitcompile.kernels.npu_emulator" not in after_npu_ops
     if provider == "emulator":  # no torch_npu on this machine
         assert "bitcompile.kernels.npu_emulator" in after_provider
+
+
+def test_the_old_kernel_lookup_names_still_work():
+    import bitcompile.kernels as kernels
+
+    assert kernels.get_kernel is targets.get_kernel and kernels.resolve_target is targets.resolve_target
+    assert kernels.KERNEL_NAMES == ("reference", "cpu", "cann")
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        kernels.nothing  # noqa: B018

@@ -164,7 +164,9 @@ def get_target(name: str) -> Target:
 
 def get_kernel(name: str) -> TernaryKernels:
     """The kernels of the target registered under ``name`` (the ``kernel`` argument of the ops)."""
-    return get_target(name).kernels()
+    if name not in _registry:
+        raise ValueError(f"unknown bitcpm kernel {name!r}; available: {', '.join(_registry)}")
+    return _registry[name].kernels()
 
 
 def _runnable(target: Target) -> Target:

@@ -59,8 +59,10 @@ def test_unavailable_targets_fall_back_and_kernels_are_checked(monkeypatch):
     targets.register_target(targets.Target("stuck", "", "bitcompile.kernels.reference", unavailable_reason=lambda: "x"))
     with pytest.raises(RuntimeError, match="'stuck' cannot run here: x"):
         targets.resolve_target("stuck")
-    with pytest.raises(ValueError, match="unknown bitcpm target 'nope'"):
+    with pytest.raises(ValueError, match="unknown bitcpm kernel 'nope'; available: reference, cpu, cann, broken"):
         targets.get_kernel("nope")
+    with pytest.raises(ValueError, match="unknown bitcpm target 'nope'"):
+        targets.resolve_target("nope")
 
 
 def test_auto_picks_cann_for_npu_inputs_only():

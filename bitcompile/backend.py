@@ -192,7 +192,8 @@ def compile_graph(
         # The target's plan, then AOT with its post-AOT lowering; the report shows the lowered graphs too.
         watched = lowering.plan(gm, decisions)
         compiled, lowered = _lower_and_compile(gm, example_inputs, config.inner, mode, lowering)
-        notify(gm.code + "".join(f"\n# ---- lowered for {lowering.label} (post-AOT forward graph) ----\n{code}" for code in lowered))
+        header = f"\n# ---- lowered for {lowering.label} (post-AOT forward graph) ----\n"
+        notify(gm.code + "".join(header + code for code in lowered))
         if watched:
             compiled = FrozenWeightGuard(compiled, watched)
     return FrozenWeightGuard(compiled, frozen) if frozen else compiled

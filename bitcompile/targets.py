@@ -137,7 +137,8 @@ _registry: dict[str, Target] = {}
 def register_target(target: Target) -> Target:
     """Add ``target`` to the registry (the config, the CLI and the backend see it at once)."""
     if target.name == AUTO or target.name in _registry:
-        raise ValueError(f"target name {target.name!r} is {'reserved' if target.name == AUTO else 'already registered'}")
+        why = "reserved" if target.name == AUTO else "already registered"
+        raise ValueError(f"target name {target.name!r} is {why}")
     if target.fallback is not None and target.fallback not in _registry:
         raise ValueError(f"target {target.name!r}: register its fallback {target.fallback!r} first")
     _registry[target.name] = target

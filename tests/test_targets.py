@@ -50,9 +50,11 @@ def test_a_registered_target_is_known_everywhere(monkeypatch):
 def test_unavailable_targets_fall_back_and_kernels_are_checked(monkeypatch):
     monkeypatch.setattr(targets, "_registry", dict(targets._registry))
     targets.register_target(
-        targets.Target("broken", "never available", "bitcompile.kernels.packing", unavailable_reason=lambda: "no device",
-                       fallback="reference")
-    )  # fmt: skip
+        targets.Target(
+            "broken", "never available", "bitcompile.kernels.packing", unavailable_reason=lambda: "no device",
+            fallback="reference",
+        )
+    )
     assert targets.resolve_target("broken") == "reference"
     with pytest.raises(TypeError, match="bitcompile.kernels.packing lacks quantize_weight"):
         targets.get_kernel("broken")

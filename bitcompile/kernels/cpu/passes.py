@@ -21,9 +21,12 @@ def out_buffer(m: int, n: int, out_dtype: torch.dtype) -> tuple[Tensor, int]:
     return torch.empty((m, n), dtype=torch.float32), 0
 
 
-def prepare_activations(x: Tensor, kind: int, k: int, kp: int, isa_id: int, unit_chunks: int | None, colscale: Tensor | None = None):
-    """Quantize (fp32/bf16 x, times ``colscale`` per column if given) or copy (int8 x) into a
-    zero-padded (M, kp) int8 buffer, with corr sums."""
+def prepare_activations(
+    x: Tensor, kind: int, k: int, kp: int, isa_id: int, unit_chunks: int | None, colscale: Tensor | None = None
+) -> tuple[Tensor, Tensor | None, Tensor | None, int]:
+    """Quantize (fp32/bf16 x, ``kind`` 0/1, times ``colscale`` per column if given) or copy (int8
+    x, ``kind`` 2) into a zero-padded (M, kp) int8 buffer, with corr sums; returns
+    ``(codes, scales or None, corr or None, n_units)``."""
     m = x.shape[0]
     xq = torch.empty((m, kp), dtype=torch.int8)
     sx = torch.empty((m,), dtype=torch.float32) if kind != 2 else None
@@ -51,10 +54,8 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
     return torch._int_mm(a, b)
 
 
-# bc_ew ops (csrc/bc_passes.c)
+# bc_ew ops (csrc/bc_passes.c) and the input dtypes it reads
 EW_SCALE, EW_TERNARY, EW_UNPACK = 0, 1, 2
-
-
 _EW_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.int32: 3}
 
 

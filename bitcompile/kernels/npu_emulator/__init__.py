@@ -68,7 +68,7 @@ from bitcompile.kernels.npu_emulator.quant import dynamic_quant_rows, quant_matm
 from bitcompile.kernels.npu_emulator.weight_quant import MSD_FACTORS, MSD_M_LIMIT, msd_route, msd_split, msd_weights
 
 # for BC: the provider probe and the torch_npu facts moved to bitcompile.kernels.npu_ops
-from bitcompile.kernels.npu_ops import (  # noqa: E402
+from bitcompile.kernels.npu_ops import (
     ACL_FORMAT_FRACTAL_NZ,
     ACL_FORMAT_ND,
     SCHEMAS,

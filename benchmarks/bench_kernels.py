@@ -78,7 +78,7 @@ def read_bandwidth(threads: int, nbytes: int = 1 << 30) -> float:
     best = 0.0
     for _ in range(5):
         t = time.perf_counter()
-        cpu._LIB.bc_read_bytes(buf.data_ptr(), nbytes, threads)
+        cpu.library.LIB.bc_read_bytes(buf.data_ptr(), nbytes, threads)
         best = max(best, nbytes / (time.perf_counter() - t) / 1e9)
     return best
 

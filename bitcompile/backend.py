@@ -25,12 +25,12 @@ import torch.fx
 import bitcompile.runtime.ops  # noqa: F401  (registers torch.ops.bitcpm.*)
 from bitcompile.config import TernaryConfig, TernaryConfigError
 from bitcompile.distributed.ops import strip_scale_markers
-from bitcompile.kernels import resolve_target
 from bitcompile.passes.coverage import check_coverage
 from bitcompile.passes.discover import LayerDecision, discover
 from bitcompile.passes.freeze_pack import FrozenWeightGuard, check_can_freeze, freeze_pack
 from bitcompile.passes.describe import NODE_ROLES, GraphNode, describe_graph
 from bitcompile.passes.ternary_rewrite import ternary_rewrite
+from bitcompile.targets import Lowering, get_target, resolve_target
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,12 @@ def _graph_break_reason(gm: torch.fx.GraphModule) -> str | None:
     return str(reason.reason)
 
 
+def _mode_patches(mode: str | None) -> dict[str, Any]:
+    from torch._inductor import list_mode_options
+
+    return list_mode_options(mode) if mode not in (None, "default") else {}
+
+
 def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], inner: str, mode: str | None):
     if inner == "eager":
         return gm.forward
@@ -84,11 +90,50 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], inne
         from torch._dynamo.backends.registry import lookup_backend
 
         return lookup_backend("aot_eager")(gm, example_inputs)
-    from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    patches = list_mode_options(mode) if mode not in (None, "default") else {}
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    return compile_fx(gm, example_inputs, config_patches=_mode_patches(mode))
+
+
+def _lower_and_compile(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], inner: str, mode: str | None, lowering: Lowering
+) -> tuple[Callable[..., Any], list[str]]:
+    """Compile through AOTAutograd, handing each post-AOT forward graph to ``lowering`` first.
+
+    The graphs go to the lowering's own graph compiler when it has one (torchair on an NPU),
+    else to inductor (with its decompositions applied to the lowered nodes) or, for
+    ``aot_eager`` / ``eager``, to plain execution. Returns the compiled callable and the code
+    of every graph the lowering changed (for the report).
+    """
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    lowered: list[str] = []
+
+    def lower(g: torch.fx.GraphModule, decompositions: dict | None = None) -> None:
+        if lowering.lower(g, decompositions):
+            lowered.append(g.code)
+
+    if lowering.graph_compiler is None and inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+        from torch._inductor.decomposition import select_decomp_table
+
+        def inner_compile(g, ex, **kwargs):
+            lower(g, select_decomp_table())
+            return compile_fx_inner(g, ex, **kwargs)
+
+        compiled = compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=_mode_patches(mode))
+    else:
+        base = lowering.graph_compiler or (lambda g, ex: make_boxed_func(g.forward))
+
+        def forward_compiler(g, ex):
+            lower(g)
+            return base(g, ex)
+
+        compiled = aot_autograd(fw_compiler=forward_compiler, bw_compiler=base, inference_compiler=forward_compiler)(
+            gm, example_inputs
+        )
+    return compiled, lowered
 
 
 def compile_graph(
@@ -97,8 +142,13 @@ def compile_graph(
     config: TernaryConfig,
     mode: str | None = None,
 ) -> Callable[..., Any]:
-    """Rewrite one Dynamo graph for ``config`` and compile it with ``config.inner``."""
-    kernel = resolve_target(config.target, example_inputs)
+    """Rewrite one Dynamo graph for ``config`` and compile it with ``config.inner``.
+
+    The target (:mod:`bitcompile.targets`) names the kernels the rewritten ops call and, when it
+    has one, the lowering that plans its layers here and lowers each post-AOT graph.
+    """
+    target = get_target(resolve_target(config.target, example_inputs))
+    kernel = target.name
     # Only explain/inspect (observers) need the graph as it was; skip the work otherwise.
     before = gm.code if _observers else ""
     existing = set(gm.graph.nodes) if _observers else set()
@@ -112,21 +162,18 @@ def compile_graph(
         frozen = freeze_pack(gm, example_inputs, decisions, config, kernel)
         replaced = len(frozen)
     else:
-        replaced = ternary_rewrite(gm, decisions, config, kernel, tensor_scales if kernel != "cann" else None)
+        replaced = ternary_rewrite(gm, decisions, config, kernel, tensor_scales if target.precomputed_scales else None)
     log.info("bitcpm: rewrote %d of %d linear-like layers", replaced, len(decisions))
-    compiled, after = None, None
-    if kernel == "cann":
-        # Ascend: route layers to torch_npu kernels or the float path, lower them after AOT, compile.
-        from bitcompile.passes.lower_cann import compile_for_cann
 
-        compiled, after = compile_for_cann(gm, example_inputs, decisions, config, mode)
-    if _observers:
+    def notify(after: str) -> None:
+        if not _observers:
+            return
         compile_id = str(torch._guards.CompileContext.current_compile_id() or "")
         record = CompiledGraph(
             compile_id,
             _graph_break_reason(gm),
             before,
-            gm.code if after is None else after,
+            after,
             decisions,
             kernel,
             nodes=describe_graph(gm, example_inputs, decisions, existing),
@@ -136,8 +183,19 @@ def compile_graph(
         )
         for callback in list(_observers):
             callback(record)
-    if compiled is None:
+
+    lowering = target.make_lowering(example_inputs, config)
+    if lowering is None:
+        notify(gm.code)
         compiled = _inner_compile(gm, example_inputs, config.inner, mode)
+    else:
+        # The target's plan, then AOT with its post-AOT lowering; the report shows the lowered graphs too.
+        watched = lowering.plan(gm, decisions)
+        compiled, lowered = _lower_and_compile(gm, example_inputs, config.inner, mode, lowering)
+        header = f"\n# ---- lowered for {lowering.label} (post-AOT forward graph) ----\n"
+        notify(gm.code + "".join(header + code for code in lowered))
+        if watched:
+            compiled = FrozenWeightGuard(compiled, watched)
     return FrozenWeightGuard(compiled, frozen) if frozen else compiled
 
 

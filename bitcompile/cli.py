@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import bitcompile
+from bitcompile.targets import target_names
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -204,7 +205,7 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
         "model folder (config.json + *.safetensors; needs transformers, never downloads).",
     )
     parser.add_argument("model", metavar="MODEL")
-    parser.add_argument("--target", choices=("auto", "cpu", "cann", "reference"), default=None)
+    parser.add_argument("--target", choices=target_names(), default=None)
     parser.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE",
         help="a bitcpm option, repeatable: group_size=128, activations=none, exclude=lm_head,*.router",

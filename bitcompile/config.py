@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from bitcompile.kernels.groups import MAX_GROUP_SIZE, PER_ROW, PER_TENSOR
+from bitcompile.targets import target_names
 
 GroupSize = int | Literal["tensor"]
 
-TARGETS = ("auto", "reference", "cpu", "cann")
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 ACTIVATION_MODES = ("int8", None)
 BACKWARD_PRECISIONS = ("fp32", "bf16", "int8")
@@ -103,8 +103,8 @@ class TernaryConfig:
         object.__setattr__(self, "include", _as_patterns("include", self.include))
         if isinstance(self.min_features, bool) or not isinstance(self.min_features, int) or self.min_features < 0:
             raise _bad("min_features", self.min_features, "a non-negative int")
-        if self.target not in TARGETS:
-            raise _bad("target", self.target, f"one of {', '.join(TARGETS)}")
+        if self.target not in target_names():
+            raise _bad("target", self.target, f"one of {', '.join(target_names())}")
         if not isinstance(self.freeze, bool):
             raise _bad("freeze", self.freeze, "True or False")
         if self.inner not in INNER_COMPILERS:

@@ -1,4 +1,4 @@
-"""C ternary kernels (bitcompile/kernels/cpu.py) against tests/reference_impl.py and kernels/reference.py.
+"""C ternary kernels (bitcompile/kernels/cpu/) against tests/reference_impl.py and kernels/reference.py.
 
 Every ISA path is forced with BITCOMPILE_ISA; shapes cover the GEMV (M <= 8) and GEMM
 paths, N and K that are not multiples of 4/32/64/128/256, every group mode, bias or not,
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import reference_impl as ref
-from bitcompile.kernels import cpu, get_kernel, packing, reference, resolve_target
+from bitcompile.kernels import cpu, packing, reference
+from bitcompile.targets import get_kernel, resolve_target
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"C kernels not built: {cpu.unavailable_reason()}")
 
@@ -120,8 +121,8 @@ def test_large_m_path_decodes_tiles_for_int_mm_bit_identically(isa, monkeypatch,
     xq, sx = reference.quantize_activations(x)
     want_float = cpu.packed_linear(x, packed, s, k, code, b, True, out_dtype)  # the VNNI kernel
     want_codes = reference.packed_int8_matmul(xq, sx, packed, s, k, code, b, out_dtype)
-    monkeypatch.setattr(cpu, "ONEDNN_MIN_TOKENS", 1)
-    monkeypatch.setattr(cpu, "DECODE_TILE_ROWS", 64)
+    monkeypatch.setattr(cpu.gemm, "ONEDNN_MIN_TOKENS", 1)
+    monkeypatch.setattr(cpu.gemm, "DECODE_TILE_ROWS", 64)
     got_float = cpu.packed_linear(x, packed, s, k, code, b, True, out_dtype)
     got_codes = cpu.packed_int8_matmul(xq, sx, packed, s, k, code, b, out_dtype)
     got_prepared = cpu.PreparedPackedLinear(packed, s, k, code, b)(x.reshape(1, m, k), out_dtype)  # model layers
@@ -358,8 +359,8 @@ def test_degenerate_shapes():
 def test_without_the_library_everything_falls_back_to_reference(monkeypatch):
     x, w, b, q, s = _problem(3, 9, 300, 64, seed=1)
     packed = packing.pack_codes(q)
-    monkeypatch.setattr(cpu, "_LIB", None)
-    monkeypatch.setattr(cpu, "_UNAVAILABLE_REASON", "test: simulated missing library")
+    monkeypatch.setattr(cpu.library, "LIB", None)
+    monkeypatch.setattr(cpu.library, "UNAVAILABLE_REASON", "test: simulated missing library")
     assert not cpu.available()
     assert resolve_target("auto") == "reference"
     want = reference.packed_linear(x, packed, s, 300, 64, b, True, torch.float32)
@@ -434,8 +435,8 @@ def test_non_finite_activations_give_nan_rows_on_every_isa(isa, monkeypatch, val
     assert torch.isnan(got[bad]).any() and torch.isfinite(got[~bad]).all()
 
     if code <= 0:  # from ONEDNN_MIN_TOKENS on: decoded tiles x torch._int_mm (forced here at small M)
-        monkeypatch.setattr(cpu, "ONEDNN_MIN_TOKENS", 1)
-        monkeypatch.setattr(cpu, "DECODE_TILE_ROWS", 4)
+        monkeypatch.setattr(cpu.gemm, "ONEDNN_MIN_TOKENS", 1)
+        monkeypatch.setattr(cpu.gemm, "DECODE_TILE_ROWS", 4)
         _assert_nan_rows(packed_linear(slice(None)), bad, packed_linear)
         prepared = cpu.PreparedPackedLinear(packed, s, k, code, b)(x, torch.float32)
         _assert_nan_rows(prepared, bad, packed_linear)

@@ -18,9 +18,9 @@ from torch import nn
 import reference_impl as ref
 from bitcompile.backend import observe_compilations
 from bitcompile.inspect.report import explain
-from bitcompile.kernels import get_kernel, resolve_target
 from bitcompile.models import TinyLlama, TinyLlamaConfig
 from bitcompile.runtime.ops import ternary_linear_output
+from bitcompile.targets import get_kernel, resolve_target
 
 NPU_A8 = ("npu.npu_dynamic_quant.default", "npu.npu_quant_matmul.default")
 

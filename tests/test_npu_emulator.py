@@ -421,10 +421,10 @@ def test_probe_survives_a_broken_torch_npu(tmp_path, monkeypatch):
     (pkg / "__init__.py").write_text("raise ImportError('libhccl.so: cannot open shared object file')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    assert emu._torch_npu_works() is False
+    assert emu.torch_npu_works() is False
     assert "torch_npu" not in sys.modules
     (pkg / "__init__.py").write_text("WORKS = True\n")
-    assert emu._torch_npu_works() is True
+    assert emu.torch_npu_works() is True
     assert "torch_npu" not in sys.modules
 
 

@@ -1,51 +1,23 @@
-"""Kernels behind the ``bitcpm`` ops. ``reference`` is the oracle every other kernel is tested against."""
+"""Kernels behind the ``bitcpm`` ops. ``reference`` is the oracle every other kernel is tested against.
+
+Each kernel set implements :class:`bitcompile.kernels.contract.TernaryKernels`; which one a
+target runs is the target registry's business (:mod:`bitcompile.targets`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from types import ModuleType
 from typing import Any
 
-import torch
-
-KERNEL_NAMES = ("reference", "cpu", "cann")
-
-
-def get_kernel(name: str) -> ModuleType:
-    """The kernel module registered under ``name`` (see :data:`KERNEL_NAMES`)."""
-    if name == "reference":
-        from bitcompile.kernels import reference
-
-        return reference
-    if name == "cpu":
-        # The C kernels when built; each of its functions falls back to the reference otherwise.
-        from bitcompile.kernels import cpu
-
-        return cpu
-    if name == "cann":
-        # torch_npu, or its CPU emulator when torch_npu is absent; imported only when asked for.
-        from bitcompile.kernels import cann
-
-        return cann
-    raise ValueError(f"unknown bitcpm kernel {name!r}; available: {', '.join(KERNEL_NAMES)}")
+# for BC: these moved to bitcompile.targets (the registry); resolved lazily because that module
+# sits above this package and imports it.
+_MOVED_TO_TARGETS = {"get_kernel": "get_kernel", "resolve_target": "resolve_target", "KERNEL_NAMES": None}
 
 
-def _on_npu(example_inputs: Iterable[Any]) -> bool:
-    return any(isinstance(t, torch.Tensor) and t.device.type == "npu" for t in example_inputs)
+def __getattr__(name: str) -> Any:
+    if name not in _MOVED_TO_TARGETS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from bitcompile import targets
 
-
-def resolve_target(target: str, example_inputs: Iterable[Any] = ()) -> str:
-    """Map a config ``target`` to the kernel name the ops run on (``"auto"`` picks cann for npu inputs)."""
-    if target == "cann" or (target == "auto" and _on_npu(example_inputs)):
-        return "cann"
-    if target == "reference":
-        return "reference"
-    if target in ("auto", "cpu"):
-        # The C kernels (kernels/cpu.py) when the build produced them; else the reference, said once.
-        from bitcompile.kernels import cpu
-
-        if cpu.available():
-            return "cpu"
-        cpu._lib()  # logs the one-time warning naming the reason
-        return "reference"
-    raise ValueError(f"unknown bitcpm target {target!r}")
+    if name == "KERNEL_NAMES":
+        return tuple(t.name for t in targets.targets())
+    return getattr(targets, _MOVED_TO_TARGETS[name])

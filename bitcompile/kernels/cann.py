@@ -2,7 +2,7 @@
 
 The same functions run against the real torch_npu on an Ascend NPU and against
 :mod:`bitcompile.kernels.npu_emulator` on CPU (importing this module calls
-:func:`~bitcompile.kernels.npu_emulator.ensure_npu_ops`). What runs per layer is the
+:func:`~bitcompile.kernels.npu_ops.ensure_npu_ops`). What runs per layer is the
 :class:`~bitcompile.kernels.cann_plan.LayerPlan` of the chip (``chip=None``: ``"auto"``):
 
 * W1.58A8 with one weight scale per row (or per tensor) on A2/A3: ``npu_dynamic_quant`` on
@@ -32,7 +32,7 @@ from bitcompile.kernels.cann_plan import LayerPlan, plan_layer, resolve_chip
 from bitcompile.kernels.cann_plan import compute_dtype as _plan_compute_dtype
 from bitcompile.kernels.contents import contents_of
 from bitcompile.kernels.groups import PER_TENSOR
-from bitcompile.kernels.npu_emulator import ACL_FORMAT_FRACTAL_NZ, ensure_npu_ops
+from bitcompile.kernels.npu_ops import ACL_FORMAT_FRACTAL_NZ, ensure_npu_ops
 
 PROVIDER = ensure_npu_ops()
 
@@ -40,6 +40,7 @@ quantize_weight = reference.quantize_weight
 dequantize_weight = reference.dequantize_weight
 # The fused straight-through backward stays ours: torch_npu's quantized ops have no autograd.
 ternary_linear_backward = reference.ternary_linear_backward
+BACKWARD_PRECISIONS = reference.BACKWARD_PRECISIONS
 
 _default_chip: str | None = None
 

@@ -51,7 +51,7 @@ def chip_from_device_name(name: str) -> str:
 
 def detect_chip() -> str | None:
     """The chip of ``npu:0`` through the real torch_npu, or None without one (never imports a broken torch_npu)."""
-    from bitcompile.kernels.npu_emulator import ensure_npu_ops
+    from bitcompile.kernels.npu_ops import ensure_npu_ops
 
     if ensure_npu_ops() != "torch_npu" or importlib.util.find_spec("torch_npu") is None:
         return None

@@ -15,6 +15,9 @@ from torch import Tensor
 
 from bitcompile.kernels.groups import EPS, PER_TENSOR, check_group_code, expand_scales
 
+#: backward_precision values ternary_linear_backward honours (kernels.contract.TernaryKernels).
+BACKWARD_PRECISIONS: tuple[str, ...] = ("fp32",)
+
 # Largest K for which an fp32 sum of K products of magnitude <= 127 stays an exact integer.
 _FP32_EXACT_K = (1 << 24) // 127
 

@@ -1,6 +1,6 @@
 """Lower ``bitcpm`` ops to torch_npu kernels for ``target="cann"`` (DESIGN.md §5).
 
-Three passes and the compile step that runs them:
+Three passes, run by :class:`CannLowering` (the cann target's lowering, :mod:`bitcompile.targets`):
 
 1. :func:`plan_cann_layers` (Dynamo graph, right after ``ternary_rewrite``): for every
    ``bitcpm::ternary_linear`` node, check the layer against the device constraints (K and N
@@ -52,10 +52,10 @@ from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from bitcompile.config import TernaryConfig
-from bitcompile.kernels import get_kernel
 from bitcompile.passes.discover import LayerDecision
-from bitcompile.passes.freeze_pack import FrozenWeightGuard, _FrozenParameter, frozen_parameter
+from bitcompile.passes.freeze_pack import _FrozenParameter, frozen_parameter
 from bitcompile.passes.names import calling_module
+from bitcompile.targets import get_kernel, on_npu
 
 log = logging.getLogger(__name__)
 
@@ -367,17 +367,13 @@ def _has_npu_nodes(gm: torch.fx.GraphModule) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# compiling a graph for target="cann"
+# the cann target's lowering (bitcompile.targets): plan on the Dynamo graph, lower post-AOT
 # --------------------------------------------------------------------------------------------
-
-
-def _on_npu(example_inputs: Sequence[Any]) -> bool:
-    return any(isinstance(t, torch.Tensor) and t.device.type == "npu" for t in example_inputs)
 
 
 def _torchair_compiler(example_inputs: Sequence[Any]) -> Callable | None:
     """torchair's post-AOT compiler when running on a real NPU with torch_npu (never on CPU)."""
-    if not _on_npu(example_inputs) or get_kernel("cann").PROVIDER != "torch_npu":
+    if not on_npu(example_inputs) or get_kernel("cann").PROVIDER != "torch_npu":
         return None
     if importlib.util.find_spec("torch_npu.dynamo") is None:
         return None
@@ -386,68 +382,42 @@ def _torchair_compiler(example_inputs: Sequence[Any]) -> Callable | None:
     return torchair.get_compiler(torchair.CompilerConfig())
 
 
-def compile_for_cann(
-    gm: torch.fx.GraphModule,
-    example_inputs: Sequence[Any],
-    decisions: Sequence[LayerDecision],
-    config: TernaryConfig,
-    mode: str | None = None,
-) -> tuple[Callable[..., Any], str]:
-    """Plan, lower post-AOT and compile one Dynamo graph; returns (compiled fn, graph code to report).
+class CannLowering:
+    """``target="cann"``'s :class:`~bitcompile.targets.Lowering` for one Dynamo graph.
 
-    The rest of the graph goes to torchair on a real NPU, to inductor otherwise (or to
-    ``aot_eager`` / plain execution when ``config.inner`` asks for it).
+    :meth:`plan` prepares packed layers and routes training layers for the chip
+    (``config.chip``, or ``torch_npu.npu.get_device_name()``); :meth:`lower` replaces the
+    cann layers of each post-AOT forward graph by torch_npu sequences. The backend compiles
+    the rest: torchair on a real NPU (:attr:`graph_compiler`), inductor otherwise (or plain
+    execution when ``config.inner`` asks for ``aot_eager`` / ``eager``).
     """
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
 
-    from bitcompile.kernels.cann_plan import resolve_chip
+    label = "Ascend"
 
-    chip = resolve_chip(config.chip)
-    torchair = _torchair_compiler(example_inputs)
-    watched = prepare_packed_layers(
-        gm, example_inputs, decisions, chip, nz=_on_npu(example_inputs), graph_mode=torchair is not None
-    )
-    plan_cann_layers(gm, decisions, chip)
-    lowered: list[str] = []
+    def __init__(self, example_inputs: Sequence[Any], config: TernaryConfig) -> None:
+        from bitcompile.kernels.cann_plan import resolve_chip
 
-    def lower(g: torch.fx.GraphModule, decompositions: dict | None = None) -> None:
-        # The training path's nodes are lowered here; prepared packed layers arrive already traced to npu.*.
-        if lower_to_cann(g, decompositions, chip) or _has_npu_nodes(g):
-            lowered.append(g.code)
+        self.chip = resolve_chip(config.chip)
+        self.example_inputs = example_inputs
+        self.graph_compiler = _torchair_compiler(example_inputs)
 
-    if torchair is None and config.inner == "inductor":
-        from torch._inductor import list_mode_options
-        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-        from torch._inductor.decomposition import select_decomp_table
+    def plan(self, gm: torch.fx.GraphModule, decisions: Sequence[LayerDecision]) -> list[_FrozenParameter]:
+        """Prepare the packed layers' Ascend weights, then route the training layers; returns the watched inputs."""
+        watched = prepare_packed_layers(
+            gm, self.example_inputs, decisions, self.chip, nz=on_npu(self.example_inputs),
+            graph_mode=self.graph_compiler is not None,
+        )  # fmt: skip
+        plan_cann_layers(gm, decisions, self.chip)
+        return watched
 
-        def inner_compile(g, ex, **kwargs):
-            lower(g, select_decomp_table())
-            return compile_fx_inner(g, ex, **kwargs)
-
-        patches = list_mode_options(mode) if mode not in (None, "default") else {}
-        compiled = compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
-    else:
-        base = torchair or (lambda g, ex: make_boxed_func(g.forward))
-
-        def forward_compiler(g, ex):
-            lower(g)
-            return base(g, ex)
-
-        compiled = aot_autograd(fw_compiler=forward_compiler, bw_compiler=base, inference_compiler=forward_compiler)(
-            gm, example_inputs
-        )
-    after = gm.code
-    for code in lowered:
-        after += "\n# ---- lowered for Ascend (post-AOT forward graph) ----\n" + code
-    if watched:
-        compiled = FrozenWeightGuard(compiled, watched)
-    return compiled, after
+    def lower(self, gm: torch.fx.GraphModule, decompositions: dict | None = None) -> bool:
+        """Lower the training path's nodes; prepared packed layers arrive already traced to npu.*."""
+        return bool(lower_to_cann(gm, decompositions, self.chip)) or _has_npu_nodes(gm)
 
 
 __all__ = [
+    "CannLowering",
     "cann_prepared_linear",
-    "compile_for_cann",
     "describe_lowering",
     "lower_to_cann",
     "plan_cann_layers",

@@ -19,6 +19,21 @@
 #define BC_X86 1
 #endif
 
+/* ---------------------------------------------------------------- ABI check */
+
+/* sizeof of each struct Python fills through ctypes (kernels/cpu refuses a library whose
+ * sizes differ from its ctypes mirrors: a field added on one side only would shift every
+ * field after it); 0 for an unknown id. */
+size_t bc_struct_size(int which) {
+    switch (which) {
+    case BC_STRUCT_GEMM: return sizeof(bc_gemm_args);
+    case BC_STRUCT_PREP: return sizeof(bc_prep_args);
+    case BC_STRUCT_DENSE: return sizeof(bc_dense_args);
+    case BC_STRUCT_EW: return sizeof(bc_ew_args);
+    default: return 0;
+    }
+}
+
 /* ---------------------------------------------------------------- ISA detection */
 
 static int isa_probe(int isa) {
@@ -84,8 +99,6 @@ int bc_plan_f32(int isa, int group) {
 }
 
 /* ---------------------------------------------------------------- thread pool */
-
-typedef void (*bc_task)(void *ctx, int tid, int nth);
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -191,6 +204,8 @@ static void run_parallel(bc_task fn, void *ctx, int nth) {
 }
 
 #endif /* _OPENMP */
+
+void bc_run_parallel(bc_task fn, void *ctx, int nth) { run_parallel(fn, ctx, nth); }
 
 /* ---------------------------------------------------------------- GEMM / prep entry points */
 
@@ -508,50 +523,4 @@ int bc_pack_i2(const int8_t *q, int64_t ldq, int N, int K, uint8_t *out, int nth
     range_job j = { pack_range, &args, { 0 }, N, (N + 4 * nth - 1) / (4 * nth), 0 };
     run_parallel(range_task, &j, nth);
     return 0;
-}
-
-/* ---------------------------------------------------------------- read bandwidth probe */
-
-typedef struct {
-    const uint64_t *p;
-    size_t n_words, chunk;
-    atomic_size_t next;
-    atomic_uint_fast64_t sink;
-} read_job;
-
-#ifdef BC_X86
-#define BC_READ_TARGET __attribute__((target("avx2")))
-#else
-#define BC_READ_TARGET
-#endif
-
-__attribute__((always_inline)) inline static void read_body(void *p) {
-    read_job *j = p;
-    uint64_t acc[8] = { 0 };
-    for (;;) {
-        size_t w0 = atomic_fetch_add(&j->next, j->chunk);
-        if (w0 >= j->n_words) break;
-        size_t w1 = w0 + j->chunk < j->n_words ? w0 + j->chunk : j->n_words;
-        for (size_t w = w0; w + 8 <= w1; w += 8)
-            for (int i = 0; i < 8; i++) acc[i] ^= j->p[w + i];  /* 8 independent streams of loads */
-    }
-    atomic_fetch_xor(&j->sink, acc[0] ^ acc[1] ^ acc[2] ^ acc[3] ^ acc[4] ^ acc[5] ^ acc[6] ^ acc[7]);
-}
-
-static void read_task(void *p, int tid, int nth) {
-    (void)tid, (void)nth;
-    read_body(p);
-}
-
-/* the same loop compiled for 32-byte loads; chosen when the CPU has AVX2 */
-BC_READ_TARGET static void read_task_wide(void *p, int tid, int nth) {
-    (void)tid, (void)nth;
-    read_body(p);
-}
-
-/* Read n bytes (a multiple of 64) with nthreads threads; the benchmarks' memory-bandwidth ceiling. */
-uint64_t bc_read_bytes(const void *p, size_t n, int nthreads) {
-    read_job j = { p, n / 8, (size_t)1 << 17, 0, 0 };
-    run_parallel(bc_isa_supported(BC_ISA_AVX2) ? read_task_wide : read_task, &j, nthreads < 1 ? 1 : nthreads);
-    return atomic_load(&j.sink);
 }

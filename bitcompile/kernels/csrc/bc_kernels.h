@@ -109,6 +109,14 @@ typedef struct {
 
 typedef void (*bc_ew_fn)(const bc_ew_args *a, int m0, int m1);
 
+/* The structs above, by id, for bc_struct_size (Python checks its ctypes mirrors against it). */
+enum { BC_STRUCT_GEMM = 0, BC_STRUCT_PREP = 1, BC_STRUCT_DENSE = 2, BC_STRUCT_EW = 3 };
+
+/* One parallel call: fn(ctx, tid, nth) takes its work from a shared counter in ctx (bc_dispatch.c). */
+typedef void (*bc_task)(void *ctx, int tid, int nth);
+void bc_run_parallel(bc_task fn, void *ctx, int nth);
+int bc_isa_supported(int isa);
+
 /* Which group modes a SIMD int8 / float kernel handles (others run the generic kernel). */
 typedef int (*bc_supports_fn)(int group);
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,12 +68,9 @@ class GraphReport:
         """The ops a rewritten layer became, in graph order (``[]`` for a layer kept float)."""
         if not layer.rewritten:
             return []
-        # target="cann": the graph keeps bitcpm ops until after AOT; passes.lower_cann writes the
-        # plan of each layer into the reason ("...; Ascend A2: a -> b, int8 (K, N) ND ...").
-        ascend = re.search(r"Ascend(?: [\w]+)?: ([^,]+)", layer.reason)
-        if ascend:
-            steps = [step.split(" (")[0].strip() for step in ascend.group(1).split(" -> ")]
-            return [f"npu.{step}" if step.startswith("npu_") else step for step in steps]
+        # target="cann": the graph keeps bitcpm ops until after AOT, so the plan is what tells.
+        if layer.lowering is not None and layer.lowering.kernels:
+            return list(layer.lowering.kernels)
         return [n.target for n in self.nodes if n.layer == layer.name and n.role in ("ternary", "inserted")]
 
     def layer_node(self, layer: LayerDecision) -> str:

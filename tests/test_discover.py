@@ -289,3 +289,14 @@ def test_matmul_of_two_inputs_is_not_a_layer():
 
     report = bitcompile.explain(TwoInputs(), torch.randn(3, 16), torch.randn(8, 16))
     assert report.layers == []
+
+
+@pytest.mark.parametrize(("group_size", "label"), [(-1, "per-row"), ("tensor", "per-tensor"), (8, "groups of 8")])
+def test_scale_group_label_is_spelled_like_the_reason(group_size, label):
+    """The report's group-size column and the decision's reason name the grouping one way."""
+    from bitcompile.inspect.records import scale_groups
+
+    report = bitcompile.explain(nn.Sequential(nn.Linear(16, 16)), torch.randn(2, 16), group_size=group_size)
+    (layer,) = report.rewritten
+    assert scale_groups(layer) == label and f"({label} scales)" in layer.reason
+    assert label in str(report)

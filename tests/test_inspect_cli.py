@@ -279,3 +279,27 @@ def test_unwritable_output_path_is_one_line_exit_2_before_the_capture(models, ca
     line = _inspect_error(capsys, "inspect_models:mlp", flag, path)
     assert line == "bitcompile inspect: error: " + message.format(root=models)
     assert captured == []
+
+
+@pytest.mark.parametrize("group_size", [-1, 48])
+def test_cann_lowering_is_a_field_the_report_reads(group_size):
+    """target="cann": each layer's plan is ``LayerDecision.lowering``; its reason and ``lowered_to`` come from it."""
+    from bitcompile.models import MLP
+
+    torch.manual_seed(0)
+    report = bitcompile.explain(MLP(96, [64], 32), torch.randn(2, 96), target="cann", group_size=group_size)
+    if all(layer.lowering is None for layer in report.rewritten):
+        pytest.skip("this checkout's backend does not run passes.lower_cann for target='cann' yet")
+    graph = report.graphs[0]
+    assert graph.record.graph_module is None  # the report keeps what it shows, not the graph module
+    rows = {row["name"]: row for row in graph.to_json()["layers"]}
+    for layer in report.rewritten:
+        lowering = layer.lowering
+        assert lowering.target == "cann" and layer.reason == f"{layer.rationale}; {lowering.summary}"
+        assert rows[layer.name]["reason"] == layer.reason and "lowering" not in rows[layer.name]
+        if group_size == -1:  # per-row W1.58A8 fits npu_quant_matmul
+            assert lowering.kernels == ("npu.npu_dynamic_quant", "npu.npu_quant_matmul")
+            assert lowering.summary.startswith("Ascend A2: ") and graph.lowered_to(layer) == list(lowering.kernels)
+        else:  # groups of 48 are not a multiple of 32: bitcpm's own ops, and the summary says why
+            assert lowering.kernels == () and "group size 48 is not a multiple of 32" in lowering.summary
+            assert graph.lowered_to(layer)[0] == "bitcpm.ternary_linear"

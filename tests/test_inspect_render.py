@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bitcompile
+from bitcompile.backend import CompiledGraph
+from bitcompile.inspect.records import GraphReport
 from bitcompile.inspect.render import STYLES, build_view, render_svg, render_svg_python, roles
-from bitcompile.inspect.report import GraphReport
 from bitcompile.passes.describe import GraphNode
 from bitcompile.models import MLP, TinyLlama, TinyLlamaConfig
 
@@ -148,7 +149,7 @@ def _graphs(draw):
     nodes.append(GraphNode("output", "output", "output", [n.name for n in nodes[2:] if n.name not in used][-3:], "", "output"))
     layers = sorted({n.layer for n in nodes if n.layer})
     decisions = [SimpleNamespace(name=name, reason="r", out_features=8, in_features=8) for name in layers]
-    return GraphReport(0, "0/0", None, "", "", decisions, nodes)
+    return GraphReport(0, CompiledGraph("0/0", None, "", "", decisions, "reference", nodes))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -14,12 +14,8 @@ import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
-
+from bitcompile.inspect.records import INFERENCE_NOTE, SCHEMA_VERSION, GraphReport, ReportData, human_bytes, scale_groups
 from bitcompile.inspect.render import STYLES, render_svg
-
-if TYPE_CHECKING:
-    from bitcompile.inspect.report import ExplainReport, GraphReport
 
 #: Code listings longer than this start folded.
 OPEN_CODE_LINES = 120
@@ -120,7 +116,7 @@ def _log_picture_error(index: int, error: Exception) -> None:
 
 
 def _graph_section(
-    report: ExplainReport, graph: GraphReport, engine: str, on_error: PictureErrorHandler
+    report: ReportData, graph: GraphReport, engine: str, on_error: PictureErrorHandler
 ) -> tuple[str, str | None]:
     """HTML of one graph and its standalone SVG (None when the picture failed: a note stands in its place)."""
     try:
@@ -155,9 +151,7 @@ def _graph_section(
     return body, svg
 
 
-def _layer_rows(report: ExplainReport) -> str:
-    from bitcompile.inspect.report import group_label, human_bytes
-
+def _layer_rows(report: ReportData) -> str:
     rows = []
     for graph in report.graphs:
         for layer in graph.layers:
@@ -171,14 +165,14 @@ def _layer_rows(report: ExplainReport) -> str:
                 f'<tr class="{css}" data-layer="{_e(layer.name)}"><td class="num">{graph.index}</td>'
                 f'<td class="mono">{_e(layer.name)}</td><td class="num">{layer.out_features} × {layer.in_features}</td>'
                 f'<td class="decision">{"ternary" if layer.rewritten else "kept float"}</td><td>{_e(layer.reason)}</td>'
-                f'<td class="num">{_e(group_label(layer.group_size)) if layer.rewritten else "–"}</td>'
+                f'<td class="num">{_e(scale_groups(layer)) if layer.rewritten else "–"}</td>'
                 f'<td class="num">{sizes}</td><td class="mono">{_e(" → ".join(graph.lowered_to(layer)) or "–")}</td></tr>'
             )
     return "".join(rows)
 
 
 def render_html(
-    report: ExplainReport,
+    report: ReportData,
     *,
     title: str = "bitcompile report",
     engine: str = "auto",
@@ -190,7 +184,6 @@ def render_html(
     is told (default: a warning on this module's logger).
     """
     import bitcompile
-    from bitcompile.inspect.report import INFERENCE_NOTE, SCHEMA_VERSION, human_bytes
 
     t = report.totals()
     ratio = f"{t['weight_memory_ratio']:.1f}×" if t["weight_memory_ratio"] else "n/a"
@@ -250,7 +243,7 @@ def render_html(
 
 
 def write_html(
-    report: ExplainReport,
+    report: ReportData,
     directory: str | Path,
     *,
     title: str = "bitcompile report",

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitcompile.config import TernaryConfig
-from bitcompile.kernels.groups import describe, num_groups
+from bitcompile.kernels.groups import PER_ROW, PER_TENSOR, describe, num_groups
 from bitcompile.kernels.packing import packed_shape
 from bitcompile.passes.names import calling_module, placeholder_path
 from bitcompile.policy import layer_skip_reason
@@ -57,6 +57,22 @@ class LinearSite:
     weight_first: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+    """What a target's lowering pass made of one rewritten layer (``target="cann"``: its torch_npu plan).
+
+    Set by the pass that decides it (:mod:`bitcompile.passes.lower_cann`); the explain report
+    reads these fields, never the reason text.
+    """
+
+    target: str
+    #: the target's kernels in call order (``("npu.npu_dynamic_quant", "npu.npu_quant_matmul")``);
+    #: empty when the layer stays on bitcpm's own ops (``summary`` then says why)
+    kernels: tuple[str, ...]
+    #: one line for people: the plan (chip, kernels, weight dtype and layout) or why there is none
+    summary: str
+
+
 @dataclasses.dataclass
 class LayerDecision:
     """One candidate layer and what the compiler did with it."""
@@ -69,14 +85,35 @@ class LayerDecision:
     in_features: int
     dtype: str
     rewritten: bool
-    reason: str
+    #: why the layer was rewritten or kept float (the policy's or the graph's reason)
+    rationale: str
+    #: the config's spelling: -1 per row, ``"tensor"``, ``g`` > 0; ``"row"`` for an int8 head
     group_size: int | str
     fp_bytes: int
     packed_bytes: int
     site: LinearSite | None = dataclasses.field(default=None, repr=False, compare=False)
+    #: set by the target's lowering pass (``target="cann"``); None on the other targets
+    lowering: Lowering | None = None
+
+    @property
+    def reason(self) -> str:
+        """:attr:`rationale`, then what the target's lowering made of the layer (``"...; Ascend A2: ..."``)."""
+        return f"{self.rationale}; {self.lowering.summary}" if self.lowering is not None else self.rationale
+
+    @property
+    def group_code(self) -> int:
+        """:attr:`group_size` as the ops encode it (``kernels.groups``: -1 per row, 0 per tensor, g > 0)."""
+        return {"tensor": PER_TENSOR, "row": PER_ROW}.get(self.group_size, self.group_size)  # type: ignore[arg-type]
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "site"}
+        """The report's per-layer fields (docs/report_schema.md); ``reason`` includes the lowering."""
+        row: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            if field.name == "rationale":
+                row["reason"] = self.reason
+            elif field.name not in ("site", "lowering"):
+                row[field.name] = getattr(self, field.name)
+        return row
 
 
 def _arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -287,7 +324,7 @@ def _already_packed(node: torch.fx.Node, stored: dict[torch.fx.Node, Any]) -> La
     out_features = packed.shape[0] if isinstance(packed, torch.Tensor) else 0
     return _stored_layer(
         node, packed_node, stored, ".packed", kind="packed", in_features=in_features, dtype="2-bit", rewritten=True,
-        reason=f"already packed: 2-bit ternary weights ({describe(group_code)} scales)",
+        rationale=f"already packed: 2-bit ternary weights ({describe(group_code)} scales)",
         group_size="tensor" if group_code == 0 else group_code,
         packed_bytes=packed_nbytes(out_features, in_features, group_code),
     )  # fmt: skip
@@ -301,7 +338,7 @@ def _int8_head(node: torch.fx.Node, stored: dict[torch.fx.Node, Any]) -> LayerDe
     out_features, in_features = tuple(codes.shape) if isinstance(codes, torch.Tensor) else (0, 0)
     return _stored_layer(
         node, node.args[1], stored, ".codes", kind="int8", in_features=in_features, dtype="int8", rewritten=False,
-        reason="int8 head (W8A8, pack(head='int8')): per-row int8 weights, not ternary",
+        rationale="int8 head (W8A8, pack(head='int8')): per-row int8 weights, not ternary",
         group_size="row", packed_bytes=out_features * in_features + 4 * out_features,
     )  # fmt: skip
 
@@ -337,7 +374,7 @@ def discover(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: Te
                 in_features=in_features,
                 dtype=str(weight.dtype).removeprefix("torch.") if isinstance(weight, torch.Tensor) else "activation",
                 rewritten=reason is None,
-                reason=reason or f"ternary weights ({mode} scales), {acts}",
+                rationale=reason or f"ternary weights ({mode} scales), {acts}",
                 group_size=config.group_size,
                 fp_bytes=out_features * in_features * itemsize,
                 packed_bytes=packed_nbytes(out_features, in_features, config.group_code) if reason is None else 0,

@@ -52,7 +52,7 @@ from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from bitcompile.config import TernaryConfig
-from bitcompile.passes.discover import LayerDecision
+from bitcompile.passes.discover import LayerDecision, Lowering
 from bitcompile.passes.freeze_pack import _FrozenParameter, frozen_parameter
 from bitcompile.passes.names import calling_module
 from bitcompile.targets import get_kernel, on_npu
@@ -85,6 +85,12 @@ def describe_lowering(plan: Any, group_code: int) -> str:
     return text
 
 
+def plan_kernels(plan: Any) -> tuple[str, ...]:
+    """The kernels of a :class:`~bitcompile.kernels.cann_plan.LayerPlan` in call order, as the explain report lists them."""
+    quantize = {"npu_dynamic_quant": ("npu.npu_dynamic_quant",), "aten": ("aten int8 quantization",), None: ()}
+    return (*quantize[plan.activation_quant], f"npu.npu_{plan.path}")
+
+
 def plan_cann_layers(gm: torch.fx.GraphModule, decisions: Sequence[LayerDecision], chip: str = "A2") -> int:
     """Route each ``bitcpm::ternary_linear`` node to kernel ``"cann"`` or back to ``"reference"``.
 
@@ -108,12 +114,12 @@ def plan_cann_layers(gm: torch.fx.GraphModule, decisions: Sequence[LayerDecision
             reason = plan if isinstance(plan, str) else None
         if reason is None:
             lowered += 1
-            note = describe_lowering(plan, group_code)
+            note, kernels = describe_lowering(plan, group_code), plan_kernels(plan)
         else:
             node.args = (*node.args[:5], "reference")
-            note = f"kept on the float path (bitcpm reference kernels): {reason}"
+            note, kernels = f"kept on the float path (bitcpm reference kernels): {reason}", ()
         if decision is not None:
-            decision.reason = f"{decision.reason}; {note}"
+            decision.lowering = Lowering("cann", kernels, note)
         log.debug("bitcpm cann plan: %s -> %s", decision.name if decision else node.name, note)
     gm.recompile()
     return lowered
@@ -316,6 +322,7 @@ def prepare_packed_layers(
             if len(node.args) == 8:
                 node.args = (*node.args[:7], "reference")
             note = f"kept on the float path (bitcpm reference kernels, unpacking the 2-bit codes per call): {reason}"
+            kernels = ()
         else:
             prepared = cann.prepare_packed(packed, scales, in_features, group_code, quantize_activations, x_val.dtype,
                                            chip, nz=nz, graph_mode=graph_mode)  # fmt: skip
@@ -342,8 +349,10 @@ def prepare_packed_layers(
             count += 1
             group_note = f", antiquant_group_size={group}" if path == "weight_quant_batchmatmul" and group > 0 else ""
             note = f"{cann.describe_prepared(prepared)}{group_note}, weights prepared once at compile time"
+            kernels = plan_kernels(cann.layer_plan(in_features, out_features, group_code, quantize_activations, x_val.dtype,
+                                                   chip, nz=nz, graph_mode=graph_mode))  # fmt: skip
         if decision is not None:
-            decision.reason = f"{decision.reason}; {note}"
+            decision.lowering = Lowering("cann", kernels, note)
         log.debug("bitcpm cann packed: %s -> %s", decision.name if decision else node.name, note)
     # freeze=True's packed constants are not needed once their layer reads the prepared weights.
     for attr in folded_attrs:

@@ -1,0 +1,129 @@
+"""The module :func:`~bitcompile.export.onnx.export_onnx` hands to the exporter, and its dynamic shapes.
+
+An unpacked model is packed (a copy); layers whose scale groups no fast ONNX block size
+represents become exact float ``MatMul`` layers; a Hugging Face causal LM is wrapped to
+``input_ids → logits``. The user's model is never changed.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from bitcompile.config import TernaryConfig
+from bitcompile.export.layouts import block_size_for, unsupported_reason
+from bitcompile.export.results import OnnxExportError
+from bitcompile.kernels.groups import EPS
+from bitcompile.runtime.modules import PackedTernaryLinear, pack, replace_submodule
+
+
+class _PerTokenInt8FloatLinear(nn.Module):
+    """A ternary layer written as a float ``MatMul`` of its dequantized weight (exact, not compressed).
+
+    Used for groupings no fast MatMulNBits block size represents; keeps the eager op's
+    per-token int8 activation quantization so the numerics do not change.
+    """
+
+    def __init__(self, layer: PackedTernaryLinear) -> None:
+        super().__init__()
+        self.register_buffer("weight", layer.dequantized_weight())
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.float())
+        self.quantize_activations = layer.quantize_activations
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantize_activations:
+            scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(EPS) / 127
+            x = torch.clamp(torch.round(x / scale), -128, 127) * scale
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class CausalLMLogits(nn.Module):
+    """A Hugging Face model with only ``input_ids`` in and ``logits`` out (no KV cache)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers ``PreTrainedModel`` (without importing transformers)."""
+    transformers = __import__("sys").modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def prepare_model(model: nn.Module, config: TernaryConfig | None) -> tuple[nn.Module, bool, dict[str, str]]:
+    """The module to export, whether it is a packed copy, and float-fallback reasons by layer name."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export_onnx: model must be an nn.Module, got {type(model).__name__}")
+    packed_layers = [m for m in model.modules() if isinstance(m, PackedTernaryLinear)]
+    packed_copy = False
+    if not packed_layers:
+        if not any(isinstance(m, nn.Linear) for m in model.modules()):
+            raise OnnxExportError(
+                "export_onnx: the model has no nn.Linear and no PackedTernaryLinear layers: nothing to make ternary"
+            )
+        model = pack(copy.deepcopy(model), config)  # the user's model stays as it was
+        packed_copy = True
+        if not any(isinstance(m, PackedTernaryLinear) for m in model.modules()):
+            reasons = "; ".join(f"{d.name}: {d.reason}" for d in model.bitcompile_pack_plan)
+            raise OnnxExportError(f"export_onnx: packing approved no layer ({reasons}); check exclude/include/min_features")
+    elif config is not None:
+        raise OnnxExportError(
+            "export_onnx: config= is for unpacked models (it tells pack() how to quantize); this model is already packed"
+        )
+    fallback = {
+        name: unsupported_reason(m.group_code)
+        for name, m in model.named_modules()
+        if isinstance(m, PackedTernaryLinear) and block_size_for(m.group_code) is None
+    }
+    if fallback:
+        if not packed_copy:
+            model = copy.deepcopy(model)  # the user's packed model keeps its PackedTernaryLinear layers
+        for name in fallback:
+            replace_submodule(model, name, _PerTokenInt8FloatLinear(model.get_submodule(name)))
+    return model, packed_copy, fallback
+
+
+#: Axes 0 and 1 (batch, sequence) must stay dynamic: the export fails if the model fixes them.
+_REQUIRED_DYNAMIC_AXES = 2
+
+
+def default_dynamic_shapes(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Every axis of integer inputs (token ids), all but the last of float inputs.
+
+    Batch and sequence (axes 0 and 1) are ``Dim.DYNAMIC``; further axes are ``Dim.AUTO``:
+    dynamic where the model allows it, static where it fixes the size (the channels a
+    convolution's weight fixes), where ``Dim.DYNAMIC`` would fail the export.
+    """
+    Dim = torch.export.Dim
+    shapes: list[Any] = []
+    for arg in example_inputs:
+        if not isinstance(arg, torch.Tensor):
+            shapes.append(None)
+            continue
+        dims = arg.dim() if not arg.is_floating_point() else arg.dim() - 1
+        shapes.append({i: Dim.DYNAMIC if i < _REQUIRED_DYNAMIC_AXES else Dim.AUTO for i in range(dims)} or None)
+    return tuple(shapes)
+
+
+def widen_unit_dims(example_inputs: tuple[Any, ...], dynamic_shapes: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Repeat an example of size 1 along a batch / sequence axis to size 2.
+
+    ``torch.export`` specializes a size-1 dimension to the constant 1 (silently, with
+    ``Dim.DYNAMIC``), which would make e.g. a batch-1 example export a batch-1-only graph.
+    Further (``Dim.AUTO``) axes are left as they are: the model may need their 1.
+    """
+    widened = []
+    for arg, dims in zip(example_inputs, dynamic_shapes):
+        if isinstance(arg, torch.Tensor) and dims:
+            for axis in dims:
+                if axis < _REQUIRED_DYNAMIC_AXES and arg.shape[axis] == 1:
+                    arg = torch.cat([arg, arg], dim=axis)
+        widened.append(arg)
+    return tuple(widened)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from bitcompile.runtime.ops import float_gemv, prepared_cpu_call  # (importing it registers torch.ops.bitcpm.*)
+from bitcompile.ops import float_gemv, prepared_cpu_call  # (importing it registers torch.ops.bitcpm.*)
 from bitcompile.runtime.conversion import FixedFormatModule
 from bitcompile.config import BitcompileWarning, TernaryConfig, as_config
 from bitcompile.kernels import cpu as cpu_kernels

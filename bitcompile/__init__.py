@@ -17,7 +17,8 @@ import torch
 from bitcompile.config import BitcompileWarning, TernaryConfig, TernaryConfigError, as_config
 from bitcompile.inspect.report import ExplainReport, explain
 from bitcompile.runtime.checkpoint import CheckpointError, load_packed, save_packed
-from bitcompile.runtime.modules import PackedTernaryLinear, pack, plan_packing
+from bitcompile.runtime.layers import PackedTernaryLinear
+from bitcompile.runtime.pack import pack, plan_packing
 
 try:
     __version__ = version("bitcompile")

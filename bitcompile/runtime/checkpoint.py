@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from bitcompile.kernels.groups import MAX_GROUP_SIZE
 from bitcompile.kernels.packing import LAYOUT_NAME, LAYOUT_VERSION
 from bitcompile.runtime.int8_head import Int8Embedding, Int8Linear
-from bitcompile.runtime.modules import PackedTernaryLinear, linear_view, replace_submodule
+from bitcompile.runtime.layers import PackedTernaryLinear
+from bitcompile.runtime.module_tree import linear_view, replace_submodule
 
 FORMAT = "bitcompile-packed"
 FORMAT_VERSION = 2  # 2 added "int8_layers" (the int8 head of pack(head="int8")); 1 is still read

@@ -10,14 +10,17 @@ and :func:`explain` shows what the compiler did to each layer.
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bitcompile.config import BitcompileWarning, TernaryConfig, TernaryConfigError, as_config
-from bitcompile.inspect.report import ExplainReport, explain
 from bitcompile.runtime.checkpoint import CheckpointError, load_packed, save_packed
-from bitcompile.runtime.modules import PackedTernaryLinear, pack, plan_packing
+from bitcompile.runtime.layers import PackedTernaryLinear
+from bitcompile.runtime.pack import pack, plan_packing
+
+if TYPE_CHECKING:
+    from bitcompile.inspect.report import ExplainReport, explain
 
 try:
     __version__ = version("bitcompile")
@@ -82,3 +85,23 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: Any, **kwargs
     from bitcompile.export.onnx import export_onnx as _export_onnx
 
     return _export_onnx(model, example_inputs, path, **kwargs)
+
+
+#: Public names whose modules load Dynamo and rich: imported on first use, so that
+#: ``import bitcompile`` stays light (tests/test_layering.py checks it).
+_LAZY = {"ExplainReport": "bitcompile.inspect.report", "explain": "bitcompile.inspect.report"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bitcompile' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 import torch.fx
 
-import bitcompile.runtime.ops  # noqa: F401  (registers torch.ops.bitcpm.*)
+import bitcompile.ops  # noqa: F401  (registers torch.ops.bitcpm.*)
 from bitcompile.config import TernaryConfig, TernaryConfigError
-from bitcompile.distributed.ops import strip_scale_markers
+from bitcompile.passes.precomputed_scales import strip_scale_markers
 from bitcompile.passes.coverage import check_coverage
 from bitcompile.passes.discover import LayerDecision, discover
 from bitcompile.passes.freeze_pack import FrozenWeightGuard, check_can_freeze, freeze_pack

@@ -8,6 +8,7 @@ curves, the explain summary, a greedy sample from each, and saves a PNG plot.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import time
 from collections.abc import Callable
@@ -23,6 +24,25 @@ from bitcompile.data.synthetic_text import CharTokenizer, make_text, random_batc
 from bitcompile.models import TinyLlama, TinyLlamaConfig, greedy_generate
 
 BATCH, SEQ, LR = 16, 64, 3e-3
+
+
+class MissingExtraError(ImportError, ValueError):
+    """An optional dependency of the demo is not installed; the message names the extra that installs it.
+
+    A ``ValueError`` too, so the command line prints it as its one-line error.
+    """
+
+
+def require_matplotlib() -> None:
+    """Raise :class:`MissingExtraError` unless matplotlib (the ``demo`` extra) can be imported.
+
+    Checked before training, so a missing plot library does not cost a whole run.
+    """
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MissingExtraError(
+            "the demo plots its loss curves with matplotlib, which is not installed: pip install 'bitcompile[demo]'",
+            name="matplotlib",
+        )
 
 
 def train(
@@ -63,6 +83,7 @@ def run_demo(steps: int = 200, out_dir: str | Path = "bitcompile-demo", inner: s
     """Run the demo; returns the summary that is also written to ``out_dir/summary.json``."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"run_demo: steps={steps!r} is invalid: expected a positive int")
+    require_matplotlib()
     console = Console()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
@@ -25,19 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-#: Shape of the token-id batch used as the example input of a Hugging Face folder.
-HF_EXAMPLE_SHAPE = (1, 16)
+from bitcompile.runtime.hf_folder import HF_EXAMPLE_SHAPE, ModelLoadError, first_line, load_hf_folder
+
+__all__ = ["HF_EXAMPLE_SHAPE", "ModelLoadError", "load_model"]
 
 _EXPECTED = "MODEL must be 'module:function' returning (model, example_inputs), or a local Hugging Face folder"
-
-
-class ModelLoadError(ValueError):
-    """The MODEL argument could not be turned into ``(model, example_inputs)``."""
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def _import_module(spec: str, module_part: str) -> Any:
@@ -51,7 +42,7 @@ def _import_module(spec: str, module_part: str) -> Any:
         try:
             module_spec.loader.exec_module(module)
         except Exception as error:  # user code: report it in one line
-            raise ModelLoadError(f"MODEL {spec!r}: importing {module_part!r} failed: {_first_line(error)}") from error
+            raise ModelLoadError(f"MODEL {spec!r}: importing {module_part!r} failed: {first_line(error)}") from error
         return module
     # Like `python -m`, let modules in the current directory be found.
     if os.getcwd() not in sys.path and "" not in sys.path:
@@ -59,7 +50,7 @@ def _import_module(spec: str, module_part: str) -> Any:
     try:
         return importlib.import_module(module_part)
     except Exception as error:
-        raise ModelLoadError(f"MODEL {spec!r}: cannot import module {module_part!r}: {_first_line(error)}") from error
+        raise ModelLoadError(f"MODEL {spec!r}: cannot import module {module_part!r}: {first_line(error)}") from error
 
 
 def _check_result(spec: str, result: Any) -> tuple[nn.Module, tuple[Any, ...]]:
@@ -93,42 +84,8 @@ def _load_function(spec: str) -> tuple[nn.Module, tuple[Any, ...]]:
     try:
         result = function()
     except Exception as error:
-        raise ModelLoadError(f"MODEL {spec!r}: calling {function_name}() failed: {_first_line(error)}") from error
+        raise ModelLoadError(f"MODEL {spec!r}: calling {function_name}() failed: {first_line(error)}") from error
     return _check_result(spec, result)
-
-
-def _load_hf_folder(folder: Path) -> tuple[nn.Module, tuple[Any, ...]]:
-    if not (folder / "config.json").is_file():
-        raise ModelLoadError(f"folder {str(folder)!r} has no config.json; expected a Hugging Face model folder")
-    if not any(folder.glob("*.safetensors")):
-        pickled = sorted(p.name for p in folder.glob("*.bin"))
-        hint = f" (found {', '.join(pickled)}: pickle weights are not loaded)" if pickled else ""
-        raise ModelLoadError(f"folder {str(folder)!r} has no *.safetensors weights{hint}")
-    try:
-        import transformers
-    except ImportError as error:
-        raise ModelLoadError(
-            f"loading the Hugging Face folder {str(folder)!r} needs transformers: pip install transformers"
-        ) from error
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"folder {str(folder)!r}: config.json is not valid JSON: {_first_line(error)}") from error
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network
-    loaders = [transformers.AutoModelForCausalLM, transformers.AutoModel]
-    errors = []
-    for auto in loaders:
-        try:
-            model = auto.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
-            break
-        except Exception as error:  # try the next auto class, report all if none fits
-            errors.append(f"{auto.__name__}: {_first_line(error)}")
-    else:
-        raise ModelLoadError(f"folder {str(folder)!r} could not be loaded with transformers ({'; '.join(errors)})")
-    vocab = int(config.get("vocab_size") or getattr(model.config, "vocab_size", 0) or 2)
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, vocab, HF_EXAMPLE_SHAPE, generator=generator)
-    return model.eval(), (input_ids,)
 
 
 def load_model(spec: str) -> tuple[nn.Module, tuple[Any, ...]]:
@@ -139,7 +96,7 @@ def load_model(spec: str) -> tuple[nn.Module, tuple[Any, ...]]:
     """
     path = Path(spec)
     if path.is_dir():
-        return _load_hf_folder(path)
+        return load_hf_folder(path)
     if ":" in spec:
         return _load_function(spec)
     if path.exists():

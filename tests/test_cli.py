@@ -49,6 +49,20 @@ def test_demo_rejects_non_positive_steps(tmp_path, capsys, steps):
         run_demo(steps=0, out_dir=tmp_path / "demo")
 
 
+def test_demo_without_matplotlib_names_the_demo_extra(tmp_path, capsys, monkeypatch):
+    """matplotlib is the demo extra, not a dependency: its absence is one line, before any training."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    code = main(["demo", "--steps", "2", "--out", str(tmp_path / "demo")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith("bitcompile demo: error: the demo plots its loss curves with matplotlib")
+    assert err.endswith("pip install 'bitcompile[demo]'")
+    assert not (tmp_path / "demo").exists()
+
+
 def test_demo_rejects_a_file_as_out_folder(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     line = _one_line_error(capsys, ["demo", "--steps", "2", "--out", str(tmp_path / "file")])

@@ -94,6 +94,18 @@ def ternary_weight(out_features, in_features, group_size, dtype=torch.bfloat16):
     return w.to(dtype), codes
 
 
+def test_pack_of_a_path_that_is_no_folder_says_what_it_takes(tmp_path):
+    """pack(path) loads Hugging Face folders only (runtime/hf_folder.py), never a CLI 'module:function' spec."""
+    from bitcompile.runtime.hf_folder import ModelLoadError
+
+    (tmp_path / "model.py").write_text("")
+    for path, what in ((tmp_path / "missing", "not an existing folder"), (tmp_path / "model.py", "a file")):
+        with pytest.raises(ModelLoadError, match=f"pack: '{path}' is {what}; pass an nn.Module or a local Hugging Face"):
+            bitcompile.pack(path)
+    with pytest.raises(ModelLoadError, match="is not an existing folder"):
+        bitcompile.pack(f"{tmp_path / 'model.py'}:build")
+
+
 @pytest.mark.parametrize("group_size", [-1, "tensor", 32])
 def test_already_ternary_weights_pack_losslessly(group_size):
     model = nn.Sequential(nn.Linear(80, 24, dtype=torch.bfloat16))

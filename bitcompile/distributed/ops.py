@@ -1,141 +1,18 @@
-"""Ops for precomputed (global) per-tensor weight scales.
+"""The precomputed-scale ops' old home, kept for BC (planned removal: 0.3).
 
-``bitcpm::tensor_scale_marker(weight, scale)`` is what a :class:`TensorScaledLinear`
-emits while it is being compiled: it ties a layer's weight to its scale buffer in the
-Dynamo graph. The backend strips it (see :func:`strip_scale_markers`) and rewrites the
-layer into ``bitcpm::ternary_linear_prescaled``, the per-tensor ternary linear that takes
-its absmean scale as an input instead of computing it from the weight it receives. Under
-another backend the marker is an identity (a copy), so the model still runs.
-
-The op returns the same five tensors as ``bitcpm::ternary_linear`` and shares its fused
-straight-through backward (``bitcpm::ternary_linear_backward``).
+The ops live in :mod:`bitcompile.ops.prescaled`, their graph pass in
+:mod:`bitcompile.passes.precomputed_scales`.
 """
 
 from __future__ import annotations
 
-import operator
-from typing import Optional
+from bitcompile.ops.prescaled import quantize_weight_with_scale, tensor_scale_marker, ternary_linear_prescaled
+from bitcompile.passes.precomputed_scales import emit_prescaled, strip_scale_markers
 
-import torch
-import torch.fx
-from torch import Tensor
-
-from bitcompile.kernels import get_kernel
-from bitcompile.kernels.groups import EPS, PER_TENSOR
-from bitcompile.runtime.ops import _check_shapes, _empty, save_for_ternary_backward, ternary_backward, ternary_forward
-
-
-@torch.library.custom_op("bitcpm::tensor_scale_marker", mutates_args=())
-def tensor_scale_marker(weight: Tensor, scale: Tensor) -> Tensor:
-    """Identity on ``weight`` that names ``scale`` as its precomputed per-tensor scale."""
-    return weight.clone()
-
-
-@tensor_scale_marker.register_fake
-def _tensor_scale_marker_fake(weight, scale):
-    return torch.empty_like(weight)
-
-
-def _marker_setup(ctx, inputs, output) -> None:
-    pass
-
-
-def _marker_backward(ctx, grad):
-    return grad, None
-
-
-tensor_scale_marker.register_autograd(_marker_backward, setup_context=_marker_setup)
-
-
-def _check_scale(weight_scale: Tensor) -> None:
-    if weight_scale.numel() != 1 or not weight_scale.is_floating_point():
-        raise ValueError(
-            "bitcpm::ternary_linear_prescaled: weight_scale must be a floating-point tensor with one element, "
-            f"got {weight_scale.dtype} of shape {tuple(weight_scale.shape)}"
-        )
-
-
-def quantize_weight_with_scale(weight: Tensor, weight_scale: Tensor) -> tuple[Tensor, Tensor]:
-    """DESIGN.md §3 per-tensor quantization with a given absmean: ``codes (N, K)`` int8, ``scales (N, 1)`` fp32."""
-    w = weight.detach().float()
-    scale = weight_scale.detach().float().reshape(1, 1).clamp_min(EPS)
-    codes = torch.clamp(torch.round(w / scale), -1, 1).to(torch.int8)
-    return codes, scale.expand(w.shape[0], 1).contiguous()
-
-
-@torch.library.custom_op("bitcpm::ternary_linear_prescaled", mutates_args=())
-def ternary_linear_prescaled(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    weight_scale: Tensor,
-    quantize_activations: bool,
-    kernel: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per-tensor ternary linear whose absmean ``weight_scale`` (one element) is given.
-
-    Same outputs as ``bitcpm::ternary_linear`` with ``group_size=0``; only the scale comes
-    from outside, e.g. the global absmean of a sharded weight that
-    :func:`bitcompile.distributed.precompute_tensor_scales` computed with one all-reduce.
-    """
-    _check_shapes(x, weight, bias)
-    _check_scale(weight_scale)
-    w_codes, w_scales = quantize_weight_with_scale(weight, weight_scale)
-    return ternary_forward(get_kernel(kernel), x, w_codes, w_scales, PER_TENSOR, bias, quantize_activations)
-
-
-@ternary_linear_prescaled.register_fake
-def _ternary_linear_prescaled_fake(x, weight, bias, weight_scale, quantize_activations, kernel):
-    _check_shapes(x, weight, bias)
-    _check_scale(weight_scale)
-    n, k = weight.shape
-    m = 1
-    for d in x.shape[:-1]:
-        m = m * d
-    y = x.new_empty((*x.shape[:-1], n))
-    if quantize_activations:
-        x_codes, x_scales = x.new_empty((m, k), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)
-    else:
-        x_codes, x_scales = _empty(x, torch.int8), _empty(x, torch.float32)
-    return y, x_codes, x_scales, weight.new_empty((n, k), dtype=torch.int8), weight.new_empty((n, 1), dtype=torch.float32)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, _weight_scale, quantize_activations, kernel = inputs
-    save_for_ternary_backward(ctx, x, weight, bias, quantize_activations, output, PER_TENSOR, kernel)
-
-
-def _backward(ctx, grad_y, *_grads_of_saved_outputs):
-    # The scale is a statistic of the weight: straight-through, no gradient.
-    return (*ternary_backward(ctx, grad_y), None, None, None)
-
-
-ternary_linear_prescaled.register_autograd(_backward, setup_context=_setup_context)
-
-_MARKERS = (torch.ops.bitcpm.tensor_scale_marker.default, torch.ops.bitcpm.tensor_scale_marker)
-
-
-def strip_scale_markers(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, torch.fx.Node]:
-    """Remove every marker from ``gm``; returns ``{weight node: scale node}`` for the rewrite.
-
-    The marker's users read the weight directly afterwards, so layer discovery sees the
-    plain ``linear(x, weight, bias)`` it knows.
-    """
-    scales: dict[torch.fx.Node, torch.fx.Node] = {}
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in _MARKERS:
-            weight, scale = node.args[0], node.args[1]
-            node.replace_all_uses_with(weight)
-            gm.graph.erase_node(node)
-            scales[weight] = scale
-    if scales:
-        gm.graph.lint()
-        gm.recompile()
-    return scales
-
-
-def emit_prescaled(graph: torch.fx.Graph, x, weight, bias, scale, config, kernel: str, call) -> torch.fx.Node:
-    """Nodes for ``bitcpm::ternary_linear_prescaled`` (``call`` copies metadata from the replaced node)."""
-    op_args = (x, weight, bias, scale, config.quantize_activations, kernel)
-    result = call(graph, torch.ops.bitcpm.ternary_linear_prescaled.default, op_args)
-    return call(graph, operator.getitem, (result, 0))
+__all__ = [
+    "emit_prescaled",
+    "quantize_weight_with_scale",
+    "strip_scale_markers",
+    "tensor_scale_marker",
+    "ternary_linear_prescaled",
+]

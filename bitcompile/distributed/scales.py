@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import bitcompile.distributed.ops  # noqa: F401  (registers the marker and prescaled ops)
+import bitcompile.ops  # noqa: F401  (registers the marker and prescaled ops)
 from bitcompile.config import TernaryConfig
 from bitcompile.policy import layer_skip_reason
 

@@ -30,11 +30,11 @@ import torch.fx
 from torch._dynamo.source import ConstantSource
 
 from bitcompile.config import TernaryConfig
-from bitcompile.kernels import get_kernel
+from bitcompile.targets import get_kernel
 from bitcompile.kernels.contents import Contents, contents_of, is_cow_tensor
 from bitcompile.kernels.packing import pack_codes
 from bitcompile.passes.discover import LayerDecision
-from bitcompile.passes.ternary_rewrite import _call, rewrite_sites
+from bitcompile.passes.ternary_rewrite import call_like, rewrite_sites
 
 
 class FrozenWeightsChanged(RuntimeError):
@@ -42,7 +42,9 @@ class FrozenWeightsChanged(RuntimeError):
 
 
 @dataclasses.dataclass
-class _FrozenParameter:
+class FrozenParameter:
+    """One graph input folded into a compiled graph, as :class:`FrozenWeightGuard` watches it."""
+
     name: str
     input_index: int
     identity: int
@@ -53,16 +55,17 @@ class _FrozenParameter:
     generation: int = 0  # of ``contents`` when the tensor was folded
 
 
+
 def version_of(tensor: torch.Tensor) -> int | None:
     """``tensor._version``, or None for an inference tensor (created under torch.inference_mode)."""
     return None if tensor.is_inference() else tensor._version
 
 
-def frozen_parameter(name: str, input_index: int, tensor: torch.Tensor, folded_as: str | None = None) -> _FrozenParameter:
+def frozen_parameter(name: str, input_index: int, tensor: torch.Tensor, folded_as: str | None = None) -> FrozenParameter:
     """What :class:`FrozenWeightGuard` watches for graph input ``input_index`` (``tensor``), folded now."""
     extra = {} if folded_as is None else {"folded_as": folded_as}
     contents = contents_of(tensor)
-    return _FrozenParameter(
+    return FrozenParameter(
         name, input_index, id(tensor), version_of(tensor), contents=contents, generation=contents.generation, **extra
     )
 
@@ -70,7 +73,7 @@ def frozen_parameter(name: str, input_index: int, tensor: torch.Tensor, folded_a
 class FrozenWeightGuard:
     """Calls the compiled graph only while every frozen parameter is unchanged."""
 
-    def __init__(self, compiled: Callable[..., Any], frozen: Sequence[_FrozenParameter]) -> None:
+    def __init__(self, compiled: Callable[..., Any], frozen: Sequence[FrozenParameter]) -> None:
         self.compiled, self.frozen = compiled, tuple(frozen)
         # NOTE: plain tuples for the per-call loop (attribute lookups were half its cost)
         self._checks = tuple(
@@ -94,7 +97,7 @@ class FrozenWeightGuard:
         return self.compiled(*args)
 
     @staticmethod
-    def _check(entry: _FrozenParameter, tensor: torch.Tensor) -> None:
+    def _check(entry: FrozenParameter, tensor: torch.Tensor) -> None:
         """The slow path: another object, a new version, or a storage no longer shared copy-on-write."""
         unchanged = id(tensor) == entry.identity and (entry.version is None or tensor._version == entry.version)
         if unchanged:
@@ -123,12 +126,12 @@ def freeze_pack(
     decisions: Sequence[LayerDecision],
     config: TernaryConfig,
     kernel: str,
-) -> list[_FrozenParameter]:
+) -> list[FrozenParameter]:
     """Rewrite approved layers onto packed constants; returns what the guard must watch."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index_of = {node: i for i, node in enumerate(placeholders)}
     quantize = get_kernel("reference").quantize_weight
-    frozen: list[_FrozenParameter] = []
+    frozen: list[FrozenParameter] = []
     if not hasattr(gm, "_param_name_to_source"):
         gm._param_name_to_source = {}
 
@@ -151,7 +154,7 @@ def freeze_pack(
         packed = graph.get_attr(packed_name)
         scale = graph.get_attr(scales_name)
         op_args = (x, packed, scale, bias, decision.in_features, config.group_code, config.quantize_activations, kernel)
-        return _call(graph, torch.ops.bitcpm.ternary_linear_packed.default, op_args, like)
+        return call_like(graph, torch.ops.bitcpm.ternary_linear_packed.default, op_args, like)
 
     rewrite_sites(gm, decisions, emit)
     return frozen

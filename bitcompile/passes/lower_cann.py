@@ -53,7 +53,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from bitcompile.config import TernaryConfig
 from bitcompile.passes.discover import LayerDecision, Lowering
-from bitcompile.passes.freeze_pack import _FrozenParameter, frozen_parameter
+from bitcompile.passes.freeze_pack import FrozenParameter, frozen_parameter
 from bitcompile.passes.names import calling_module
 from bitcompile.targets import get_kernel, on_npu
 
@@ -255,7 +255,7 @@ def _unique_name(gm: torch.fx.GraphModule, stem: str) -> str:
 def prepare_packed_layers(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any], decisions: Sequence[LayerDecision], chip: str = "A2",
     *, nz: bool = False, graph_mode: bool = False,
-) -> list[_FrozenParameter]:
+) -> list[FrozenParameter]:
     """Replace each ``bitcpm::ternary_linear_packed`` node by :func:`cann_prepared_linear` on prepared constants.
 
     For every packed layer of a Dynamo graph compiled for cann (whatever kernel the layer was
@@ -279,7 +279,7 @@ def prepare_packed_layers(
     matched = _match_decisions(gm, decisions)
     if not hasattr(gm, "_param_name_to_source"):
         gm._param_name_to_source = {}
-    watched: dict[int, _FrozenParameter] = {}
+    watched: dict[int, FrozenParameter] = {}
     folded_attrs: set[torch.fx.Node] = set()
 
     def tensor_of(node: Any) -> torch.Tensor | None:
@@ -410,7 +410,7 @@ class CannLowering:
         self.example_inputs = example_inputs
         self.graph_compiler = _torchair_compiler(example_inputs)
 
-    def plan(self, gm: torch.fx.GraphModule, decisions: Sequence[LayerDecision]) -> list[_FrozenParameter]:
+    def plan(self, gm: torch.fx.GraphModule, decisions: Sequence[LayerDecision]) -> list[FrozenParameter]:
         """Prepare the packed layers' Ascend weights, then route the training layers; returns the watched inputs."""
         watched = prepare_packed_layers(
             gm, self.example_inputs, decisions, self.chip, nz=on_npu(self.example_inputs),

@@ -18,13 +18,15 @@ import torch.fx
 
 from bitcompile.config import TernaryConfig
 from bitcompile.passes.discover import LayerDecision
+from bitcompile.passes.precomputed_scales import emit_prescaled
 
 log = logging.getLogger(__name__)
 
 _COPIED_META = ("nn_module_stack", "source_fn_stack", "stack_trace", "seq_nr")
 
 
-def _call(graph: torch.fx.Graph, target, args, like: torch.fx.Node) -> torch.fx.Node:
+def call_like(graph: torch.fx.Graph, target, args, like: torch.fx.Node) -> torch.fx.Node:
+    """``graph.call_function(target, args)`` carrying ``like``'s source metadata (module stack, trace)."""
     node = graph.call_function(target, args)
     for key in _COPIED_META:
         if key in like.meta:
@@ -63,13 +65,13 @@ def rewrite_sites(gm: torch.fx.GraphModule, decisions: Sequence[LayerDecision], 
             x = new_value.get(site.activation, site.activation)
             transpose = site.weight_first and _rank(site.activation) >= 2
             if transpose:
-                x = _call(graph, torch.transpose, (x, -1, -2), node)
+                x = call_like(graph, torch.transpose, (x, -1, -2), node)
             added = new_value.get(site.bias, site.bias)
             out = emit(graph, decision, x, added if site.kind == "linear" else None, node)
             if transpose:
-                out = _call(graph, torch.transpose, (out, -1, -2), node)
+                out = call_like(graph, torch.transpose, (out, -1, -2), node)
             if site.kind == "addmm":
-                out = _call(graph, torch.add, (added, out), node)
+                out = call_like(graph, torch.add, (added, out), node)
         node.replace_all_uses_with(out)
         new_value[node] = out
         graph.erase_node(node)
@@ -91,7 +93,7 @@ def ternary_rewrite(
     """Training rewrite: approved layers → ``bitcpm::ternary_linear`` on the latent weight.
 
     ``tensor_scales`` maps weight nodes to precomputed per-tensor scale nodes (from
-    :func:`bitcompile.distributed.ops.strip_scale_markers`); with ``group_size="tensor"``
+    :func:`bitcompile.passes.precomputed_scales.strip_scale_markers`); with ``group_size="tensor"``
     those layers become ``bitcpm::ternary_linear_prescaled`` instead.
     """
 
@@ -99,17 +101,15 @@ def ternary_rewrite(
         weight = decision.site.weight
         scale = (tensor_scales or {}).get(weight) if config.group_size == "tensor" else None
         if scale is not None and decision.site.layout == "out_in":
-            from bitcompile.distributed.ops import emit_prescaled
-
             return emit_prescaled(
-                graph, x, weight, bias, scale, config, kernel, lambda g, t, a: _call(g, t, a, like)
+                graph, x, weight, bias, scale, config, kernel, lambda g, t, a: call_like(g, t, a, like)
             )
         if decision.site.layout == "in_out":
-            weight = _call(graph, torch.t, (weight,), like)
+            weight = call_like(graph, torch.t, (weight,), like)
         op_args = (x, weight, bias, config.group_code, config.quantize_activations, kernel)
         if config.backward_precision != "fp32":  # the op's default; graphs stay 6-arg otherwise
             op_args = (*op_args, config.backward_precision)
-        result = _call(graph, torch.ops.bitcpm.ternary_linear.default, op_args, like)
-        return _call(graph, operator.getitem, (result, 0), like)
+        result = call_like(graph, torch.ops.bitcpm.ternary_linear.default, op_args, like)
+        return call_like(graph, operator.getitem, (result, 0), like)
 
     return rewrite_sites(gm, decisions, emit)

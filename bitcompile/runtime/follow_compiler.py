@@ -7,7 +7,8 @@ So ``pack`` runs the model once through the compiler's own capture (``backend.ca
 Dynamo + ``passes.discover``, no grad, model unchanged) and packs a layer only if the
 compiler made every call of it ternary, from inside the layer's own forward.
 
-This is the one place where ``runtime`` calls upward into ``backend`` (imported lazily).
+It sits above ``backend`` in the layer order (docs/architecture.md), with ``pack``; the import
+of ``backend`` is lazy only so that ``import bitcompile`` does not load Dynamo.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from bitcompile.config import BitcompileWarning, TernaryConfig
 from bitcompile.passes.discover import LayerDecision
 from bitcompile.passes.names import calling_module
+from bitcompile.runtime.module_tree import linear_view
 
 _LAYER_KINDS = ("linear", "matmul", "addmm")
 
@@ -39,8 +41,7 @@ def follow_compiler(
     parameter_names: dict[int, list[str]],
 ) -> None:
     """Turn ``plan`` (``PackDecision`` rows, edited in place) into the compiler's decisions on ``example_inputs``."""
-    from bitcompile.backend import capture
-    from bitcompile.runtime.modules import linear_view
+    from bitcompile.backend import capture  # lazy: the backend imports Dynamo, `import bitcompile` must not
 
     if not isinstance(example_inputs, (tuple, list)):
         kind = type(example_inputs).__name__

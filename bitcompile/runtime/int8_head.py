@@ -16,48 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bitcompile.kernels import cpu as cpu_kernels
 from bitcompile.kernels import reference
+from bitcompile.ops.dense import int8_dense_linear_op, int8_linear
 from bitcompile.runtime.conversion import FixedFormatModule
 
-
-@torch.library.custom_op("bitcpm::int8_dense_linear", mutates_args=())
-def int8_dense_linear_op(x: Tensor, codes: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
-    """W8A8 ``y = (q_x @ q_w^T) * s_w * s_x (+ bias)`` for ``x`` of shape ``(..., K)``, fp32 out."""
-    return _int8_linear(x, codes, scales, bias)
-
-
-def _int8_linear(x: Tensor, codes: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
-    """The op's computation, callable without the dispatcher (eager ``Int8Linear``)."""
-    y = cpu_kernels.int8_dense_linear(x.reshape(-1, codes.shape[1]), codes, scales, bias, torch.float32)
-    return y.reshape(*x.shape[:-1], codes.shape[0])
-
-
-@int8_dense_linear_op.register_fake
-def _int8_dense_linear_fake(x, codes, scales, bias):
-    return x.new_empty((*x.shape[:-1], codes.shape[0]), dtype=torch.float32)
-
-
-def _int8_setup_context(ctx, inputs, output):
-    x, codes, scales, _bias = inputs
-    ctx.save_for_backward(codes, scales)
-    ctx.x_dtype = x.dtype
-
-
-def _int8_backward(ctx, grad_out):
-    """Gradients for layers trained in front of the int8 head: the activation quantizer is the
-    identity (STE), the int8 weights are constants: ``grad_x = g @ (codes * scales)``."""
-    codes, scales = ctx.saved_tensors
-    g2d = grad_out.reshape(-1, grad_out.shape[-1]).float()
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = (g2d @ (codes.float() * scales)).reshape(*grad_out.shape[:-1], codes.shape[1]).to(ctx.x_dtype)
-    if ctx.needs_input_grad[3]:
-        grad_bias = g2d.sum(dim=0)
-    return grad_x, None, None, grad_bias
-
-
-int8_dense_linear_op.register_autograd(_int8_backward, setup_context=_int8_setup_context)
+__all__ = ["Int8Embedding", "Int8Linear", "int8_dense_linear_op"]  # the op: for BC, it lives in bitcompile.ops.dense
 
 
 class Int8Linear(FixedFormatModule):
@@ -105,7 +68,7 @@ class Int8Linear(FixedFormatModule):
 
     def _eager(self, x: Tensor) -> Tensor:
         # NOTE: the kernel directly, not the op: the dispatcher costs more than a decode GEMV
-        return _int8_linear(x, self.codes, self.scales, self.bias)
+        return int8_linear(x, self.codes, self.scales, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 weights and activations"

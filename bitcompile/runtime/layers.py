@@ -1,0 +1,167 @@
+"""The layers a packed model is made of: :class:`PackedTernaryLinear` (2-bit ternary weights)
+and :class:`FloatGemvLinear` (an fp32 ``nn.Linear`` that ``pack`` keeps, served by bitcompile's
+GEMV at decode sizes). The int8 head's layers are in :mod:`bitcompile.runtime.int8_head`.
+
+Eager calls go to the kernels directly (the op's dispatch costs about as much as a decode
+GEMV); compiled graphs and export see the ``bitcpm::`` ops (:mod:`bitcompile.ops`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from bitcompile.config import TernaryConfig
+from bitcompile.targets import get_kernel, resolve_target
+from bitcompile.kernels.groups import describe, num_groups
+from bitcompile.kernels.packing import pack_codes, packed_shape, unpack_codes
+from bitcompile.ops import float_gemv, prepared_cpu_call  # (importing it registers torch.ops.bitcpm.*)
+from bitcompile.runtime.conversion import FixedFormatModule
+
+__all__ = ["FloatGemvLinear", "PackedTernaryLinear"]
+
+
+class PackedTernaryLinear(FixedFormatModule):
+    """A linear layer with 2-bit ternary weights: ``y = x @ (codes * scales)^T + bias``.
+
+    Buffers: ``packed`` (uint8, canonical layout), ``scales`` (fp32 ``(out, n_groups)``),
+    ``bias`` (original dtype, optional). Inference only: it has no trainable weight.
+    ``.to(dtype)`` / ``.half()`` / ``.bfloat16()`` convert the bias only; ``packed`` and
+    ``scales`` keep their format (:mod:`bitcompile.runtime.conversion`).
+    """
+
+    format_buffers = ("packed", "scales")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        group_size: int | str = -1,
+        activations: str | None = "int8",
+        dtype: torch.dtype = torch.float32,
+        target: str = "auto",
+    ) -> None:
+        super().__init__()
+        config = TernaryConfig(group_size=group_size, activations=activations, target=target)
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.activations, self.original_dtype = config.group_size, activations, dtype
+        self.group_code, self.quantize_activations = config.group_code, config.quantize_activations
+        self.kernel = resolve_target(target)
+        self.register_buffer("packed", torch.zeros(packed_shape(out_features, in_features), dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, num_groups(in_features, self.group_code)))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+
+    @classmethod
+    def from_codes(
+        cls, codes: Tensor, scales: Tensor, bias: Tensor | None, config: TernaryConfig, dtype: torch.dtype
+    ) -> PackedTernaryLinear:
+        out_features, in_features = codes.shape
+        layer = cls(
+            in_features, out_features, bias=bias is not None, group_size=config.group_size,
+            activations=config.activations, dtype=dtype, target=config.target,
+        )  # fmt: skip
+        layer.packed = pack_codes(codes)
+        layer.scales = scales.float().contiguous()
+        if bias is not None:
+            layer.bias = bias.detach().clone()
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or self._bias_requires_grad())):
+            return self._op(x)  # the op has the autograd formula (adapters trained on a packed base)
+        prepared = self.__dict__.get("_prepared")
+        if (
+            prepared is not None
+            and prepared.serves(x, self._buffers)
+            and self.quantize_activations  # attributes a user may have changed since it was built
+            and self.kernel == "cpu"
+            and prepared.group_code == self.group_code
+            and prepared.in_features == self.in_features
+            and not torch.autograd._profiler_enabled()
+        ):
+            return prepared(x)  # the decode hot path: one C call
+        if x.shape[-1] == self.in_features and x.is_floating_point():
+            # Eager serving: call the kernel directly. The op's dispatch costs about as much as
+            # a small decode GEMV itself; compiled graphs and export still see the op.
+            if torch.autograd._profiler_enabled():  # keep the layer visible to torch.profiler
+                with torch.profiler.record_function("bitcpm::ternary_linear_packed"):
+                    return self._eager_forward(x)
+            return self._eager_forward(x)
+        return self._op(x)
+
+    def _bias_requires_grad(self) -> bool:
+        bias = self._buffers["bias"]
+        return bias is not None and bias.requires_grad
+
+    def _op(self, x: Tensor) -> Tensor:
+        return torch.ops.bitcpm.ternary_linear_packed(
+            x, self.packed, self.scales, self.bias, self.in_features, self.group_code,
+            self.quantize_activations, self.kernel,
+        )  # fmt: skip
+
+    def _eager_forward(self, x: Tensor) -> Tensor:
+        prepared = prepared_cpu_call(
+            x, self.packed, self.scales, self.bias, self.in_features, self.group_code,
+            self.quantize_activations, self.kernel,
+        )  # fmt: skip
+        if prepared is not None:
+            self.__dict__["_prepared"] = prepared  # forward's hot path while it stays current
+            return prepared(x)
+        x2d = x.reshape(-1, self.in_features)
+        y = get_kernel(self.kernel).packed_linear(
+            x2d, self.packed, self.scales, self.in_features, self.group_code,
+            self.bias, self.quantize_activations, x.dtype,
+        )  # fmt: skip
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_prepared", None)  # ctypes pointers: neither picklable nor valid in a copy
+        return state
+
+    def codes(self) -> Tensor:
+        """The ternary codes as int8 ``(out, in)``."""
+        return unpack_codes(self.packed, self.in_features)
+
+    def dequantized_weight(self) -> Tensor:
+        """``codes * scales`` as an fp32 ``(out, in)`` matrix (for checks and export)."""
+        return get_kernel("reference").dequantize_weight(self.codes(), self.scales, self.group_code)
+
+    def extra_repr(self) -> str:
+        acts = "int8 activations" if self.quantize_activations else "weight-only"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"{describe(self.group_code)} scales, {acts}, kernel={self.kernel}"
+        )
+
+
+class FloatGemvLinear(nn.Linear):
+    """An ``nn.Linear`` that :func:`pack` keeps in fp32 (the tied ``lm_head`` above all),
+    served by bitcompile's multi-threaded fp32 GEMV when a no-grad CPU call has at most
+    ``DENSE_MAX_M`` tokens, by ``F.linear`` otherwise (compiled graphs, training, prefill).
+
+    Why: after packing, the tied head is the largest weight left, and torch's fp32 GEMV at
+    M = 1 is single-threaded (docs/serving.md). ``pack``
+    switches the class of a plain ``nn.Linear`` in place, so its parameters (tied ones stay
+    tied), hooks and state_dict keys are untouched. Results agree with ``F.linear`` within
+    fp32 rounding (another summation order), not bitwise.
+    """
+
+    computes_plain_linear = True  # policy.forward_override_reason: same result as nn.Linear.forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            if not torch.is_grad_enabled() and x.is_cpu and x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+                # one extern call (the GEMV at decode sizes); discovery treats it as F.linear
+                return torch.ops.bitcpm.float_gemv_linear(x, self.weight, self.bias)
+            return nn.functional.linear(x, self.weight, self.bias)
+        if x.shape[-1] != self.in_features:
+            return nn.functional.linear(x, self.weight, self.bias)  # torch's own error
+        # dense_linear picks the GEMV or F.linear (prefill sizes, autograd, other dtypes)
+        if torch.autograd._profiler_enabled():  # visible to torch.profiler as one op
+            with torch.profiler.record_function("bitcpm::float_gemv_linear"):
+                return float_gemv(x, self.weight, self.bias)
+        return float_gemv(x, self.weight, self.bias)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bitcompile.config import BitcompileWarning, TernaryConfig, TernaryConfigError, as_config
+from bitcompile.kernels.groups import ScaleGroups
 from bitcompile.runtime.checkpoint import CheckpointError, load_packed, save_packed
 from bitcompile.runtime.layers import PackedTernaryLinear
 from bitcompile.runtime.pack import pack, plan_packing
@@ -32,6 +33,7 @@ __all__ = [
     "CheckpointError",
     "ExplainReport",
     "PackedTernaryLinear",
+    "ScaleGroups",
     "TernaryConfig",
     "TernaryConfigError",
     "__version__",

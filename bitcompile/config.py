@@ -12,10 +12,11 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from bitcompile.kernels.groups import MAX_GROUP_SIZE, PER_ROW, PER_TENSOR
+from bitcompile.kernels.groups import ACCEPTED_GROUP_SIZES, ScaleGroups
 from bitcompile.targets import target_names
 
-GroupSize = int | Literal["tensor"]
+#: What ``group_size`` accepts; the config holds it as a :class:`ScaleGroups`.
+GroupSize = int | Literal["tensor"] | ScaleGroups
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 ACTIVATION_MODES = ("int8", None)
@@ -51,8 +52,9 @@ class TernaryConfig:
 
     Args:
         group_size: ``-1`` one weight scale per output row (default, BitCPM-CANN's setting),
-            ``"tensor"`` one scale per weight matrix (BitNet b1.58), or a positive group
-            length along the input dimension (32, 64, 128 ...).
+            ``"tensor"`` one scale per weight matrix (BitNet b1.58), a positive group
+            length along the input dimension (32, 64, 128 ...), or a :class:`ScaleGroups`.
+            The config holds it as a :class:`ScaleGroups` whichever spelling was passed.
         activations: ``"int8"`` per-token absmax int8 activations (W1.58A8), or ``None``
             for weight-only ternary quantization.
         exclude: glob patterns on module paths (``"lm_head"``, ``"*.router"``) kept float.
@@ -74,10 +76,10 @@ class TernaryConfig:
 
         >>> cfg = TernaryConfig.from_options({"group_size": 128, "exclude": "lm_head"})
         >>> cfg.group_size, cfg.exclude
-        (128, ('lm_head',))
+        (ScaleGroups(kind='group', size=128), ('lm_head',))
     """
 
-    group_size: GroupSize = -1
+    group_size: GroupSize = ScaleGroups.per_row()
     activations: Literal["int8"] | None = "int8"
     exclude: tuple[str, ...] = ()
     include: tuple[str, ...] = ()
@@ -90,13 +92,10 @@ class TernaryConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
-        gs = self.group_size
-        if gs != "tensor" and (
-            isinstance(gs, bool) or not isinstance(gs, int) or (gs <= 0 and gs != -1) or gs > MAX_GROUP_SIZE
-        ):
-            raise _bad(
-                "group_size", gs, "-1 (per output row), 'tensor', or a positive int such as 32, 64, 128 (below 2**31)"
-            )
+        try:
+            object.__setattr__(self, "group_size", ScaleGroups.parse(self.group_size))
+        except ValueError:
+            raise _bad("group_size", self.group_size, ACCEPTED_GROUP_SIZES) from None
         if self.activations not in ACTIVATION_MODES:
             raise _bad("activations", self.activations, "'int8' or None (weight-only)")
         object.__setattr__(self, "exclude", _as_patterns("exclude", self.exclude))
@@ -137,12 +136,13 @@ class TernaryConfig:
         out = dataclasses.asdict(self)
         out.pop("version")
         out["exclude"], out["include"] = list(self.exclude), list(self.include)
+        out["group_size"] = self.group_size.option
         return out
 
     @property
     def group_code(self) -> int:
-        """The integer encoding the ops take: -1 per row, 0 per tensor, g > 0 groups of g."""
-        return PER_TENSOR if self.group_size == "tensor" else int(self.group_size)
+        """``group_size.code``: the int the op schemas and kernels take (-1 per row, 0 per tensor, g > 0)."""
+        return self.group_size.code
 
     @property
     def quantize_activations(self) -> bool:
@@ -158,5 +158,3 @@ def as_config(config: TernaryConfig | Mapping[str, Any] | None, caller: str) -> 
         f"{{'group_size': 128}}, got {type(config).__name__}"
     )
 
-
-assert PER_ROW == -1  # the public default above relies on this encoding

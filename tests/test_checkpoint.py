@@ -15,6 +15,7 @@ from torch import nn
 
 import bitcompile
 from bitcompile import CheckpointError, PackedTernaryLinear, TernaryConfig
+from bitcompile.kernels.groups import ScaleGroups
 from bitcompile.models import MLP, TinyLlama, TinyLlamaConfig
 from bitcompile.runtime.int8_head import Int8Embedding, Int8Linear
 
@@ -267,7 +268,7 @@ def test_a_group_longer_than_k_is_one_group_without_allocating_n_by_g(tmp_path):
     # groups of 10**9: a K=64 layer has one group of 64 (the last group is cut at K), so it is
     # per-row; repeating each scale g times first used to ask for 256 * 10**9 floats (1 TB)
     long_groups = bitcompile.pack(copy.deepcopy(model), TernaryConfig(group_size=10**9))
-    assert long_groups[0].group_size == 10**9 and long_groups[0].scales.shape == (256, 1)
+    assert long_groups[0].group_size == ScaleGroups.of(10**9) and long_groups[0].scales.shape == (256, 1)
     assert torch.equal(long_groups[0].packed, per_row[0].packed) and torch.equal(long_groups[0].scales, per_row[0].scales)
     assert torch.equal(long_groups[0].dequantized_weight(), per_row[0].dequantized_weight())
     with torch.no_grad():

@@ -104,7 +104,7 @@ def _check_load(base: Base, directory, metadata: dict, tensors: dict, record=eve
         layer = loaded.get_submodule(name)
         assert isinstance(layer, PackedTernaryLinear)
         assert (layer.in_features, layer.out_features, layer.bias is not None) == (info["in_features"], info["out_features"], info["bias"])
-        assert (layer.group_size, layer.activations) == (info["group_size"], info["activations"])
+        assert (layer.group_size.option, layer.activations) == (info["group_size"], info["activations"])
     for name, info in json.loads(metadata.get("int8_layers", "{}")).items():
         assert isinstance(loaded.get_submodule(name), Int8Embedding if info["kind"] == "embedding" else Int8Linear)
 

@@ -300,3 +300,23 @@ def test_scale_group_label_is_spelled_like_the_reason(group_size, label):
     (layer,) = report.rewritten
     assert scale_groups(layer) == label and f"({label} scales)" in layer.reason
     assert label in str(report)
+
+
+@pytest.mark.parametrize(
+    "kind, groups, written",
+    [
+        ("linear", bitcompile.ScaleGroups.per_row(), -1),
+        ("linear", bitcompile.ScaleGroups.per_tensor(), "tensor"),
+        ("packed", bitcompile.ScaleGroups.of(128), 128),
+        ("int8", bitcompile.ScaleGroups.per_row(), "row"),  # docs/report_schema.md: the int8 head's spelling
+    ],
+)
+def test_decision_json_writes_the_options_spelling_of_its_scale_groups(kind, groups, written):
+    from bitcompile.passes.discover import LayerDecision
+
+    decision = LayerDecision(
+        name="fc", weight_name="fc.weight", kind=kind, layout="(out, in)", out_features=8, in_features=256,
+        dtype="float32", rewritten=kind != "int8", rationale="why", group_size=groups, fp_bytes=0, packed_bytes=0,
+    )  # fmt: skip
+    row = decision.to_json()
+    assert row["group_size"] == written and decision.group_code == groups.code

@@ -296,7 +296,7 @@ def test_enable_tensor_scales_rejects_other_modes_and_skips_excluded_layers():
 
 
 def test_check_options_without_a_process_group_parses_and_validates():
-    assert check_options({"group_size": 32}).group_size == 32
+    assert check_options({"group_size": 32}).group_size == bitcompile.ScaleGroups.of(32)
     with pytest.raises(bitcompile.TernaryConfigError):
         check_options({"group_size": 0})
     assert issubclass(OptionsMismatchError, bitcompile.TernaryConfigError)

@@ -80,9 +80,9 @@ def enable_tensor_scales(
     :class:`StaleTensorScalesError` instead of training on stale scales.
     """
     config = TernaryConfig.from_options(options if options is not None else {"group_size": "tensor"})
-    if config.group_size != "tensor":
+    if config.group_size.kind != "tensor":
         raise ValueError(
-            f"enable_tensor_scales needs group_size='tensor', got group_size={config.group_size!r}: "
+            f"enable_tensor_scales needs group_size='tensor', got group_size={config.group_size.option!r}: "
             "per-row and per-group scales are local to a row of the weight and need no collective"
         )
     if getattr(model, "_bitcpm_tensor_scales", None) is not None:
@@ -211,9 +211,9 @@ def tensor_scale_mode(model: nn.Module | None, options: Mapping[str, Any] | Tern
     """Which scale mode a model trains with: ``per-row``, ``per-group``, ``per-tensor (in forward)``,
     ``per-tensor (precomputed)``."""
     config = TernaryConfig.from_options(options)
-    if config.group_size == -1:
+    if config.group_size.kind == "row":
         return "per-row"
-    if config.group_size != "tensor":
+    if config.group_size.kind == "group":
         return "per-group"
     if model is not None and getattr(model, "_bitcpm_tensor_scales", None) is not None:
         return "per-tensor (precomputed)"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bitcompile.kernels.groups import PER_ROW, PER_TENSOR, describe
+from bitcompile.kernels.groups import PER_ROW, PER_TENSOR, ScaleGroups
 
 #: Block sizes MatMulNBits runs fast with ``bits=2, accuracy_level=4`` (measured; 16 and 256
 #: fall back to a kernel about 100x slower), best first.
@@ -46,7 +46,7 @@ def block_size_for(group_code: int) -> int | None:
 
 def unsupported_reason(group_code: int) -> str:
     return (
-        f"{describe(group_code)} scales: no MatMulNBits block size in {FAST_BLOCK_SIZES} divides the group "
+        f"{ScaleGroups.from_code(group_code).label} scales: no MatMulNBits block size in {FAST_BLOCK_SIZES} divides the group "
         "(other block sizes run a kernel about 100x slower than fp32)"
     )
 

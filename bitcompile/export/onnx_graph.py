@@ -15,7 +15,7 @@ import torch
 
 from bitcompile.export.layouts import to_int2_dequantize_linear, to_matmulnbits
 from bitcompile.export.results import ExportedLayer, OnnxExportError
-from bitcompile.kernels.groups import describe
+from bitcompile.kernels.groups import ScaleGroups
 from bitcompile.kernels.packing import unpack_codes
 
 
@@ -104,7 +104,7 @@ def rewrite_ternary_weights(model, fmt: str, prefix: str = "") -> list[ExportedL
         nbytes = packed_value.const_value.nbytes + scales_value.const_value.nbytes
         layers.append(
             ExportedLayer(
-                name, in_features, out_features, kind, group_size=describe(group_code), block_size=block_size,
+                name, in_features, out_features, kind, group_size=ScaleGroups.from_code(group_code).label, block_size=block_size,
                 activations=activations, onnx_bytes=nbytes,
             )
         )  # fmt: skip

@@ -12,7 +12,6 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from bitcompile.config import TernaryConfig
-from bitcompile.kernels.groups import describe
 
 if TYPE_CHECKING:
     from bitcompile.backend import CompiledGraph
@@ -31,7 +30,7 @@ INFERENCE_NOTE = (
 
 def scale_groups(layer: LayerDecision) -> str:
     """How a rewritten layer's weight scales are grouped, spelled as everywhere else (``"per-row"``)."""
-    return describe(layer.group_code)
+    return layer.group_size.label
 
 
 def human_bytes(n: float) -> str:
@@ -154,10 +153,11 @@ class ReportData:
         """How the weight scales are computed, and what that costs under DDP / FSDP2 (docs/distributed.md)."""
         if not self.rewritten:
             return "none (no layer rewritten)"
-        if self.config.group_size == -1:
+        groups = self.config.group_size
+        if groups.kind == "row":
             return "per-row: local to each output row, no collective under DDP or FSDP2"
-        if self.config.group_size != "tensor":
-            return f"per-group ({self.config.group_size}): local to each group, no collective under DDP or FSDP2"
+        if groups.kind == "group":
+            return f"per-group ({groups.size}): local to each group, no collective under DDP or FSDP2"
         if any(n.target == "bitcpm.ternary_linear_prescaled" for g in self.graphs for n in g.nodes):
             return (
                 "per-tensor, precomputed: global absmean of the fp32 weights from "

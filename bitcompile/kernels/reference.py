@@ -40,8 +40,17 @@ def quantize_weight(weight: Tensor, group_code: int) -> tuple[Tensor, Tensor]:
         if full < k:
             parts.append(absw[:, full:].mean(dim=1, keepdim=True))
         scales = torch.cat(parts, dim=1).clamp_min(EPS)
-    codes = torch.clamp(torch.round(w / expand_scales(scales, k, group_code)), -1, 1).to(torch.int8)
-    return codes, scales
+    return ternary_codes(w, scales, group_code), scales
+
+
+def ternary_codes(weight: Tensor, scales: Tensor, group_code: int) -> Tensor:
+    """The ternary codes of ``weight`` ``(N, K)`` under given fp32 ``scales`` ``(N, n_groups)``: int8 in {-1, 0, 1}.
+
+    :func:`quantize_weight` computes the scales from the weight itself; callers whose scale comes
+    from elsewhere (a precomputed global absmean) round with this same formula.
+    """
+    w = weight.detach().float()
+    return torch.clamp(torch.round(w / expand_scales(scales, w.shape[1], group_code)), -1, 1).to(torch.int8)
 
 
 def dequantize_weight(codes: Tensor, scales: Tensor, group_code: int) -> Tensor:

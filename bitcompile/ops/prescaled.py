@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from bitcompile.targets import get_kernel
+from bitcompile.kernels import reference
 from bitcompile.kernels.groups import EPS, PER_TENSOR, num_groups
 from bitcompile.ops.checks import check_linear_args
 from bitcompile.ops.training import (
@@ -61,12 +62,8 @@ def _check_scale(weight_scale: Tensor) -> None:
 
 def quantize_weight_with_scale(weight: Tensor, weight_scale: Tensor) -> tuple[Tensor, Tensor]:
     """DESIGN.md §3 per-tensor quantization with a given absmean: ``codes (N, K)`` int8, ``scales (N, 1)`` fp32."""
-    # NOTE: the reference's rounding with an outside scale; kernels/reference.py has no entry
-    # point that takes the scale, so the formula is written here once.
-    w = weight.detach().float()
-    scale = weight_scale.detach().float().reshape(1, 1).clamp_min(EPS)
-    codes = torch.clamp(torch.round(w / scale), -1, 1).to(torch.int8)
-    return codes, scale.expand(w.shape[0], 1).contiguous()
+    scales = weight_scale.detach().float().reshape(1, 1).clamp_min(EPS).expand(weight.shape[0], 1).contiguous()
+    return reference.ternary_codes(weight, scales, PER_TENSOR), scales
 
 
 @torch.library.custom_op("bitcpm::ternary_linear_prescaled", mutates_args=())

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitcompile.config import TernaryConfig
-from bitcompile.kernels.groups import PER_ROW, PER_TENSOR, describe, num_groups
+from bitcompile.kernels.groups import ScaleGroups, num_groups
 from bitcompile.kernels.packing import packed_shape
 from bitcompile.passes.names import calling_module, placeholder_path
 from bitcompile.policy import layer_skip_reason
@@ -87,8 +87,8 @@ class LayerDecision:
     rewritten: bool
     #: why the layer was rewritten or kept float (the policy's or the graph's reason)
     rationale: str
-    #: the config's spelling: -1 per row, ``"tensor"``, ``g`` > 0; ``"row"`` for an int8 head
-    group_size: int | str
+    #: the layer's scale groups (per row for an int8 head)
+    group_size: ScaleGroups
     fp_bytes: int
     packed_bytes: int
     site: LinearSite | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -102,8 +102,8 @@ class LayerDecision:
 
     @property
     def group_code(self) -> int:
-        """:attr:`group_size` as the ops encode it (``kernels.groups``: -1 per row, 0 per tensor, g > 0)."""
-        return {"tensor": PER_TENSOR, "row": PER_ROW}.get(self.group_size, self.group_size)  # type: ignore[arg-type]
+        """:attr:`group_size` as the ops encode it (:attr:`ScaleGroups.code`)."""
+        return self.group_size.code
 
     def to_json(self) -> dict[str, Any]:
         """The report's per-layer fields (docs/report_schema.md); ``reason`` includes the lowering."""
@@ -111,6 +111,9 @@ class LayerDecision:
         for field in dataclasses.fields(self):
             if field.name == "rationale":
                 row["reason"] = self.reason
+            elif field.name == "group_size":
+                # docs/report_schema.md: the option's spelling; an int8 head's per-row scales are "row"
+                row["group_size"] = "row" if self.kind == "int8" else self.group_size.option
             elif field.name not in ("site", "lowering"):
                 row[field.name] = getattr(self, field.name)
         return row
@@ -324,8 +327,8 @@ def _already_packed(node: torch.fx.Node, stored: dict[torch.fx.Node, Any]) -> La
     out_features = packed.shape[0] if isinstance(packed, torch.Tensor) else 0
     return _stored_layer(
         node, packed_node, stored, ".packed", kind="packed", in_features=in_features, dtype="2-bit", rewritten=True,
-        rationale=f"already packed: 2-bit ternary weights ({describe(group_code)} scales)",
-        group_size="tensor" if group_code == 0 else group_code,
+        rationale=f"already packed: 2-bit ternary weights ({ScaleGroups.from_code(group_code).label} scales)",
+        group_size=ScaleGroups.from_code(group_code),
         packed_bytes=packed_nbytes(out_features, in_features, group_code),
     )  # fmt: skip
 
@@ -339,7 +342,7 @@ def _int8_head(node: torch.fx.Node, stored: dict[torch.fx.Node, Any]) -> LayerDe
     return _stored_layer(
         node, node.args[1], stored, ".codes", kind="int8", in_features=in_features, dtype="int8", rewritten=False,
         rationale="int8 head (W8A8, pack(head='int8')): per-row int8 weights, not ternary",
-        group_size="row", packed_bytes=out_features * in_features + 4 * out_features,
+        group_size=ScaleGroups.per_row(), packed_bytes=out_features * in_features + 4 * out_features,
     )  # fmt: skip
 
 
@@ -362,7 +365,7 @@ def discover(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: Te
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else (0, 0)
         out_features, in_features = _out_in(shape, site.layout)
         itemsize = weight.element_size() if isinstance(weight, torch.Tensor) else 0
-        mode = describe(config.group_code)
+        mode = config.group_size.label
         acts = "int8 activations" if config.quantize_activations else "weight-only"
         decisions.append(
             LayerDecision(

@@ -52,6 +52,7 @@ from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from bitcompile.config import TernaryConfig
+from bitcompile.ops.training import ternary_forward
 from bitcompile.passes.discover import LayerDecision, Lowering
 from bitcompile.passes.freeze_pack import FrozenParameter, frozen_parameter
 from bitcompile.passes.names import calling_module
@@ -125,22 +126,30 @@ def plan_cann_layers(gm: torch.fx.GraphModule, decisions: Sequence[LayerDecision
     return lowered
 
 
+class _ChipKernels:
+    """The cann kernels with ``chip`` bound: the shape :func:`~bitcompile.ops.training.ternary_forward` calls."""
+
+    def __init__(self, chip: str) -> None:
+        self.cann, self.chip = get_kernel("cann"), chip
+
+    def quantize_activations(self, x2d: torch.Tensor):
+        return self.cann.quantize_activations(x2d, self.chip)
+
+    def int8_ternary_matmul(self, *args):
+        return self.cann.int8_ternary_matmul(*args, self.chip)
+
+    def float_ternary_matmul(self, *args):
+        return self.cann.float_ternary_matmul(*args, self.chip)
+
+
 def _training_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group_code: int, quantize_activations: bool,
     chip: str,
 ):  # fmt: skip
     """``bitcpm::ternary_linear``'s five outputs computed with the cann kernels (traced into the graph)."""
-    cann = get_kernel("cann")
-    n, k = weight.shape
-    x2d = x.reshape(-1, k)
-    w_codes, w_scales = cann.quantize_weight(weight, group_code)
-    if quantize_activations:
-        x_codes, x_scales = cann.quantize_activations(x2d, chip)
-        y2d = cann.int8_ternary_matmul(x_codes, x_scales, w_codes, w_scales, group_code, bias, x.dtype, chip)
-    else:
-        x_codes, x_scales = x.new_empty((0,), dtype=torch.int8), x.new_empty((0,), dtype=torch.float32)
-        y2d = cann.float_ternary_matmul(x2d, w_codes, w_scales, group_code, bias, x.dtype, chip)
-    return y2d.reshape(*x.shape[:-1], n), x_codes, x_scales, w_codes, w_scales
+    kernels = _ChipKernels(chip)
+    w_codes, w_scales = kernels.cann.quantize_weight(weight, group_code)
+    return ternary_forward(kernels, x, w_codes, w_scales, group_code, bias, quantize_activations)
 
 
 def _inline(

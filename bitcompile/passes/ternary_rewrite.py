@@ -99,7 +99,7 @@ def ternary_rewrite(
 
     def emit(graph, decision, x, bias, like):
         weight = decision.site.weight
-        scale = (tensor_scales or {}).get(weight) if config.group_size == "tensor" else None
+        scale = (tensor_scales or {}).get(weight) if config.group_size.kind == "tensor" else None
         if scale is not None and decision.site.layout == "out_in":
             return emit_prescaled(
                 graph, x, weight, bias, scale, config, kernel, lambda g, t, a: call_like(g, t, a, like)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bitcompile.kernels.groups import MAX_GROUP_SIZE
+from bitcompile.kernels.groups import ScaleGroups
 from bitcompile.kernels.packing import LAYOUT_NAME, LAYOUT_VERSION
 from bitcompile.runtime.int8_head import Int8Embedding, Int8Linear
 from bitcompile.runtime.layers import PackedTernaryLinear
@@ -57,7 +57,7 @@ def _layer_metadata(layer: PackedTernaryLinear) -> dict:
         "in_features": layer.in_features,
         "out_features": layer.out_features,
         "bias": layer.bias is not None,
-        "group_size": layer.group_size,
+        "group_size": layer.group_size.option,
         "activations": layer.activations,
         "original_dtype": str(layer.original_dtype).removeprefix("torch."),
     }
@@ -170,9 +170,10 @@ class _Fields:
 
 def _packed_layer(where: str, name: str, info: Any) -> dict:
     fields = _Fields(where, name, info, _PACKED_KEYS)
-    group_size = info["group_size"]
-    if not (group_size == "tensor" or (type(group_size) is int and (group_size == -1 or 0 < group_size <= MAX_GROUP_SIZE))):
-        raise fields.error("group_size", "-1, 'tensor' or a positive integer below 2**31")
+    try:  # the file spells it as the option does (an int or "tensor"); the layer takes the typed value
+        group_size = ScaleGroups.parse(info["group_size"])
+    except ValueError:
+        raise fields.error("group_size", "-1, 'tensor' or a positive integer below 2**31") from None
     if not (info["activations"] is None or info["activations"] == "int8"):
         raise fields.error("activations", "'int8' or null")
     return {

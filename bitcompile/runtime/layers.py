@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from bitcompile.config import TernaryConfig
 from bitcompile.targets import get_kernel, resolve_target
-from bitcompile.kernels.groups import describe, num_groups
+from bitcompile.kernels.groups import ScaleGroups, num_groups
 from bitcompile.kernels.packing import pack_codes, packed_shape, unpack_codes
 from bitcompile.ops import float_gemv, prepared_cpu_call  # (importing it registers torch.ops.bitcpm.*)
 from bitcompile.runtime.conversion import FixedFormatModule
@@ -38,7 +38,7 @@ class PackedTernaryLinear(FixedFormatModule):
         out_features: int,
         *,
         bias: bool,
-        group_size: int | str = -1,
+        group_size: int | str | ScaleGroups = -1,
         activations: str | None = "int8",
         dtype: torch.dtype = torch.float32,
         target: str = "auto",
@@ -134,7 +134,7 @@ class PackedTernaryLinear(FixedFormatModule):
         acts = "int8 activations" if self.quantize_activations else "weight-only"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"{describe(self.group_code)} scales, {acts}, kernel={self.kernel}"
+            f"{ScaleGroups.from_code(self.group_code).label} scales, {acts}, kernel={self.kernel}"
         )
 
 

@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from bitcompile.config import BitcompileWarning, TernaryConfig, as_config
 from bitcompile.kernels import cpu as cpu_kernels
 from bitcompile.targets import get_kernel, resolve_target
-from bitcompile.kernels.groups import describe
 from bitcompile.policy import layer_skip_reason, unmatched_patterns
 from bitcompile.runtime.follow_compiler import follow_compiler
 from bitcompile.runtime.hf_folder import ModelLoadError, load_hf_folder
@@ -94,7 +93,7 @@ def _ternary_codes(name: str, weight: Tensor, config: TernaryConfig, pre_quantiz
         return (*detected, "already ternary")
     if pre_quantized is True:
         raise ValueError(
-            f"layer {name!r}: pre_quantized=True but its weight is not ternary with {describe(config.group_code)} "
+            f"layer {name!r}: pre_quantized=True but its weight is not ternary with {config.group_size.label} "
             "scales (some group has more than one non-zero magnitude); pass the checkpoint's group_size or "
             "pre_quantized='auto'"
         )

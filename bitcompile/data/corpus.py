@@ -121,22 +121,26 @@ def installed_package_readmes(min_chars: int = 2000) -> list[TextDocument]:
     """The READMEs (``METADATA`` long descriptions) of the installed Python distributions.
 
     One document per distribution, named by its normalized name and sorted by it; exact
-    duplicates (the same README under two names) are kept once. Which documents exist depends
+    duplicates (the same README under two names) are kept once, and of two installed versions
+    of one distribution (a venv can hold stale metadata, e.g. of an upgraded setuptools) the
+    first on ``sys.path`` wins, as it does for ``import``. Which documents exist depends
     on what is installed; every split of a given document is the same everywhere.
 
     Raises:
         CorpusError: no installed distribution has a README of ``min_chars``+ characters.
     """
     seen: set[str] = set()
+    names: set[str] = set()
     documents = []
     for distribution in importlib.metadata.distributions():
         name = (distribution.metadata.get("Name") or "").lower().replace("_", "-")
         body = distribution.metadata.get_payload() or distribution.metadata.get("Description") or ""
         body = body.strip()
         digest = hashlib.sha256(body.encode()).hexdigest()
-        if not name or len(body) < min_chars or digest in seen:
+        if not name or name in names or len(body) < min_chars or digest in seen:
             continue
         seen.add(digest)
+        names.add(name)
         documents.append(TextDocument(name, body))
     documents.sort(key=lambda d: d.name)
     if not documents:

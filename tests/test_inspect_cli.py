@@ -224,28 +224,13 @@ def test_mismatched_example_inputs_give_one_line_without_torch_logs(models):
     )
 
 
-def test_explain_with_mismatched_inputs_raises_without_logging():
-    import logging
-
+def test_explain_with_mismatched_inputs_raises_without_logging(log_records):
     from bitcompile.models import MLP
 
-    class Keep(logging.Handler):
-        def __init__(self):
-            super().__init__(logging.DEBUG)
-            self.records = []
-
-        def emit(self, record):
-            self.records.append(record)
-
-    keep = Keep()
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    logger.addHandler(keep)
-    try:
+    with log_records("torch._subclasses.fake_tensor") as records:
         with pytest.raises(Exception, match="must have same reduction dim"):
             bitcompile.explain(MLP(16, [32], 4), torch.randn(2, 8))
-    finally:
-        logger.removeHandler(keep)
-    assert [r.getMessage() for r in keep.records] == []
+    assert [r.getMessage() for r in records] == []
 
 
 def test_cann_target_shows_torch_npu_ops(models, capsys):

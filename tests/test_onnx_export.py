@@ -385,27 +385,14 @@ def test_cli_export_prints_the_summary(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_mismatched_example_inputs_fail_in_one_line_without_torch_export_logs(tmp_path):
+def test_mismatched_example_inputs_fail_in_one_line_without_torch_export_logs(tmp_path, log_records):
     """Issue 15 item 17: torch.export logged "always_classified is unsupported." (twice) before the error."""
     import logging
 
-    class Keep(logging.Handler):
-        def __init__(self):
-            super().__init__(logging.DEBUG)
-            self.records = []
-
-        def emit(self, record):
-            self.records.append(record)
-
-    keep = Keep()
-    logger = logging.getLogger("torch.export._trace")
-    logger.addHandler(keep)
-    try:
+    with log_records("torch.export._trace") as records:
         with pytest.raises(OnnxExportError, match="input's last dim 8 != in_features 16"):
             export_onnx(MLP(16, [32], 4), (torch.randn(2, 8),), tmp_path / "m.onnx", config=bitcompile.TernaryConfig(**REF))
-    finally:
-        logger.removeHandler(keep)
-    assert [r.getMessage() for r in keep.records if r.levelno >= logging.WARNING] == []
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
 
 
 class _FourAxes(nn.Module):

@@ -28,6 +28,7 @@ from bitcompile.passes.precomputed_scales import strip_scale_markers
 from bitcompile.passes.coverage import check_coverage
 from bitcompile.passes.discover import LayerDecision, discover
 from bitcompile.passes.freeze_pack import FrozenWeightGuard, check_can_freeze, freeze_pack
+from bitcompile.passes.experts import rewrite_experts
 from bitcompile.passes.describe import NODE_ROLES, GraphNode, describe_graph
 from bitcompile.passes.ternary_rewrite import ternary_rewrite
 from bitcompile.targets import Lowering, get_target, resolve_target
@@ -163,6 +164,7 @@ def compile_graph(
         replaced = len(frozen)
     else:
         replaced = ternary_rewrite(gm, decisions, config, kernel, tensor_scales if target.precomputed_scales else None)
+        replaced += rewrite_experts(gm, decisions, config, kernel)
     log.info("bitcpm: rewrote %d of %d linear-like layers", replaced, len(decisions))
 
     def notify(after: str) -> None:

@@ -43,6 +43,11 @@ def human_bytes(n: float) -> str:
 
 
 @dataclasses.dataclass
+
+def _parameters(layer: LayerDecision) -> int:
+    """Weights of one report row: an expert group (``num_experts``) counts every expert."""
+    return max(getattr(layer, "num_experts", 0), 1) * layer.out_features * layer.in_features
+
 class GraphReport:
     """One Dynamo graph of the report: the backend's record of it and its position among the graphs."""
 
@@ -179,11 +184,11 @@ class ReportData:
             "layers": len(self.layers),
             "rewritten": len(rewritten),
             "skipped": len(self.layers) - len(rewritten),
-            "rewritten_parameters": sum(layer.out_features * layer.in_features for layer in rewritten),
+            "rewritten_parameters": sum(_parameters(layer) for layer in rewritten),
             "rewritten_fp_bytes": fp,
             "rewritten_packed_bytes": packed,
             "weight_memory_ratio": (fp / packed) if packed else None,
-            "parameters": sum(layer.out_features * layer.in_features for layer in self.layers),
+            "parameters": sum(_parameters(layer) for layer in self.layers),
             "weight_bytes_before": before,
             "weight_bytes_after": after,
             "overall_weight_memory_ratio": (before / after) if after else None,

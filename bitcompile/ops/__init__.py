@@ -10,6 +10,8 @@ op                                module
 ``ternary_linear_packed``         :mod:`bitcompile.ops.packed` (serving on 2-bit weights)
 ``float_gemv_linear``             :mod:`bitcompile.ops.dense` (the fp32 head a packed model keeps)
 ``int8_dense_linear``             :mod:`bitcompile.ops.dense` (the W8A8 head of ``pack(head="int8")``)
+``ternary_experts_linear``        :mod:`bitcompile.ops.experts` (MoE experts ``(E, N, K)``, routed rows)
+``ternary_experts_linear_backward`` :mod:`bitcompile.ops.experts` (its fused straight-through backward)
 ================================  ==================================================================
 
 The ops hold no numerics of their own: they check arguments (:mod:`bitcompile.ops.checks`)
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from bitcompile.ops.checks import check_linear_args, check_packed_linear_args, check_precision, empty_output
 from bitcompile.ops.dense import float_gemv, float_gemv_linear, int8_dense_linear_op, int8_linear
+from bitcompile.ops.experts import expert_rows, quantize_experts, ternary_experts_linear
 from bitcompile.ops.packed import prepared_cpu_call, ternary_linear_packed
 from bitcompile.ops.prescaled import quantize_weight_with_scale, tensor_scale_marker, ternary_linear_prescaled
 from bitcompile.ops.training import (
@@ -37,14 +40,17 @@ __all__ = [
     "check_packed_linear_args",
     "check_precision",
     "empty_output",
+    "expert_rows",
     "float_gemv",
     "float_gemv_linear",
     "int8_dense_linear_op",
     "int8_linear",
     "prepared_cpu_call",
+    "quantize_experts",
     "quantize_weight_with_scale",
     "save_for_ternary_backward",
     "tensor_scale_marker",
+    "ternary_experts_linear",
     "ternary_backward",
     "ternary_forward",
     "ternary_linear",

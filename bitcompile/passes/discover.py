@@ -347,7 +347,7 @@ def _int8_head(node: torch.fx.Node, stored: dict[torch.fx.Node, Any]) -> LayerDe
 
 
 def discover(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: TernaryConfig) -> list[LayerDecision]:
-    """Every linear-like candidate in ``gm`` with its decision, in graph order."""
+    """Every linear-like candidate in ``gm`` with its decision, in graph order, then its MoE expert groups."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     stored = dict(zip(placeholders, example_inputs))
     decisions = []
@@ -384,4 +384,7 @@ def discover(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: Te
                 site=site,
             )
         )
+    from bitcompile.passes.experts import discover_experts  # 3-D MoE expert weights (it imports LayerDecision)
+
+    decisions.extend(discover_experts(gm, stored, config))
     return decisions

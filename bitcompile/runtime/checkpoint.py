@@ -34,6 +34,7 @@ from bitcompile.runtime.checkpoint_format import (  # FORMAT*, READABLE_VERSIONS
     model_metadata,
     parse_metadata,
 )
+from bitcompile.runtime.experts import install_expert_skeletons
 from bitcompile.runtime.int8_head import Int8Embedding, Int8Linear
 from bitcompile.runtime.layers import PackedTernaryLinear
 from bitcompile.runtime.module_tree import linear_view, replace_submodule
@@ -316,8 +317,15 @@ def load_packed(directory: str | Path, model_or_factory: nn.Module | Callable[[]
         )
     target = unwrap_model(model)
     layers, int8_layers, tensors = _strip_wrapper_prefixes(layers, int8_layers, tensors, target)
-    replacements = _replacements(target, layers, int8_layers)
-    _check_tensors(tensors, target, replacements, "checkpoint")
+    # packed MoE experts are stored per expert (<experts>.gate_up_proj.3); their module goes in
+    # first, and back out if a check below refuses the checkpoint
+    restore_experts = install_expert_skeletons(target, list(layers))
+    try:
+        replacements = _replacements(target, layers, int8_layers)
+        _check_tensors(tensors, target, replacements, "checkpoint")
+    except BaseException:
+        restore_experts()
+        raise
     for name, layer in replacements.items():
         replace_submodule(target, name, layer)
     target.load_state_dict(tensors, strict=False)

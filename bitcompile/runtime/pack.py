@@ -25,6 +25,7 @@ from bitcompile.config import BitcompileWarning, TernaryConfig, as_config
 from bitcompile.kernels import cpu as cpu_kernels
 from bitcompile.targets import get_kernel, resolve_target
 from bitcompile.policy import layer_skip_reason, unmatched_patterns
+from bitcompile.runtime.experts import EXPERT_WEIGHTS, PackedTernaryExperts, expert_modules, experts_skip_reason
 from bitcompile.runtime.follow_compiler import follow_compiler
 from bitcompile.runtime.hf_folder import ModelLoadError, load_hf_folder
 from bitcompile.runtime.int8_head import Int8Embedding, Int8Linear
@@ -84,7 +85,21 @@ def plan_packing(
         plan.append(PackDecision(name, view.out_features, view.in_features, reason is None, reason or "packed"))
     if example_inputs is not None:
         follow_compiler(model, plan, config, example_inputs, shared)
-    return plan
+    return plan + _plan_experts(model, config)
+
+
+def _plan_experts(model: nn.Module, config: TernaryConfig) -> list[PackDecision]:
+    """One row per 3-D expert weight (``<experts>.gate_up_proj``: one expert's out x in); both or neither pack."""
+    rows = []
+    for name, module in expert_modules(model):
+        reason = experts_skip_reason(name, module, config)
+        for weight_name in EXPERT_WEIGHTS:
+            e, a, b = module._parameters[weight_name].shape
+            out_in = (b, a) if getattr(module, "is_transposed", False) else (a, b)
+            what = f"{e} experts, 2-bit per expert" if reason is None else f"{e} experts: {reason}"
+            rows.append(PackDecision(f"{name}.{weight_name}", *out_in, reason is None, "packed" if reason is None else what,
+                                     "quantized" if reason is None else ""))  # fmt: skip
+    return rows
 
 
 def _ternary_codes(name: str, weight: Tensor, config: TernaryConfig, pre_quantized: PreQuantized):
@@ -169,9 +184,15 @@ def _pack(
     plan = plan_packing(model, config, example_inputs)
     _warn_nothing_packed_or_unmatched(plan, config)
     int8_modules = _int8_head_replacements(model, plan) if head == "int8" else {}
-    replacements: dict[str, PackedTernaryLinear] = {}
+    replacements: dict[str, nn.Module] = {}
+    float_experts = dict(expert_modules(model))
     for decision in plan:
         if not decision.packed:
+            continue
+        experts, _, weight_name = decision.name.rpartition(".")
+        if weight_name in EXPERT_WEIGHTS and experts in float_experts:
+            if experts not in replacements:  # gate_up_proj and down_proj: one packed module
+                replacements[experts] = PackedTernaryExperts.from_float(float_experts[experts], config)
             continue
         if not decision.name:
             raise ValueError("pack() replaces submodules: wrap a bare nn.Linear in a container (nn.Sequential)")

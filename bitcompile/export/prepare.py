@@ -17,6 +17,7 @@ from bitcompile.config import TernaryConfig
 from bitcompile.export.layouts import block_size_for, unsupported_reason
 from bitcompile.export.results import OnnxExportError
 from bitcompile.kernels.groups import EPS
+from bitcompile.runtime.experts import moe_layer_names
 from bitcompile.runtime.modules import PackedTernaryLinear, pack, replace_submodule
 
 
@@ -61,6 +62,12 @@ def prepare_model(model: nn.Module, config: TernaryConfig | None) -> tuple[nn.Mo
     """The module to export, whether it is a packed copy, and float-fallback reasons by layer name."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx: model must be an nn.Module, got {type(model).__name__}")
+    if moe := moe_layer_names(model):
+        raise OnnxExportError(
+            f"export_onnx: MoE layer {moe[0]!r} ({len(moe)} in the model) cannot be exported: routed ternary experts "
+            "have no ONNX translation yet (onnxruntime's com.microsoft.QMoE takes 4- or 8-bit experts, not 2-bit); "
+            "serve MoE models with bitcompile.pack"
+        )
     packed_layers = [m for m in model.modules() if isinstance(m, PackedTernaryLinear)]
     packed_copy = False
     if not packed_layers:

@@ -42,12 +42,12 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-@dataclasses.dataclass
-
 def _parameters(layer: LayerDecision) -> int:
     """Weights of one report row: an expert group (``num_experts``) counts every expert."""
     return max(getattr(layer, "num_experts", 0), 1) * layer.out_features * layer.in_features
 
+
+@dataclasses.dataclass
 class GraphReport:
     """One Dynamo graph of the report: the backend's record of it and its position among the graphs."""
 

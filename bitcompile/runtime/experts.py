@@ -32,6 +32,7 @@ from bitcompile.targets import get_kernel
 
 __all__ = [
     "EXPERT_WEIGHTS", "PackedTernaryExperts", "expert_modules", "experts_skip_reason", "install_expert_skeletons",
+    "moe_layer_names",
 ]  # fmt: skip
 
 #: The 3-D parameters of a transformers experts module, in call order.
@@ -175,3 +176,12 @@ def install_expert_skeletons(model: nn.Module, layer_names: list[str]) -> Callab
             replace_submodule(model, name, module)
 
     return restore
+
+
+def moe_layer_names(model: nn.Module) -> list[str]:
+    """The experts modules of ``model``, packed (:class:`PackedTernaryExperts`) or float, in module order."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, PackedTernaryExperts) or all(_is_3d_parameter(module, w) for w in EXPERT_WEIGHTS)
+    ]

@@ -295,8 +295,9 @@ def _serve_float_layers(model: nn.Module, plan: list[PackDecision], config: Tern
     """Route the fp32 CPU ``nn.Linear`` layers that stay float through :class:`FloatGemvLinear`."""
     if resolve_target(config.target) != "cpu" or not cpu_kernels.available():
         return
+    modules = dict(model.named_modules())
     for decision in plan:
-        module = model.get_submodule(decision.name) if decision.name else model
+        module = modules.get(decision.name)  # None for a row of MoE expert weights (not a module)
         if (
             not decision.packed
             and type(module) is nn.Linear

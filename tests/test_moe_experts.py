@@ -224,3 +224,17 @@ def test_export_onnx_refuses_moe_in_one_line(tmp_path):
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith("export_onnx: MoE layer 'model.layers.0.mlp.experts' (2 in the model) cannot be exported")
+
+
+def test_packed_decode_path_matches_grouped_path(monkeypatch):
+    import bitcompile.runtime.experts as experts_module
+
+    packed = bitcompile.pack(tiny_mixtral().eval()).model.layers[0].mlp.experts
+    x = torch.randn(3, 32)
+    index = torch.tensor([[1, 3], [3, 0], [2, 1]])
+    weights = torch.rand(3, 2)
+    with torch.no_grad():
+        row_by_row = packed(x, index, weights)  # 6 routed rows: the decode path
+        monkeypatch.setattr(experts_module, "DECODE_ROWS", 0)
+        grouped = packed(x, index, weights)
+    assert torch.equal(row_by_row, grouped)

@@ -3,9 +3,11 @@ experts module (3-D ``gate_up_proj`` / ``down_proj`` parameters) was.
 
 Each expert's two matrices become :class:`~bitcompile.runtime.layers.PackedTernaryLinear`
 layers (2-bit codes, fp32 scales per expert: DESIGN.md §3), and the routed tokens run through
-them one active expert at a time: one packed-kernel call per active expert and matrix. At
-decode (one token, top-k experts) that is ``2 * k`` GEMV calls, each the one-C-call hot path
-of ``PackedTernaryLinear``. Per-expert layers also make the checkpoint need nothing new: the
+them one active expert at a time: one packed-kernel call per active expert and matrix, with
+all the rows routed to that expert. At decode (a few routed rows) each row goes on its own,
+without the sort / bincount / scatter of the grouped path: ``2 * k`` GEMV calls per token,
+each the one-C-call hot path of ``PackedTernaryLinear``. (No grouped C kernel that runs
+every expert in one call exists yet; bench_moe.py measures this per-expert path.) Per-expert layers also make the checkpoint need nothing new: the
 packed layers are saved and loaded like any other (``experts.gate_up_proj.3``), and
 :func:`install_expert_skeletons` gives ``load_packed`` their places in a float model.
 
@@ -37,6 +39,9 @@ __all__ = [
 
 #: The 3-D parameters of a transformers experts module, in call order.
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+
+#: Up to this many routed rows (tokens x top-k) run row by row (the decode path), more are grouped by expert.
+DECODE_ROWS = 8
 
 _EXPERT_LAYER = re.compile(r"^(?P<module>.+)\.(?P<weight>gate_up_proj|down_proj)\.(?P<expert>\d+)$")
 
@@ -142,12 +147,30 @@ class PackedTernaryExperts(nn.Module):
         num_tokens, hidden = hidden_states.shape
         top_k = top_k_index.shape[-1]
         expert_ids = top_k_index.reshape(-1)
-        routed = hidden_states.new_zeros((num_tokens * top_k, hidden))
-        for expert, rows in expert_rows(expert_ids, self.num_experts):
-            gate, up = self.gate_up_proj[expert](hidden_states[rows // top_k]).chunk(2, dim=-1)
-            routed[rows] = self.down_proj[expert](self.act_fn(gate) * up)
+        if expert_ids.numel() <= DECODE_ROWS and not torch.compiler.is_compiling():
+            routed = self._route_rows(hidden_states, expert_ids.tolist(), top_k)
+        else:
+            routed = hidden_states.new_zeros((num_tokens * top_k, hidden))
+            for expert, rows in expert_rows(expert_ids, self.num_experts):
+                routed[rows] = self._expert(expert, hidden_states[rows // top_k])
         weighted = routed * top_k_weights.reshape(-1, 1)
         return weighted.view(num_tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
+
+    def _expert(self, expert: int, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj[expert](x).chunk(2, dim=-1)
+        return self.down_proj[expert](self.act_fn(gate) * up)
+
+    def _route_rows(self, hidden_states: Tensor, expert_ids: list[int], top_k: int) -> Tensor:
+        """Decode: each routed row on its own (no sort / bincount / scatter: at one token they cost
+        more than the four GEMVs). Per-token quantization makes a row's result independent of the
+        rows it would have been batched with."""
+        rows = [
+            self._expert(expert, hidden_states[row // top_k : row // top_k + 1])
+            if 0 <= expert < self.num_experts
+            else hidden_states.new_zeros((1, hidden_states.shape[1]))
+            for row, expert in enumerate(expert_ids)
+        ]
+        return torch.cat(rows)
 
     def extra_repr(self) -> str:
         first = self.gate_up_proj[0]

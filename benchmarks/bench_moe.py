@@ -1,6 +1,6 @@
 """Decode speed of a packed MoE (ternary experts) against its float version, in one run.
 
-    python benchmarks/bench_moe.py [--decode-tokens 32] [--prefill 16] [--threads 2] [--out FILE.json]
+    python benchmarks/bench_moe.py [--decode-tokens 32] [--prefill 16] [--threads 1] [--out FILE.json]
 
 A Mixtral-shaped model with random weights (no download): hidden 512, 8 experts of
 intermediate 768, top-2, 4 layers, 8 heads / 2 KV heads, vocab 4096. The float model runs
@@ -96,7 +96,9 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--prefill", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    # 1 by default: on a loaded machine torch's 2-thread fp32 GEMMs spin-wait and the float
+    # baseline came out 10-20x slower (1.1 tok/s vs 24 at 1 thread), which would flatter pack
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/moe.json")
     args = parser.parse_args()
 

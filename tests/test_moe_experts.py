@@ -238,3 +238,9 @@ def test_packed_decode_path_matches_grouped_path(monkeypatch):
         monkeypatch.setattr(experts_module, "DECODE_ROWS", 0)
         grouped = packed(x, index, weights)
     assert torch.equal(row_by_row, grouped)
+
+
+def test_explain_warns_when_eager_experts_never_reach_a_graph():
+    with pytest.warns(bitcompile.BitcompileWarning, match=r"MoE experts model\.layers\.0\.mlp\.experts, model\.layers\.1\.mlp\.experts \(2 module\(s\)\) never reached a compiled graph \(experts_implementation='eager'"):
+        report = bitcompile.explain(tiny_mixtral("eager"), torch.randint(0, 64, (1, 4)))
+    assert not [layer for layer in report.layers if layer.kind == "experts"]

@@ -147,6 +147,9 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Exp
 
     config = TernaryConfig.from_options(options)
     records = capture(model, example_inputs, config)
+    from bitcompile.passes.experts import warn_experts_outside_graphs
+
+    warn_experts_outside_graphs(model, [d for r in records for d in r.layers])  # MoE experts Dynamo never saw
     # The report keeps what it shows; the graph module and example inputs would keep packed copies alive.
     graphs = [
         GraphReport(i, dataclasses.replace(r, graph_module=None, example_inputs=())) for i, r in enumerate(records)

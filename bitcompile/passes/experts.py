@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,7 +46,10 @@ from bitcompile.policy import layer_skip_reason
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExpertSite", "ExpertsDecision", "discover_experts", "expert_ids_from_offsets", "rewrite_experts"]
+__all__ = [
+    "ExpertSite", "ExpertsDecision", "discover_experts", "expert_ids_from_offsets", "rewrite_experts",
+    "warn_experts_outside_graphs",
+]  # fmt: skip
 
 #: The kernels whose contract functions the experts op runs on (a lowering target plans linears only).
 EXPERT_KERNELS = ("reference", "cpu")
@@ -296,3 +300,28 @@ def _rewrite_site(graph: torch.fx.Graph, site: ExpertSite, config: TernaryConfig
     for dead in (site.gather, *site.via):
         if dead is not None and not dead.users:
             graph.erase_node(dead)
+
+
+def warn_experts_outside_graphs(model: nn.Module, decisions: Sequence[LayerDecision]) -> list[str]:
+    """Warn about float experts modules of ``model`` none of whose weights reached a compiled graph.
+
+    transformers' ``experts_implementation="eager"`` loops over the experts hit in Python;
+    Dynamo breaks the graph there and the loop runs uncompiled, so its experts would silently
+    train in float. Returns the names warned about.
+    """
+    from bitcompile.config import BitcompileWarning
+    from bitcompile.runtime.experts import expert_modules
+
+    seen = {d.name.rpartition(".")[0] for d in decisions if isinstance(d, ExpertsDecision)}
+    missing = [(name, module) for name, module in expert_modules(model) if name not in seen]
+    if missing:
+        implementation = getattr(getattr(missing[0][1], "config", None), "_experts_implementation", None)
+        names = ", ".join(name for name, _ in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        warnings.warn(
+            f"MoE experts {names} ({len(missing)} module(s)) never reached a compiled graph "
+            f"(experts_implementation={implementation!r} runs them outside it), so training keeps them float; "
+            "use model.set_experts_implementation('grouped_mm')",
+            BitcompileWarning,
+            stacklevel=3,
+        )
+    return [name for name, _ in missing]

@@ -97,7 +97,10 @@ class GraphReport:
 
     def layer_node(self, layer: LayerDecision) -> str:
         """Name of the graph node (before the rewrite) that made this layer's call."""
-        return layer.site.node.name if layer.site is not None else ""
+        if layer.site is None:  # an MoE expert group: its first call
+            sites = getattr(layer, "sites", ())
+            return sites[0].node.name if sites else ""
+        return layer.site.node.name
 
     def to_json(self) -> dict[str, Any]:
         layers = []

@@ -73,6 +73,9 @@ def describe_graph(
     examples = dict(zip([n for n in nodes if n.op == "placeholder"], example_inputs))
     skipped = {d.site.node: d.name for d in decisions if not d.rewritten and d.site is not None}
     by_weight = {d.site.weight: d.name for d in decisions if d.rewritten and d.site is not None}
+    # MoE expert groups (passes/experts.py) carry their calls in ``sites``
+    skipped.update({s.node: d.name for d in decisions if not d.rewritten for s in getattr(d, "sites", ())})
+    by_weight.update({s.weight: d.name for d in decisions if d.rewritten for s in getattr(d, "sites", ())})
     new = [n for n in nodes if n not in existing]
     # A new node belongs to the layer whose weight it reads, or to a new neighbour's layer.
     layer_of = {n: by_weight[a] for n in new for a in n.all_input_nodes if a in by_weight}

@@ -13,6 +13,7 @@ first checks that ranks given different options all raise.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -276,6 +277,129 @@ def scenario_checkpoint(rank: int, world: int, out: Path) -> dict:
     return result
 
 
+TP_RUNS = [-1, "tensor", 16]  # scale modes of the tensor-parallel runs (16 divides every row-parallel K shard)
+
+
+def tp_model(group_size, mesh) -> nn.Module:
+    """A tensor-parallel (Megatron plan) TinyLlama, the whole model compiled with bitcpm."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from bitcompile.distributed import check_plan, megatron_plan
+
+    model = new_model()
+    plan = megatron_plan(model)
+    check_plan(plan)
+    check_options(options(group_size))
+    parallelize_module(model, mesh, plan)
+    return model
+
+
+def scenario_tp(rank: int, world: int) -> dict:
+    """2-rank TP vs 1 process on the same batch (every TP rank sees the whole batch)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    runs = []
+    for group_size in TP_RUNS:
+        torch._dynamo.reset()
+        model = tp_model(group_size, mesh)
+        rewritten: set[str] = set()
+        ops: list[str] = []
+
+        def keep(record, rewritten=rewritten, ops=ops):
+            rewritten.update(d.name for d in record.layers if d.rewritten)
+            ops.extend(str(n.target) for n in record.graph_module.graph.nodes if n.op == "call_function")
+
+        compiled = torch.compile(model, backend="bitcpm", options=options(group_size))
+        opt = torch.optim.AdamW(model.parameters(), lr=LR)
+        losses, counted = [], {}
+        with observe_compilations(keep):
+            for step in range(STEPS):
+                tokens = batch(step, 1)
+                with count_collectives() if step == STEPS - 1 else contextlib.nullcontext({}) as counts:
+                    loss = loss_fn(compiled, tokens)
+                    loss.backward()
+                counted = dict(counts)
+                if step == 0:
+                    grads = {n.removesuffix(".weight"): float(_local(p.grad).abs().sum()) for n, p in model.named_parameters()}
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+        weights = full_weights(model)  # every rank: full_tensor() is a collective
+        runs.append({"group_size": group_size, "losses": losses, "collectives_step": counted,
+                     "rewritten": sorted(rewritten), "sharded_ops": ops.count("bitcpm.ternary_linear_sharded.default"),
+                     "grads": grads, "weights": {k: v.tolist() for k, v in weights.items()} if rank == 0 else {}})  # fmt: skip
+    refs = {i: reference_run(gs, False, STEPS, 1) for i, gs in enumerate(TP_RUNS) if i % world == rank}
+    all_refs: list = [None] * world
+    dist.all_gather_object(all_refs, refs)
+    merged = {i: r for part in all_refs for i, r in part.items()}
+    for i, run in enumerate(runs):
+        run["reference"] = merged[i] if rank == 0 else {"losses": merged[i]["losses"]}
+    return {"runs": runs, "steps": STEPS, "plan_mismatch": scenario_plan_mismatch(rank, world, mesh)}
+
+
+def scenario_two_bit(rank: int, world: int, param_dtypes=("float32",)) -> dict:
+    """FSDP2 with precomputed per-tensor scales: float all-gather vs 2-bit all-gather, same data."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from bitcompile.distributed import enable_two_bit_all_gather
+
+    opts = options("tensor")
+    runs = []
+    for param_dtype in param_dtypes:
+        for two_bit in (False, True):
+            torch._dynamo.reset()
+            model = new_model()
+            enable_tensor_scales(model, opts, auto=False)
+            gathered = enable_two_bit_all_gather(model) if two_bit else []
+            mp = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype), reduce_dtype=torch.float32)
+            for layer in model.layers:
+                compile_module(layer, opts)
+                fully_shard(layer, mp_policy=mp)
+            compile_module(model.lm_head, opts)
+            fully_shard(model, mp_policy=mp)
+            opt = torch.optim.AdamW(model.parameters(), lr=LR)
+            losses, counted, counted_bytes = [], {}, {}
+            precompute_tensor_scales(model)
+            for step in range(STEPS):
+                tokens = batch(step, world)[rank * PER_RANK_BATCH : (rank + 1) * PER_RANK_BATCH]
+                with count_collectives() if step == STEPS - 1 else contextlib.nullcontext({}) as counts:
+                    loss = loss_fn(model, tokens)
+                    loss.backward()
+                if step == STEPS - 1:
+                    counted, counted_bytes = dict(counts), dict(counts.bytes)
+                if step == 0:
+                    grad_dtypes = sorted({str(_local(p.grad).dtype) for p in model.parameters()})
+                    grad_sums = {n: float(_local(p.grad).abs().sum()) for n, p in model.named_parameters()}
+                opt.step()
+                opt.zero_grad()
+                precompute_tensor_scales(model)
+                losses.append(loss.item())
+            all_losses: list = [None] * world
+            dist.all_gather_object(all_losses, losses)
+            weights = full_weights(model)
+            runs.append({"param_dtype": param_dtype, "two_bit": two_bit, "gathered_2bit": gathered,
+                         "mean_losses": [sum(x) / world for x in zip(*all_losses)], "collectives_step": counted,
+                         "bytes_step": counted_bytes, "grad_dtypes": grad_dtypes, "grads": grad_sums,
+                         "weights": {k: v.tolist() for k, v in weights.items()} if rank == 0 else {}})  # fmt: skip
+    return {"runs": runs, "steps": STEPS}
+
+
+def scenario_plan_mismatch(rank: int, world: int, mesh) -> dict:
+    """Rank 1 forgets to parallelize down_proj: every rank must raise the same error, at once."""
+    from bitcompile.distributed import PlanMismatchError, check_plan, megatron_plan
+
+    plan = megatron_plan(new_model())
+    if rank == 1:
+        del plan["layers.1.mlp.down_proj"]
+    start = time.monotonic()
+    try:
+        check_plan(plan)
+    except PlanMismatchError as err:
+        return {"error": str(err), "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
+
+
 def scenario_mismatch(rank: int, world: int) -> dict:
     opts = options(-1 if rank == 0 else 32)
     start = time.monotonic()
@@ -321,6 +445,10 @@ def main() -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     if scenario == "train":
         result = scenario_train(rank, world)
+    elif scenario == "two_bit":
+        result = scenario_two_bit(rank, world)
+    elif scenario == "tp":
+        result = scenario_tp(rank, world)
     elif scenario == "checkpoint":
         result = scenario_checkpoint(rank, world, out)
     elif scenario in ("die", "stall"):

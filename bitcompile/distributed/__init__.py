@@ -16,6 +16,8 @@ from __future__ import annotations
 from bitcompile.distributed.collectives import CollectiveCount, count_collectives
 from bitcompile.distributed.compile import compile_module
 from bitcompile.distributed.options import OptionsMismatchError, check_options
+from bitcompile.distributed.two_bit_gather import TernaryGatherWeight, enable_two_bit_all_gather
+from bitcompile.distributed.tensor_parallel import PlanMismatchError, check_plan, describe_plan, megatron_plan
 from bitcompile.distributed.scales import (
     StaleTensorScalesError,
     TensorScaledLinear,
@@ -27,12 +29,18 @@ from bitcompile.distributed.scales import (
 __all__ = [
     "CollectiveCount",
     "OptionsMismatchError",
+    "PlanMismatchError",
     "StaleTensorScalesError",
     "TensorScaledLinear",
+    "TernaryGatherWeight",
     "check_options",
+    "check_plan",
     "compile_module",
     "count_collectives",
+    "describe_plan",
     "enable_tensor_scales",
+    "enable_two_bit_all_gather",
+    "megatron_plan",
     "precompute_tensor_scales",
     "tensor_scale_mode",
 ]

@@ -6,9 +6,11 @@ SCENARIO OUT_DIR`` writes ``OUT_DIR/rank{r}.json`` with what the test asserts on
 
 Scenarios: ``train`` (DDP and FSDP2 vs 1-rank training on the concatenated batch, for each
 scale mode, with collectives counted per step; ranks with different options), ``checkpoint`` (DCP save / load / resume,
-then ``bitcompile.pack`` of the gathered model), ``die`` / ``stall`` (rank 1 dies or stops
-answering mid-training; rank 0 must error out within the collective timeout). ``train``
-first checks that ranks given different options all raise.
+then ``bitcompile.pack`` of the gathered model), ``die`` / ``stall`` / ``die_tp`` (rank 1 dies
+or stops answering mid-training, under DDP or tensor parallelism; rank 0 must error out within
+the collective timeout), ``tp`` (Megatron-plan tensor parallelism vs 1 process, for each scale
+mode; a group size that straddles shards; mismatched plans), ``two_bit`` (FSDP2 float vs 2-bit
+all-gather, with bytes per step). ``train`` first checks that ranks given different options all raise.
 """
 
 from __future__ import annotations
@@ -335,7 +337,13 @@ def scenario_tp(rank: int, world: int) -> dict:
     merged = {i: r for part in all_refs for i, r in part.items()}
     for i, run in enumerate(runs):
         run["reference"] = merged[i] if rank == 0 else {"losses": merged[i]["losses"]}
-    return {"runs": runs, "steps": STEPS, "plan_mismatch": scenario_plan_mismatch(rank, world, mesh)}
+    torch._dynamo.reset()
+    try:  # groups of 12 along K straddle the 16-column shards of the row-parallel o_proj
+        torch.compile(tp_model(12, mesh), backend="bitcpm", options=options(12))(batch(0, 1)[:, :-1])
+        straddle = None
+    except bitcompile.TernaryConfigError as err:
+        straddle = f"{type(err).__name__}: {err}"
+    return {"runs": runs, "steps": STEPS, "plan_mismatch": scenario_plan_mismatch(rank, world, mesh), "straddle": straddle}
 
 
 def scenario_two_bit(rank: int, world: int, param_dtypes=("float32",)) -> dict:
@@ -410,12 +418,17 @@ def scenario_mismatch(rank: int, world: int) -> dict:
     return {"error": None, "seconds": time.monotonic() - start}
 
 
-def scenario_die(rank: int, world: int, out: Path, stall: bool) -> dict:
-    """Rank 1 dies (``die``) or stops answering (``stall``) at step 1; rank 0's step 1 must raise."""
+def scenario_die(rank: int, world: int, out: Path, stall: bool, tensor_parallel: bool = False) -> dict:
+    """Rank 1 dies (``die``, ``die_tp``) or stops answering (``stall``) at step 1; rank 0's step 1 must raise."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     opts = options(-1)
-    model = DDP(new_model(), **no_buffer_sync())
+    if tensor_parallel:  # every TP rank sees the whole batch
+        from torch.distributed.device_mesh import init_device_mesh
+
+        model = tp_model(-1, init_device_mesh("cpu", (world,)))
+    else:
+        model = DDP(new_model(), **no_buffer_sync())
     compiled = torch.compile(model, backend="bitcpm", options=opts)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     for step in range(3):
@@ -427,7 +440,7 @@ def scenario_die(rank: int, world: int, out: Path, stall: bool) -> dict:
         start = time.monotonic()
         try:
             tokens = batch(step, world)[rank * PER_RANK_BATCH : (rank + 1) * PER_RANK_BATCH]
-            loss_fn(compiled, tokens).backward()
+            loss_fn(compiled, batch(step, 1) if tensor_parallel else tokens).backward()
             opt.step()
             opt.zero_grad()
         except Exception as err:
@@ -451,8 +464,8 @@ def main() -> int:
         result = scenario_tp(rank, world)
     elif scenario == "checkpoint":
         result = scenario_checkpoint(rank, world, out)
-    elif scenario in ("die", "stall"):
-        result = scenario_die(rank, world, out, stall=scenario == "stall")
+    elif scenario in ("die", "stall", "die_tp"):
+        result = scenario_die(rank, world, out, stall=scenario == "stall", tensor_parallel=scenario == "die_tp")
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     (out / f"rank{rank}.json").write_text(json.dumps(result))

@@ -393,6 +393,55 @@ def scenario_two_bit(rank: int, world: int, param_dtypes=("float32",)) -> dict:
     return {"runs": runs, "steps": STEPS}
 
 
+def scenario_fsdp_tp(rank: int, world: int, dp: int) -> dict:
+    """2-D: FSDP2 over ``dp`` ranks x TP over ``world // dp`` ranks vs 1 process on the concatenated batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from bitcompile.distributed import check_plan, megatron_plan
+
+    mesh = init_device_mesh("cpu", (dp, world // dp), mesh_dim_names=("dp", "tp"))
+    dp_rank = mesh["dp"].get_local_rank()
+    opts = options(-1)
+    torch._dynamo.reset()
+    model = new_model()
+    plan = megatron_plan(model)
+    check_plan(plan)
+    check_options(opts)
+    parallelize_module(model, mesh["tp"], plan)
+    for layer in model.layers:
+        compile_module(layer, opts)
+        fully_shard(layer, mesh=mesh["dp"])
+    compile_module(model.lm_head, opts)
+    fully_shard(model, mesh=mesh["dp"])
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses, counted, counted_bytes = [], {}, {}
+    for step in range(STEPS):
+        tokens = batch(step, dp)[dp_rank * PER_RANK_BATCH : (dp_rank + 1) * PER_RANK_BATCH]
+        with count_collectives() if step == STEPS - 1 else contextlib.nullcontext({}) as counts:
+            loss = loss_fn(model, tokens)
+            loss.backward()
+        if step == STEPS - 1:
+            counted, counted_bytes = dict(counts), dict(counts.bytes)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, (dp_rank, losses))
+    per_dp = {r: l for r, l in gathered}
+    mean_losses = [sum(x) / dp for x in zip(*(per_dp[r] for r in range(dp)))]
+    weights = full_weights(model)
+    result = {"dp": dp, "tp": world // dp, "mean_losses": mean_losses, "collectives_step": counted, "bytes_step": counted_bytes}
+    if rank == 0:
+        ref = reference_run(-1, False, STEPS, dp)
+        result["reference"] = ref["losses"]
+        result["max_weight_diff"] = max(
+            float((torch.tensor(ref["weights"][k]) - weights[k]).abs().max()) for k in ref["weights"]
+        )
+    return result
+
+
 def scenario_plan_mismatch(rank: int, world: int, mesh) -> dict:
     """Rank 1 forgets to parallelize down_proj: every rank must raise the same error, at once."""
     from bitcompile.distributed import PlanMismatchError, check_plan, megatron_plan
@@ -458,6 +507,8 @@ def main() -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     if scenario == "train":
         result = scenario_train(rank, world)
+    elif scenario.startswith("fsdp_tp"):  # fsdp_tp<dp>
+        result = scenario_fsdp_tp(rank, world, int(scenario.removeprefix("fsdp_tp") or 2))
     elif scenario == "two_bit":
         result = scenario_two_bit(rank, world)
     elif scenario == "tp":

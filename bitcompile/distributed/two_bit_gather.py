@@ -19,10 +19,15 @@ The approach of torchao's ``bitnet_training`` (``BitNetTrainingLinearWeight``), 
 Packing (row-major, K padded with zeros to a multiple of 4), code ``c`` stored as ``c + 1``::
 
     codes  [a, b, c, d]  ->  byte  dd cc bb aa   (a in bits 0-1, d in bits 6-7)
+
+A layer whose row count is not a multiple of the FSDP ranks is gathered as int8 codes (one
+byte per weight, with a BitcompileWarning): FSDP2 pads such a shard and wants the all-gather
+input in the padded shard's shape.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -30,9 +35,11 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from bitcompile.distributed.scales import StaleTensorScalesError, TensorScaledLinear
+from bitcompile.config import BitcompileWarning
 from bitcompile.kernels.groups import EPS
 
 aten = torch.ops.aten
+_WARNED_UNEVEN: set[str] = set()
 
 #: ops whose result is still the parameter (FSDP2 shards, pads, views and copies it with these)
 _KEEP_WRAPPED = {
@@ -114,14 +121,31 @@ class TernaryGatherWeight(Tensor):
             )
         scale = self._scale.detach().float().clamp_min(EPS)
         codes = torch.clamp(torch.round(self._data.detach().float() / scale), -1, 1).to(torch.int8)
-        return (pack_ternary(codes),), (scale.clone(), self.shape[1])
+        rows, world = outer_size[0], mesh.size()
+        if rows % world == 0:
+            return (pack_ternary(codes),), (scale.clone(), self.shape[1], rows)
+        # FSDP2 pads an uneven shard and then wants the all-gather input in the padded shard's
+        # shape: the codes go as one int8 per weight (4x fewer bytes than fp32, not 16x)
+        if self._name not in _WARNED_UNEVEN:
+            _WARNED_UNEVEN.add(self._name)
+            warnings.warn(
+                f"2-bit all-gather: {self._name!r} has {rows} rows, not a multiple of the {world} FSDP ranks; FSDP2 "
+                "needs this layer's all-gather input in its padded shard shape, so it gathers int8 codes "
+                "(1 byte per weight) instead of 2-bit ones",
+                BitcompileWarning,
+                stacklevel=2,
+            )
+        padded = codes.new_zeros((-(-rows // world), codes.shape[1]))
+        padded[: codes.shape[0]] = codes
+        return (padded,), (scale.clone(), self.shape[1], rows)
 
     def fsdp_post_all_gather(
         self, all_gather_outputs: tuple[Tensor, ...], metadata: Any, param_dtype: torch.dtype, *, out: Tensor | None = None
     ):
-        (packed,) = all_gather_outputs
-        scale, in_features = metadata
-        weight = unpack_ternary(packed, in_features).to(param_dtype) * scale.to(param_dtype)
+        (gathered,) = all_gather_outputs
+        scale, in_features, rows = metadata
+        codes = unpack_ternary(gathered, in_features) if gathered.dtype == torch.uint8 else gathered
+        weight = codes[:rows].to(param_dtype) * scale.to(param_dtype)
         if out is not None:  # later all-gathers: refill the unsharded parameter FSDP2 keeps (its storage was freed)
             with torch.no_grad():
                 out.copy_(weight)

@@ -117,3 +117,69 @@ def test_fsdp2_times_tensor_parallel_on_a_2x2_mesh_matches_one_process(tmp_path)
     assert r["max_weight_diff"] <= TOL
     # FSDP2's 5 all-gathers and 3 reduce-scatters on the dp axis, TP's 22 all-reduces on the tp axis
     assert r["collectives_step"] == {"_allgather_base_": 5, "_reduce_scatter_base_": 3, "allreduce_": 22}
+
+
+# --------------------------------------------------------------------------- one process
+
+
+@pytest.mark.parametrize("group_size", [-1, 0, 8])
+@pytest.mark.parametrize("quantize_activations", [True, False])
+def test_sharded_op_with_the_global_statistics_equals_the_training_op(group_size, quantize_activations):
+    import bitcompile.ops  # noqa: F401
+    from bitcompile.kernels import reference
+
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    w = torch.randn(12, 24, requires_grad=True)
+    ref = torch.ops.bitcpm.ternary_linear(x, w, None, group_size, quantize_activations, "reference")
+    absmax = x.detach().abs().amax(-1)
+    # what the graph hands the op for a row-parallel layer: global absmeans and the token absmax
+    scale = {-1: w.detach().abs().sum(1, keepdim=True) / 24, 0: w.detach().abs().sum() / w.numel(), 8: None}[group_size]
+    gy = torch.randn_like(ref[0])
+    ref_grads = torch.autograd.grad(ref[0], (x, w), gy)
+    for given_scale, given_absmax in ((None, None), (scale, absmax if quantize_activations else None)):
+        got = torch.ops.bitcpm.ternary_linear_sharded(x, w, None, given_scale, given_absmax, group_size, quantize_activations, "reference")
+        for r, g in zip(ref, got):
+            torch.testing.assert_close(g, r, rtol=0, atol=1e-6)
+        for r, g in zip(ref_grads, torch.autograd.grad(got[0], (x, w), gy)):
+            torch.testing.assert_close(g, r, rtol=0, atol=1e-6)
+    torch.library.opcheck(
+        torch.ops.bitcpm.ternary_linear_sharded.default, (x, w, None, scale, absmax, group_size, quantize_activations, "reference")
+    )
+    # a given absmax really is used: half of it clips the codes
+    if quantize_activations:
+        clipped = torch.ops.bitcpm.ternary_linear_sharded(x, w, None, scale, absmax / 2, group_size, True, "reference")
+        assert not torch.equal(clipped[1], ref[1])
+        codes, scales = reference.quantize_activations(x.detach().reshape(-1, 24))
+        assert torch.equal(ref[1], codes) and torch.equal(ref[2], scales)
+
+
+def test_ternary_codes_pack_four_per_byte_and_round_trip():
+    from bitcompile.distributed.two_bit_gather import pack_ternary, unpack_ternary
+
+    codes = torch.randint(-1, 2, (6, 13), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    packed = pack_ternary(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (6, 4)
+    assert torch.equal(unpack_ternary(packed, 13), codes)
+    # the documented layout: code c stored as c + 1, first code in the low bits
+    one = torch.tensor([[-1, 0, 1, 1]], dtype=torch.int8)
+    assert int(pack_ternary(one)) == 0b10_10_01_00
+
+
+def test_megatron_plan_and_two_bit_preconditions():
+    from bitcompile.distributed import enable_tensor_scales, enable_two_bit_all_gather, megatron_plan
+    from bitcompile.models.tiny_llama import TinyLlama, TinyLlamaConfig
+
+    model = TinyLlama(TinyLlamaConfig(hidden_size=32, intermediate_size=64, num_layers=2, tie_embeddings=False))
+    plan = megatron_plan(model)
+    assert {n for n, s in plan.items() if type(s).__name__ == "RowwiseParallel"} == {
+        f"layers.{i}.{p}" for i in range(2) for p in ("self_attn.o_proj", "mlp.down_proj")
+    }
+    assert len(plan) == 14
+    with pytest.raises(ValueError, match="no layers"):
+        megatron_plan(torch.nn.Linear(3, 3))
+    with pytest.raises(RuntimeError, match="enable_tensor_scales"):
+        enable_two_bit_all_gather(model)
+    enable_tensor_scales(model, {"group_size": "tensor"})
+    with pytest.raises(ValueError, match="auto=False"):
+        enable_two_bit_all_gather(model)

@@ -7,6 +7,7 @@ op                                module
 ``ternary_linear_backward``       :mod:`bitcompile.ops.training` (fused straight-through backward)
 ``ternary_linear_prescaled``      :mod:`bitcompile.ops.prescaled` (per-tensor, scale given)
 ``tensor_scale_marker``           :mod:`bitcompile.ops.prescaled` (ties a weight to its scale buffer)
+``ternary_linear_sharded``        :mod:`bitcompile.ops.sharded` (tensor parallelism: scales given, DTensor rules)
 ``ternary_linear_packed``         :mod:`bitcompile.ops.packed` (serving on 2-bit weights)
 ``float_gemv_linear``             :mod:`bitcompile.ops.dense` (the fp32 head a packed model keeps)
 ``int8_dense_linear``             :mod:`bitcompile.ops.dense` (the W8A8 head of ``pack(head="int8")``)
@@ -22,6 +23,7 @@ from bitcompile.ops.checks import check_linear_args, check_packed_linear_args, c
 from bitcompile.ops.dense import float_gemv, float_gemv_linear, int8_dense_linear_op, int8_linear
 from bitcompile.ops.packed import prepared_cpu_call, ternary_linear_packed
 from bitcompile.ops.prescaled import quantize_weight_with_scale, tensor_scale_marker, ternary_linear_prescaled
+from bitcompile.ops.sharded import quantize_activations_with_absmax, register_dtensor_rules, ternary_linear_sharded
 from bitcompile.ops.training import (
     save_for_ternary_backward,
     ternary_backward,
@@ -42,7 +44,9 @@ __all__ = [
     "int8_dense_linear_op",
     "int8_linear",
     "prepared_cpu_call",
+    "quantize_activations_with_absmax",
     "quantize_weight_with_scale",
+    "register_dtensor_rules",
     "save_for_ternary_backward",
     "tensor_scale_marker",
     "ternary_backward",
@@ -52,5 +56,6 @@ __all__ = [
     "ternary_linear_output",
     "ternary_linear_packed",
     "ternary_linear_prescaled",
+    "ternary_linear_sharded",
     "ternary_outputs_like",
 ]

@@ -102,7 +102,7 @@ void bc_gemm_t5_f32_generic(const bc_gemm_args *a, int n0, int n1) {
 
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,gfni,avx2,fma")
 #include <immintrin.h>
 
 #define INLINE static inline __attribute__((always_inline))
@@ -139,22 +139,27 @@ INLINE void decode_block(__m512i raw, const __m512i tab[4], __m512i c[5]) {
     __m512i fifth = _mm512_permutex2var_epi8(tab[2], raw, tab[3]);
     c[4] = _mm512_mask_sub_epi8(fifth, neg, _mm512_set1_epi8(2), fifth);
     c[0] = _mm512_and_si512(four, m3);
-    c[1] = _mm512_and_si512(_mm512_srli_epi16(four, 2), m3);
-    c[2] = _mm512_and_si512(_mm512_srli_epi16(four, 4), m3);
-    c[3] = _mm512_and_si512(_mm512_srli_epi16(four, 6), m3);
+    /* bits 2i, 2i+1 -> bits 0, 1 in one GF(2) affine instruction (as bc_avx512_gfni.c does) */
+#define PLANE(i) _mm512_gf2p8affine_epi64_epi8(four, _mm512_set1_epi64(((long long)(1 << (2 * (i))) << 56) | ((long long)(2 << (2 * (i))) << 48)), 0)
+    c[1] = PLANE(1);
+    c[2] = PLANE(2);
+    c[3] = PLANE(3);
+#undef PLANE
 }
 
 /* one scale column (per row / per tensor): exact int32 dots of MR activation rows x NR weight rows */
 INLINE void tile_t5(const bc_gemm_args *a, const __m512i tab[4], int m0, int n0, const int MR, const int NR) {
     const int64_t ldw = a->Kp / 5;
     const int nblk = a->Kp / BC_T5_BLOCK_K;
-    __m512i acc[4][4];
+    /* NOTE: two accumulators per output (even / odd planes): five dependent vpdpbusd per block
+     * on one accumulator made the loop latency-bound */
+    __m512i acc[4][4], acc2[4][4];
     const uint8_t *wp[4];
     const int8_t *xp[4];
     for (int n = 0; n < NR; n++) wp[n] = a->w + (int64_t)(n0 + n) * ldw;
     for (int m = 0; m < MR; m++) xp[m] = a->xq + (int64_t)(m0 + m) * a->Kp;
     for (int m = 0; m < MR; m++)
-        for (int n = 0; n < NR; n++) acc[m][n] = _mm512_setzero_si512();
+        for (int n = 0; n < NR; n++) acc[m][n] = acc2[m][n] = _mm512_setzero_si512();
     /* NOTE: as in bc_avx512.c, NR rows read side by side defeat the hardware prefetcher */
     const char *pf = (const char *)(a->w + (int64_t)(n0 + NR) * ldw) + PF_AHEAD;
     const int do_pf = pf + 64 * NR * nblk <= (const char *)(a->w + (int64_t)a->N * ldw);
@@ -166,15 +171,18 @@ INLINE void tile_t5(const bc_gemm_args *a, const __m512i tab[4], int m0, int n0,
             decode_block(_mm512_loadu_si512(wp[n] + 64 * b), tab, c);
             for (int m = 0; m < MR; m++) {
                 const int8_t *x = xp[m] + BC_T5_BLOCK_K * b;
-#pragma GCC unroll 5
-                for (int i = 0; i < 5; i++) acc[m][n] = _mm512_dpbusd_epi32(acc[m][n], c[i], _mm512_loadu_si512(x + 64 * i));
+                acc[m][n] = _mm512_dpbusd_epi32(acc[m][n], c[0], _mm512_loadu_si512(x));
+                acc2[m][n] = _mm512_dpbusd_epi32(acc2[m][n], c[1], _mm512_loadu_si512(x + 64));
+                acc[m][n] = _mm512_dpbusd_epi32(acc[m][n], c[2], _mm512_loadu_si512(x + 128));
+                acc2[m][n] = _mm512_dpbusd_epi32(acc2[m][n], c[3], _mm512_loadu_si512(x + 192));
+                acc[m][n] = _mm512_dpbusd_epi32(acc[m][n], c[4], _mm512_loadu_si512(x + 256));
             }
         }
     }
     for (int m = 0; m < MR; m++) {
         __m512i cv = _mm512_loadu_si512(a->corr + (int64_t)(m0 + m) * a->n_units * 16);
         for (int n = 0; n < NR; n++) {
-            int32_t dot = _mm512_reduce_add_epi32(_mm512_sub_epi32(acc[m][n], cv));
+            int32_t dot = _mm512_reduce_add_epi32(_mm512_sub_epi32(_mm512_add_epi32(acc[m][n], acc2[m][n]), cv));
             float y = (float)dot * a->sw[(int64_t)(n0 + n) * a->G];
             bc_store(a, m0 + m, n0 + n, bc_finish_row(a, m0 + m, n0 + n, y));
         }

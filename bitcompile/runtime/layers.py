@@ -189,6 +189,10 @@ class PackedTernaryLinear(FixedFormatModule):
         tensor, made on each call, for a 1.6-bit one)."""
         if self.layout == "2bit":
             return self.packed
+        if torch.compiler.is_compiling():
+            # NOTE: data-dependent checks inside; the compiled graph takes the 2-bit bytes as an
+            # input (disable() is applied here, not at import: it loads Dynamo)
+            return torch.compiler.disable(_repack_2bit)(self.packed, self.in_features)
         return _repack_2bit(self.packed, self.in_features)
 
     def _bias_requires_grad(self) -> bool:
@@ -241,7 +245,6 @@ class PackedTernaryLinear(FixedFormatModule):
         )
 
 
-@torch.compiler.disable  # NOTE: a data-dependent check inside; compiled graphs take its output as an input
 def _repack_2bit(packed: Tensor, in_features: int) -> Tensor:
     """1.6-bit bytes -> the canonical 2-bit bytes of the same codes."""
     return pack_codes(packing_base3.unpack_codes(packed, in_features))
@@ -262,8 +265,6 @@ class FloatGemvLinear(nn.Linear):
     computes_plain_linear = True  # policy.forward_override_reason: same result as nn.Linear.forward
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.layout == "1.6bit":
-            return self._forward_base3(x)
         if torch.compiler.is_compiling():
             if not torch.is_grad_enabled() and x.is_cpu and x.dtype == torch.float32 and self.weight.dtype == torch.float32:
                 # one extern call (the GEMV at decode sizes); discovery treats it as F.linear

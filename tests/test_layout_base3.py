@@ -106,8 +106,8 @@ def isa(request, monkeypatch):
     return request.param
 
 
-SHAPES = [(1, 1, 1), (1, 13, 100), (2, 7, 320), (1, 5, 321), (3, 9, 577), (1, 67, 1000), (5, 4, 641), (9, 6, 255),
-          (17, 19, 1000), (1, 33, 4096)]  # fmt: skip
+SHAPES = [(1, 1, 1), (1, 13, 100), (2, 7, 320), (1, 5, 321), (3, 9, 577), (1, 37, 1000), (5, 4, 641), (9, 6, 255),
+          (17, 11, 700), (1, 9, 4096)]  # fmt: skip
 
 
 @needs_c
@@ -249,7 +249,8 @@ def test_onnx_export_writes_2bit_and_says_so(tmp_path):
     x = torch.randn(2, 577)
     outputs = []
     for layout in ("2bit", "1.6bit"):
-        model = bitcompile.pack(_mlp(), layout=layout)
+        torch.manual_seed(0)
+        model = bitcompile.pack(nn.Sequential(nn.Linear(577, 33)), layout=layout)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             bitcompile.export_onnx(model, (x,), tmp_path / f"{layout}.onnx")

@@ -277,7 +277,7 @@ static int has_gfni(void) {
     return v;
 }
 
-/* AVX512_VBMI (CPUID.7.0:ECX bit 1): vpermi2b, the table lookup of the 1.6-bit kernel (which also needs GFNI) */
+/* AVX512_VBMI (CPUID.7.0:ECX bit 1): vpermi2b, the table lookup of the 1.6-bit kernel */
 static int has_vbmi(void) {
     static atomic_int cache = -1;
     int v = atomic_load(&cache);
@@ -297,13 +297,13 @@ static int has_vbmi(void) {
 int bc_plan_t5_i8(int isa, int group, int Kp, int *unit_chunks) {
     int nch = Kp / BC_CHUNK_K;
     *unit_chunks = nch > 0 ? nch : 1;
-    return isa == BC_ISA_AVX512 && group <= 0 && has_vbmi() && has_gfni() ? BC_ISA_AVX512 : BC_ISA_GENERIC;
+    return isa == BC_ISA_AVX512 && group <= 0 && has_vbmi() ? BC_ISA_AVX512 : BC_ISA_GENERIC;
 }
 
 static bc_gemm_fn i8_kernel(int isa, int layout) {
     if (layout == BC_LAYOUT_T5) {
 #ifdef BC_X86
-        if (isa == BC_ISA_AVX512 && has_vbmi() && has_gfni()) return bc_gemm_t5_i8_avx512_vbmi;
+        if (isa == BC_ISA_AVX512 && has_vbmi()) return bc_gemm_t5_i8_avx512_vbmi;
 #endif
         return bc_gemm_t5_i8_generic;
     }

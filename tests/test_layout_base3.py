@@ -260,3 +260,15 @@ def test_onnx_export_writes_2bit_and_says_so(tmp_path):
         session = onnxruntime.InferenceSession(str(tmp_path / f"{layout}.onnx"))
         outputs.append(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
     assert (outputs[0] == outputs[1]).all()
+
+
+@needs_c
+def test_pack_warns_when_the_1p6bit_layers_run_the_portable_kernel(monkeypatch):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bitcompile.pack(_mlp(), {"group_size": 64}, layout="1.6bit")
+    assert any("portable C kernel (its SIMD kernel covers W1.58A8 with per-row" in str(w.message) for w in caught)
+    monkeypatch.setenv("BITCOMPILE_ISA", "avx2")
+    if cpu.isa_supported("avx2"):
+        with pytest.warns(BitcompileWarning, match="portable C kernel \\(its SIMD kernel needs AVX-512 VBMI; running avx2\\)"):
+            bitcompile.pack(_mlp(), layout="1.6bit")

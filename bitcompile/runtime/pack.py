@@ -192,6 +192,8 @@ def _pack(
             codes, scales, view.bias, config, view.parameter.dtype, layout=layout
         ).to(view.parameter.device)
         decision.layout, decision.packed_bytes = layout, replacements[decision.name].packed.nbytes
+    if layout == "1.6bit" and replacements:
+        _warn_portable_base3(config)
     for name, packed in replacements.items():  # nothing above mutated the model; swapping cannot fail
         replace_submodule(model, name, packed)
     for name, module in int8_modules.items():
@@ -227,6 +229,27 @@ def _warn_nothing_packed_or_unmatched(plan: list[PackDecision], config: TernaryC
         warnings.warn(
             f"pack: {option} pattern {pattern!r} matches none of the model's {len(plan)} linear layers "
             f"({', '.join(d.name for d in plan[:6])}{', ...' if len(plan) > 6 else ''}); check its spelling",
+            BitcompileWarning,
+            stacklevel=4,
+        )
+
+
+def _warn_portable_base3(config: TernaryConfig) -> None:
+    """Say once when the 1.6-bit layers will run the portable C kernel (no SIMD one applies)."""
+    from bitcompile.kernels.cpu.base3 import kernel_isa_base3
+
+    if resolve_target(config.target) != "cpu" or not cpu_kernels.available():
+        return
+    isa = kernel_isa_base3(config.group_code, "int8" if config.quantize_activations else "none")
+    if isa == "scalar":
+        why = (
+            f"its SIMD kernel needs AVX-512 VBMI; running {cpu_kernels.isa()}"
+            if config.group_code <= 0 and config.quantize_activations
+            else "its SIMD kernel covers W1.58A8 with per-row / per-tensor scales only"
+        )
+        warnings.warn(
+            f"pack(layout='1.6bit'): the 1.6-bit layers will run the portable C kernel ({why}), several times "
+            "slower than the 2-bit kernels; pack with layout='2bit' for speed",
             BitcompileWarning,
             stacklevel=4,
         )

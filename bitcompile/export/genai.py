@@ -172,6 +172,11 @@ def genai_config(model: nn.Module, context_length: int | None = None) -> dict[st
     generation = getattr(model, "generation_config", None)
     if generation is not None and generation.eos_token_id is not None:
         eos = generation.eos_token_id
+    if eos is None or eos == []:
+        raise OnnxExportError(
+            "export_genai: the model has no eos_token_id (config or generation_config); onnxruntime-genai needs one "
+            "to stop generating: set model.config.eos_token_id"
+        )
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
     context = int(context_length or config.max_position_embeddings)
     return {
@@ -269,6 +274,7 @@ def export_genai(
     folder = Path(folder)
     _check_folder(folder, overwrite)
     LlamaWithKVCache(model)  # the architecture check, before packing
+    genai_config(model, context_length)  # the special tokens, before packing
     prepared, packed_copy, fallback = prepare_model(model, config)
     folder.mkdir(exist_ok=True)
     for stale in (GENAI_MODEL_FILE, GENAI_MODEL_FILE + ".data"):

@@ -67,7 +67,7 @@ def extensions():
     return [
         Extension(
             "bitcompile.kernels._bitcpm_cpu",
-            sources=[f"{CSRC}/{name}" for name in ("bc_generic.c", "bc_avx2.c", "bc_avx512.c", "bc_avx512_gfni.c", "bc_dense.c", "bc_passes.c", "bc_dispatch.c", "bc_probe.c")],
+            sources=[f"{CSRC}/{name}" for name in ("bc_generic.c", "bc_avx2.c", "bc_avx512.c", "bc_avx512_gfni.c", "bc_dense.c", "bc_passes.c", "bc_dispatch.c", "bc_probe.c", "bc_t5.c")],
             depends=[f"{CSRC}/bc_kernels.h", f"{CSRC}/bc_avx512.c"],
             include_dirs=[CSRC],
             # NOTE: -ffp-contract=off keeps a*b+c as two roundings, as the reference computes it.

@@ -1,7 +1,13 @@
-"""Step time and memory per rank of ternary training, 1 vs 2 ranks, DDP and FSDP2 (issue 8).
+"""Step time, memory and collective bytes per rank of ternary training: DDP, FSDP2, FSDP2 + 2-bit all-gather, TP.
 
-    python benchmarks/bench_distributed.py [--parallel ddp,fsdp] [--ranks 1,2] [--steps 8]
-        [--group-size -1] [--inner aot_eager] [--out benchmarks/results/distributed.json] [--smoke]
+    python benchmarks/bench_distributed.py [--parallel ddp,fsdp,fsdp-2bit,tp] [--ranks 1,2] [--steps 8]
+        [--group-size -1] [--param-dtype float32] [--inner aot_eager]
+        [--out benchmarks/results/distributed.json] [--smoke]
+
+``fsdp-2bit`` is FSDP2 with precomputed per-tensor scales whose all-gathers move 2-bit codes
+(``enable_two_bit_all_gather``; its ``group_size`` is always ``tensor``); ``tp`` is the Megatron
+plan over all ranks (every rank trains on the same batch). Bytes per step are the payloads of
+the collectives one forward + backward issues (``count_collectives``).
 
 Weak scaling: every rank trains the same per-rank batch of TinyLlama (hidden 256, 4 layers
 by default) with ``backend="bitcpm"``; the script starts the ranks itself (gloo on CPU, the
@@ -48,7 +54,24 @@ def worker(args: argparse.Namespace) -> None:
     config = TinyLlamaConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
                              num_layers=args.layers, num_heads=4, max_seq_len=args.seq, tie_embeddings=False)  # fmt: skip
     model = TinyLlama(config)
-    if args.parallel == "ddp":
+    two_bit = args.parallel == "fsdp-2bit"
+    if two_bit:  # precomputed per-tensor scales, refreshed after every optimizer step
+        from bitcompile.distributed import enable_tensor_scales, enable_two_bit_all_gather, precompute_tensor_scales
+
+        options["group_size"] = "tensor"
+        enable_tensor_scales(model, options, auto=False)
+        enable_two_bit_all_gather(model)
+    data_rank = rank
+    if args.parallel == "tp":  # Megatron plan over all ranks; every rank trains on the same batch
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        from bitcompile.distributed import megatron_plan
+
+        parallelize_module(model, init_device_mesh("cpu", (world,)), megatron_plan(model))
+        forward = torch.compile(model, backend="bitcpm", options=options)
+        data_rank = 0
+    elif args.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         import inspect
@@ -59,15 +82,20 @@ def worker(args: argparse.Namespace) -> None:
     else:
         from torch.distributed.fsdp import fully_shard
 
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, args.param_dtype), reduce_dtype=torch.float32)
         for layer in model.layers:
             compile_module(layer, options)
-            fully_shard(layer)
+            fully_shard(layer, mp_policy=mp)
         compile_module(model.lm_head, options)
-        fully_shard(model)
+        fully_shard(model, mp_policy=mp)
         forward = model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(rank)
-    times, collectives = [], {}
+    gen = torch.Generator().manual_seed(data_rank)
+    times, collectives, collective_bytes = [], {}, {}
+    if two_bit:
+        precompute_tensor_scales(model)
     for step in range(args.warmup + args.steps):
         tokens = torch.randint(0, 256, (args.batch, args.seq + 1), generator=gen)
         dist.barrier()
@@ -76,12 +104,14 @@ def worker(args: argparse.Namespace) -> None:
             with count_collectives() as counts:
                 logits = forward(tokens[:, :-1])
                 F.cross_entropy(logits.reshape(-1, 256).float(), tokens[:, 1:].reshape(-1)).backward()
-            collectives = dict(counts)
+            collectives, collective_bytes = dict(counts), dict(counts.bytes)
         else:
             logits = forward(tokens[:, :-1])
             F.cross_entropy(logits.reshape(-1, 256).float(), tokens[:, 1:].reshape(-1)).backward()
         opt.step()
         opt.zero_grad()
+        if two_bit:
+            precompute_tensor_scales(model)  # one all-reduce for all layers, counted outside forward + backward
         # warm-up steps compile (and DDP rebuilds its buckets in step 1); the counted step runs under the profiler
         if step > args.warmup:
             times.append(time.perf_counter() - start)
@@ -101,6 +131,7 @@ def worker(args: argparse.Namespace) -> None:
             local_bytes(v) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)
         ),
         "collectives_per_step": collectives,
+        "collective_bytes_per_step": collective_bytes,
     }
     Path(args.result_dir, f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
@@ -113,7 +144,7 @@ def launch(args: argparse.Namespace, parallel: str, ranks: int) -> list[dict]:
         port = s.getsockname()[1]
         s.close()
         cmd = [sys.executable, __file__, "--worker", "--result-dir", tmp, "--parallel", parallel]
-        for key in ("steps", "warmup", "batch", "seq", "hidden", "layers", "group_size", "inner"):
+        for key in ("steps", "warmup", "batch", "seq", "hidden", "layers", "group_size", "inner", "param_dtype"):
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
         procs = []
         for rank in range(ranks):
@@ -144,6 +175,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--group-size", default="-1")
     p.add_argument("--inner", default="aot_eager", choices=("inductor", "aot_eager", "eager"))
+    p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="FSDP2 MixedPrecisionPolicy(param_dtype=...): the dtype the float all-gather moves")  # fmt: skip
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--out", default="benchmarks/results/distributed.json")
     p.add_argument("--smoke", action="store_true", help="tiny model, 3 steps: checks the script runs")
@@ -165,7 +198,8 @@ def main() -> None:
             print(
                 f"{parallel:4s} x{ranks}: step {worst * 1e3:8.1f} ms (slowest rank median)  "
                 f"params+optimizer per rank {(per_rank[0]['param_bytes'] + per_rank[0]['optimizer_state_bytes']) / 2**20:6.2f} MiB  "
-                f"peak RSS {max(r['peak_rss_mib'] for r in per_rank):7.1f} MiB  collectives/step {per_rank[0]['collectives_per_step']}"
+                f"peak RSS {max(r['peak_rss_mib'] for r in per_rank):7.1f} MiB  collectives/step {per_rank[0]['collectives_per_step']}  "
+                f"bytes/step {per_rank[0]['collective_bytes_per_step']}"
             )
     out = {
         "note": "CPU, gloo over loopback, shared cores: for the scaling shape only, not absolute performance",
@@ -173,7 +207,7 @@ def main() -> None:
         "machine": platform.machine(),
         "logical_cpus": os.cpu_count(),
         "load_average": os.getloadavg(),
-        "config": {k: getattr(args, k) for k in ("steps", "warmup", "batch", "seq", "hidden", "layers", "group_size", "inner")},
+        "config": {k: getattr(args, k) for k in ("steps", "warmup", "batch", "seq", "hidden", "layers", "group_size", "inner", "param_dtype")},
         "runs": runs,
     }
     if args.out:

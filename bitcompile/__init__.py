@@ -39,6 +39,7 @@ __all__ = [
     "__version__",
     "compile",
     "explain",
+    "export_genai",
     "export_onnx",
     "load_packed",
     "pack",
@@ -87,6 +88,14 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: Any, **kwargs
     from bitcompile.export.onnx import export_onnx as _export_onnx
 
     return _export_onnx(model, example_inputs, path, **kwargs)
+
+
+def export_genai(model: torch.nn.Module, folder: Any, **kwargs: Any):
+    """Write a folder onnxruntime-genai runs (KV-cache ONNX, genai_config.json, tokenizer); see
+    :func:`bitcompile.export.genai.export_genai`. Imported on first use."""
+    from bitcompile.export.genai import export_genai as _export_genai
+
+    return _export_genai(model, folder, **kwargs)
 
 
 #: Public names whose modules load Dynamo and rich: imported on first use, so that

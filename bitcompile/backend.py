@@ -30,6 +30,7 @@ from bitcompile.passes.discover import LayerDecision, discover
 from bitcompile.passes.freeze_pack import FrozenWeightGuard, check_can_freeze, freeze_pack
 from bitcompile.passes.experts import rewrite_experts
 from bitcompile.passes.describe import NODE_ROLES, GraphNode, describe_graph
+from bitcompile.passes.tensor_parallel import TensorParallelError
 from bitcompile.passes.ternary_rewrite import ternary_rewrite
 from bitcompile.targets import Lowering, get_target, resolve_target
 
@@ -163,7 +164,10 @@ def compile_graph(
         frozen = freeze_pack(gm, example_inputs, decisions, config, kernel)
         replaced = len(frozen)
     else:
-        replaced = ternary_rewrite(gm, decisions, config, kernel, tensor_scales if target.precomputed_scales else None)
+        try:
+            replaced = ternary_rewrite(gm, decisions, config, kernel, tensor_scales if target.precomputed_scales else None)
+        except TensorParallelError as error:  # a sharding the scales cannot follow: one line, not Dynamo's wrapper
+            raise BackendOptionsError(str(error)) from None
         replaced += rewrite_experts(gm, decisions, config, kernel)
     log.info("bitcpm: rewrote %d of %d linear-like layers", replaced, len(decisions))
 

@@ -217,8 +217,43 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_inspect)
 
 
+def _genai_tokenizer(args: argparse.Namespace) -> str | None:
+    """``--tokenizer``, else the model folder when it holds a tokenizer (export_genai warns without one)."""
+    if args.tokenizer is not None:
+        return args.tokenizer
+    folder = Path(args.model)
+    has_tokenizer = folder.is_dir() and any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
+    return str(folder) if has_tokenizer else None
+
+
+def _run_export_genai(args: argparse.Namespace) -> int:
+    from bitcompile.export.genai import export_genai
+    from bitcompile.export.onnx import OnnxExportError
+    from bitcompile.model_loader import ModelLoadError, load_model
+
+    if args.static or args.opset is not None:
+        print("bitcompile export: error: --static and --opset do not apply to --format genai "
+              "(batch and sequence stay dynamic; opset 21)", file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        options = dict(parse_option(text) for text in args.option)
+        config = bitcompile.TernaryConfig.from_options(options) if options else None
+        model, _ = load_model(args.model)
+        result = export_genai(model, args.output, tokenizer=_genai_tokenizer(args), config=config, overwrite=args.overwrite)
+    except (ModelLoadError, bitcompile.TernaryConfigError, OnnxExportError, OSError, ValueError, TypeError) as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"bitcompile export: error: {error}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    return 0
+
+
 def _run_export(args: argparse.Namespace) -> int:
     from bitcompile.export.onnx import OnnxExportError, check_ort_fusion, check_output_path, export_onnx
+
+    if args.format == "genai":
+        return _run_export_genai(args)
     from bitcompile.model_loader import ModelLoadError, load_model
 
     try:
@@ -256,9 +291,14 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
         "model folder. An unpacked model is packed first (a copy); see docs/onnx.md.",
     )
     parser.add_argument("model", metavar="MODEL")
-    parser.add_argument("-o", "--output", required=True, metavar="FILE", help="the .onnx file to write")
-    parser.add_argument("--format", choices=("matmulnbits", "qdq"), default="matmulnbits",
-                        help="com.microsoft::MatMulNBits (default, fastest) or standard ONNX INT2 DequantizeLinear (opset 25)")  # fmt: skip
+    parser.add_argument("-o", "--output", required=True, metavar="FILE",
+                        help="the .onnx file to write (--format genai: the folder)")  # fmt: skip
+    parser.add_argument("--format", choices=("matmulnbits", "qdq", "genai"), default="matmulnbits",
+                        help="com.microsoft::MatMulNBits (default, fastest), standard ONNX INT2 DequantizeLinear "
+                        "(opset 25), or genai: a folder for onnxruntime-genai (KV-cache model.onnx, "
+                        "genai_config.json, tokenizer; transformers Llama models)")  # fmt: skip
+    parser.add_argument("--tokenizer", metavar="DIR", default=None,
+                        help="--format genai: the tokenizer's folder (default: MODEL when it is a folder with one)")  # fmt: skip
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 21; qdq: 25)")
     parser.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     parser.add_argument("--static", action="store_true", help="static input shapes (default: dynamic batch and sequence)")

@@ -1,8 +1,11 @@
-"""Ternary (1.58-bit) training of TinyLlama on torch.distributed: DDP or FSDP2 (issue 8).
+"""Ternary (1.58-bit) training of TinyLlama on torch.distributed: DDP, FSDP2, tensor parallelism, or FSDP2 x TP.
 
     torchrun --nproc-per-node 2 examples/train_distributed.py --parallel fsdp --steps 50
     torchrun --nproc-per-node 2 examples/train_distributed.py --parallel ddp --group-size 64
     torchrun --nproc-per-node 2 examples/train_distributed.py --group-size tensor --precompute-scales
+    torchrun --nproc-per-node 2 examples/train_distributed.py --group-size tensor --precompute-scales --two-bit-all-gather
+    torchrun --nproc-per-node 2 examples/train_distributed.py --parallel tp
+    torchrun --nproc-per-node 4 examples/train_distributed.py --parallel fsdp-tp --tp 2
 
 The same script runs on CPU (gloo), CUDA (nccl) and Ascend (hccl, with torch_npu): the
 backend is picked from the device. ``--checkpoint DIR`` saves the sharded latent weights and
@@ -27,9 +30,13 @@ import bitcompile
 from bitcompile.data.synthetic_text import CharTokenizer, make_text, random_batches
 from bitcompile.distributed import (
     check_options,
+    check_plan,
     compile_module,
     count_collectives,
     enable_tensor_scales,
+    enable_two_bit_all_gather,
+    megatron_plan,
+    precompute_tensor_scales,
     tensor_scale_mode,
 )
 from bitcompile.models.tiny_llama import TinyLlama, TinyLlamaConfig
@@ -37,7 +44,11 @@ from bitcompile.models.tiny_llama import TinyLlama, TinyLlamaConfig
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parallel", choices=("ddp", "fsdp"), default="fsdp")
+    p.add_argument("--parallel", choices=("ddp", "fsdp", "tp", "fsdp-tp"), default="fsdp",
+                   help="tp: Megatron plan over all ranks (every rank sees the same batch); fsdp-tp: FSDP2 x TP (--tp ranks)")  # fmt: skip
+    p.add_argument("--tp", type=int, default=2, help="fsdp-tp: tensor-parallel ranks per data-parallel replica")
+    p.add_argument("--two-bit-all-gather", action="store_true",
+                   help="fsdp with --group-size tensor --precompute-scales: FSDP2 all-gathers 2-bit codes")  # fmt: skip
     p.add_argument("--group-size", default="-1", help="-1 (per row), tensor, or a group length such as 64")
     p.add_argument("--precompute-scales", action="store_true",
                    help="group_size=tensor only: global absmeans from the fp32 shards, one all-reduce per step")  # fmt: skip
@@ -88,11 +99,34 @@ def main() -> None:
     config = TinyLlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=128, intermediate_size=344,
                              num_layers=4, num_heads=4, max_seq_len=args.seq, tie_embeddings=False)  # fmt: skip
     model = TinyLlama(config).to(device)
+    two_bit = args.two_bit_all_gather
+    if two_bit and (args.parallel != "fsdp" or not args.precompute_scales):
+        raise SystemExit("--two-bit-all-gather needs --parallel fsdp --group-size tensor --precompute-scales")
+    if args.precompute_scales and args.parallel in ("tp", "fsdp-tp"):
+        raise SystemExit("--precompute-scales is for ddp / fsdp: under TP a per-tensor scale is one scalar all-reduce in the graph")
     if args.precompute_scales:
-        enable_tensor_scales(model, options)  # one all-reduce per forward for all per-tensor layers
+        # one all-reduce per step for all per-tensor layers; with the 2-bit all-gather we call it ourselves
+        enable_tensor_scales(model, options, auto=not two_bit)
+    if two_bit:
+        enable_two_bit_all_gather(model)
     check_options(options, model)  # all ranks must agree, or all fail here with the same message
+    data_rank, data_world = rank, world  # which slice of the global batch this rank trains on
 
-    if args.parallel == "ddp":
+    if args.parallel in ("tp", "fsdp-tp"):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        tp = world if args.parallel == "tp" else args.tp
+        if world % tp:
+            raise SystemExit(f"--tp {tp} does not divide the {world} ranks")
+        mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+        plan = megatron_plan(model)
+        check_plan(plan)  # all ranks must parallelize the same layers the same way
+        parallelize_module(model, mesh["tp"], plan)
+        data_rank, data_world = mesh["dp"].get_local_rank(), world // tp  # TP ranks of a replica share a batch
+    if args.parallel == "tp":
+        forward = torch.compile(model, backend="bitcpm", options=options)
+    elif args.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         wrapped = DDP(model, **no_buffer_sync())  # the rope tables are constants
@@ -100,11 +134,12 @@ def main() -> None:
     else:
         from torch.distributed.fsdp import fully_shard
 
+        dp_mesh = mesh["dp"] if args.parallel == "fsdp-tp" else None
         for layer in model.layers:  # compile per block, then shard it
             compile_module(layer, options)
-            fully_shard(layer)
+            fully_shard(layer, mesh=dp_mesh)
         compile_module(model.lm_head, options)
-        fully_shard(model)
+        fully_shard(model, mesh=dp_mesh)
         forward = model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
 
@@ -123,9 +158,11 @@ def main() -> None:
 
     if rank == 0:
         print(f"{args.parallel} on {world} x {device.type} ({backend}); scales: {tensor_scale_mode(model, options)}")
-    batches = list(random_batches(tokens, args.batch * world, args.seq, args.steps, seed=0))
+    batches = list(random_batches(tokens, args.batch * data_world, args.seq, args.steps, seed=0))
+    if two_bit:
+        precompute_tensor_scales(model)  # the 2-bit all-gather makes its codes with these scales
     for step in range(start_step, args.steps):
-        inputs, targets = (t[rank * args.batch : (rank + 1) * args.batch].to(device) for t in batches[step])
+        inputs, targets = (t[data_rank * args.batch : (data_rank + 1) * args.batch].to(device) for t in batches[step])
         report = step % 10 == 0 or step == args.steps - 1
         begin = time.perf_counter()
         with count_collectives() if report else contextlib.nullcontext({}) as collectives:
@@ -134,9 +171,12 @@ def main() -> None:
             loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        if two_bit:
+            precompute_tensor_scales(model)  # after every optimizer.step(): one all-reduce for all layers
         seconds = time.perf_counter() - begin
         if rank == 0 and report:  # (the profiler that counts collectives slows these steps a little)
-            print(f"step {step:4d}  loss {loss.item():.4f}  {seconds * 1e3:7.1f} ms  collectives {dict(collectives)}")
+            sizes = f" ({getattr(collectives, 'total_bytes', 0) / 1024:.1f} KiB)" if report else ""
+            print(f"step {step:4d}  loss {loss.item():.4f}  {seconds * 1e3:7.1f} ms  collectives {dict(collectives)}{sizes}")
 
     if args.checkpoint:
         import torch.distributed.checkpoint as dcp

@@ -6,13 +6,16 @@ SCENARIO OUT_DIR`` writes ``OUT_DIR/rank{r}.json`` with what the test asserts on
 
 Scenarios: ``train`` (DDP and FSDP2 vs 1-rank training on the concatenated batch, for each
 scale mode, with collectives counted per step; ranks with different options), ``checkpoint`` (DCP save / load / resume,
-then ``bitcompile.pack`` of the gathered model), ``die`` / ``stall`` (rank 1 dies or stops
-answering mid-training; rank 0 must error out within the collective timeout). ``train``
-first checks that ranks given different options all raise.
+then ``bitcompile.pack`` of the gathered model), ``die`` / ``stall`` / ``die_tp`` (rank 1 dies
+or stops answering mid-training, under DDP or tensor parallelism; rank 0 must error out within
+the collective timeout), ``tp`` (Megatron-plan tensor parallelism vs 1 process, for each scale
+mode; a group size that straddles shards; mismatched plans), ``two_bit`` (FSDP2 float vs 2-bit
+all-gather, with bytes per step). ``train`` first checks that ranks given different options all raise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -276,6 +279,184 @@ def scenario_checkpoint(rank: int, world: int, out: Path) -> dict:
     return result
 
 
+TP_RUNS = [-1, "tensor", 16]  # scale modes of the tensor-parallel runs (16 divides every row-parallel K shard)
+
+
+def tp_model(group_size, mesh) -> nn.Module:
+    """A tensor-parallel (Megatron plan) TinyLlama, the whole model compiled with bitcpm."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from bitcompile.distributed import check_plan, megatron_plan
+
+    model = new_model()
+    plan = megatron_plan(model)
+    check_plan(plan)
+    check_options(options(group_size))
+    parallelize_module(model, mesh, plan)
+    return model
+
+
+def scenario_tp(rank: int, world: int) -> dict:
+    """2-rank TP vs 1 process on the same batch (every TP rank sees the whole batch)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    runs = []
+    for group_size in TP_RUNS:
+        torch._dynamo.reset()
+        model = tp_model(group_size, mesh)
+        rewritten: set[str] = set()
+        ops: list[str] = []
+
+        def keep(record, rewritten=rewritten, ops=ops):
+            rewritten.update(d.name for d in record.layers if d.rewritten)
+            ops.extend(str(n.target) for n in record.graph_module.graph.nodes if n.op == "call_function")
+
+        compiled = torch.compile(model, backend="bitcpm", options=options(group_size))
+        opt = torch.optim.AdamW(model.parameters(), lr=LR)
+        losses, counted = [], {}
+        with observe_compilations(keep):
+            for step in range(STEPS):
+                tokens = batch(step, 1)
+                with count_collectives() if step == STEPS - 1 else contextlib.nullcontext({}) as counts:
+                    loss = loss_fn(compiled, tokens)
+                    loss.backward()
+                counted = dict(counts)
+                if step == 0:
+                    grads = {n.removesuffix(".weight"): float(_local(p.grad).abs().sum()) for n, p in model.named_parameters()}
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+        weights = full_weights(model)  # every rank: full_tensor() is a collective
+        runs.append({"group_size": group_size, "losses": losses, "collectives_step": counted,
+                     "rewritten": sorted(rewritten), "sharded_ops": ops.count("bitcpm.ternary_linear_sharded.default"),
+                     "grads": grads, "weights": {k: v.tolist() for k, v in weights.items()} if rank == 0 else {}})  # fmt: skip
+    refs = {i: reference_run(gs, False, STEPS, 1) for i, gs in enumerate(TP_RUNS) if i % world == rank}
+    all_refs: list = [None] * world
+    dist.all_gather_object(all_refs, refs)
+    merged = {i: r for part in all_refs for i, r in part.items()}
+    for i, run in enumerate(runs):
+        run["reference"] = merged[i] if rank == 0 else {"losses": merged[i]["losses"]}
+    torch._dynamo.reset()
+    try:  # groups of 12 along K straddle the 16-column shards of the row-parallel o_proj
+        torch.compile(tp_model(12, mesh), backend="bitcpm", options=options(12))(batch(0, 1)[:, :-1])
+        straddle = None
+    except bitcompile.TernaryConfigError as err:
+        straddle = f"{type(err).__name__}: {err}"
+    return {"runs": runs, "steps": STEPS, "plan_mismatch": scenario_plan_mismatch(rank, world, mesh), "straddle": straddle}
+
+
+def scenario_two_bit(rank: int, world: int, param_dtypes=("float32",)) -> dict:
+    """FSDP2 with precomputed per-tensor scales: float all-gather vs 2-bit all-gather, same data."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from bitcompile.distributed import enable_two_bit_all_gather
+
+    opts = options("tensor")
+    runs = []
+    for param_dtype in param_dtypes:
+        for two_bit in (False, True):
+            torch._dynamo.reset()
+            model = new_model()
+            enable_tensor_scales(model, opts, auto=False)
+            gathered = enable_two_bit_all_gather(model) if two_bit else []
+            mp = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype), reduce_dtype=torch.float32)
+            for layer in model.layers:
+                compile_module(layer, opts)
+                fully_shard(layer, mp_policy=mp)
+            compile_module(model.lm_head, opts)
+            fully_shard(model, mp_policy=mp)
+            opt = torch.optim.AdamW(model.parameters(), lr=LR)
+            losses, counted, counted_bytes = [], {}, {}
+            precompute_tensor_scales(model)
+            for step in range(STEPS):
+                tokens = batch(step, world)[rank * PER_RANK_BATCH : (rank + 1) * PER_RANK_BATCH]
+                with count_collectives() if step == STEPS - 1 else contextlib.nullcontext({}) as counts:
+                    loss = loss_fn(model, tokens)
+                    loss.backward()
+                if step == STEPS - 1:
+                    counted, counted_bytes = dict(counts), dict(counts.bytes)
+                if step == 0:
+                    grad_dtypes = sorted({str(_local(p.grad).dtype) for p in model.parameters()})
+                    grad_sums = {n: float(_local(p.grad).abs().sum()) for n, p in model.named_parameters()}
+                opt.step()
+                opt.zero_grad()
+                precompute_tensor_scales(model)
+                losses.append(loss.item())
+            all_losses: list = [None] * world
+            dist.all_gather_object(all_losses, losses)
+            weights = full_weights(model)
+            runs.append({"param_dtype": param_dtype, "two_bit": two_bit, "gathered_2bit": gathered,
+                         "mean_losses": [sum(x) / world for x in zip(*all_losses)], "collectives_step": counted,
+                         "bytes_step": counted_bytes, "grad_dtypes": grad_dtypes, "grads": grad_sums,
+                         "weights": {k: v.tolist() for k, v in weights.items()} if rank == 0 else {}})  # fmt: skip
+    return {"runs": runs, "steps": STEPS}
+
+
+def scenario_fsdp_tp(rank: int, world: int, dp: int) -> dict:
+    """2-D: FSDP2 over ``dp`` ranks x TP over ``world // dp`` ranks vs 1 process on the concatenated batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from bitcompile.distributed import check_plan, megatron_plan
+
+    mesh = init_device_mesh("cpu", (dp, world // dp), mesh_dim_names=("dp", "tp"))
+    dp_rank = mesh["dp"].get_local_rank()
+    opts = options(-1)
+    torch._dynamo.reset()
+    model = new_model()
+    plan = megatron_plan(model)
+    check_plan(plan)
+    check_options(opts)
+    parallelize_module(model, mesh["tp"], plan)
+    for layer in model.layers:
+        compile_module(layer, opts)
+        fully_shard(layer, mesh=mesh["dp"])
+    compile_module(model.lm_head, opts)
+    fully_shard(model, mesh=mesh["dp"])
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses, counted, counted_bytes = [], {}, {}
+    for step in range(STEPS):
+        tokens = batch(step, dp)[dp_rank * PER_RANK_BATCH : (dp_rank + 1) * PER_RANK_BATCH]
+        with count_collectives() if step == STEPS - 1 else contextlib.nullcontext({}) as counts:
+            loss = loss_fn(model, tokens)
+            loss.backward()
+        if step == STEPS - 1:
+            counted, counted_bytes = dict(counts), dict(counts.bytes)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, (dp_rank, losses))
+    per_dp = {r: l for r, l in gathered}
+    mean_losses = [sum(x) / dp for x in zip(*(per_dp[r] for r in range(dp)))]
+    weights = full_weights(model)
+    result = {"dp": dp, "tp": world // dp, "mean_losses": mean_losses, "collectives_step": counted, "bytes_step": counted_bytes}
+    if rank == 0:
+        ref = reference_run(-1, False, STEPS, dp)
+        result["reference"] = ref["losses"]
+        result["max_weight_diff"] = max(
+            float((torch.tensor(ref["weights"][k]) - weights[k]).abs().max()) for k in ref["weights"]
+        )
+    return result
+
+
+def scenario_plan_mismatch(rank: int, world: int, mesh) -> dict:
+    """Rank 1 forgets to parallelize down_proj: every rank must raise the same error, at once."""
+    from bitcompile.distributed import PlanMismatchError, check_plan, megatron_plan
+
+    plan = megatron_plan(new_model())
+    if rank == 1:
+        del plan["layers.1.mlp.down_proj"]
+    start = time.monotonic()
+    try:
+        check_plan(plan)
+    except PlanMismatchError as err:
+        return {"error": str(err), "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
+
+
 def scenario_mismatch(rank: int, world: int) -> dict:
     opts = options(-1 if rank == 0 else 32)
     start = time.monotonic()
@@ -286,12 +467,17 @@ def scenario_mismatch(rank: int, world: int) -> dict:
     return {"error": None, "seconds": time.monotonic() - start}
 
 
-def scenario_die(rank: int, world: int, out: Path, stall: bool) -> dict:
-    """Rank 1 dies (``die``) or stops answering (``stall``) at step 1; rank 0's step 1 must raise."""
+def scenario_die(rank: int, world: int, out: Path, stall: bool, tensor_parallel: bool = False) -> dict:
+    """Rank 1 dies (``die``, ``die_tp``) or stops answering (``stall``) at step 1; rank 0's step 1 must raise."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     opts = options(-1)
-    model = DDP(new_model(), **no_buffer_sync())
+    if tensor_parallel:  # every TP rank sees the whole batch
+        from torch.distributed.device_mesh import init_device_mesh
+
+        model = tp_model(-1, init_device_mesh("cpu", (world,)))
+    else:
+        model = DDP(new_model(), **no_buffer_sync())
     compiled = torch.compile(model, backend="bitcpm", options=opts)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     for step in range(3):
@@ -303,7 +489,7 @@ def scenario_die(rank: int, world: int, out: Path, stall: bool) -> dict:
         start = time.monotonic()
         try:
             tokens = batch(step, world)[rank * PER_RANK_BATCH : (rank + 1) * PER_RANK_BATCH]
-            loss_fn(compiled, tokens).backward()
+            loss_fn(compiled, batch(step, 1) if tensor_parallel else tokens).backward()
             opt.step()
             opt.zero_grad()
         except Exception as err:
@@ -321,10 +507,16 @@ def main() -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     if scenario == "train":
         result = scenario_train(rank, world)
+    elif scenario.startswith("fsdp_tp"):  # fsdp_tp<dp>
+        result = scenario_fsdp_tp(rank, world, int(scenario.removeprefix("fsdp_tp") or 2))
+    elif scenario == "two_bit":
+        result = scenario_two_bit(rank, world)
+    elif scenario == "tp":
+        result = scenario_tp(rank, world)
     elif scenario == "checkpoint":
         result = scenario_checkpoint(rank, world, out)
-    elif scenario in ("die", "stall"):
-        result = scenario_die(rank, world, out, stall=scenario == "stall")
+    elif scenario in ("die", "stall", "die_tp"):
+        result = scenario_die(rank, world, out, stall=scenario == "stall", tensor_parallel=scenario == "die_tp")
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     (out / f"rank{rank}.json").write_text(json.dumps(result))

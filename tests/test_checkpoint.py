@@ -228,7 +228,7 @@ MALFORMED = [
     ("nested layers", _layers_edit(lambda ls: ls.update({"hidden": ls["out"]})), "'hidden.0' lies inside layer 'hidden'"),
     ("int8_layers list", lambda m: m.update(int8_layers="[]"), "'int8_layers' is an array"),
     ("int8 kind list", lambda m: m.update(int8_layers='{"x": {"kind": []}}'), "int8 layer 'x' has unknown kind"),
-    ("version", lambda m: m.update(format_version="3"), "format_version='3'"),
+    ("version", lambda m: m.update(format_version="4"), "format_version='4'"),
 ]
 
 

@@ -51,13 +51,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(scenario: str, out: Path, pg_timeout: float = 60) -> list:
-    """Start both ranks of ``scenario`` (results and logs go to ``out``)."""
+def start(scenario: str, out: Path, pg_timeout: float = 60, world: int = 2) -> list:
+    """Start the ``world`` ranks (default both) of ``scenario`` (results and logs go to ``out``)."""
     out.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     procs = []
-    for rank in range(2):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+    for rank in range(world):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                    LOCAL_RANK=str(rank), BITCPM_TEST_PG_TIMEOUT=str(pg_timeout), OMP_NUM_THREADS="1")  # fmt: skip
         log = open(out / f"log{rank}.txt", "w")
         procs.append((subprocess.Popen([sys.executable, str(WORKER), scenario, str(out)], env=env,
@@ -81,10 +81,10 @@ def finish(procs: list, out: Path, limit: float, wait_for: tuple[int, ...] = (0,
                 proc.kill()
                 proc.wait()
             log.close()
-    logs = [(out / f"log{rank}.txt").read_text() for rank in range(2)]
+    logs = [(out / f"log{rank}.txt").read_text() for rank in range(len(procs))]
     for rank in wait_for:
         assert codes.get(rank) is not None, f"rank {rank} still running after {limit}s (hang):\n{logs[rank][-3000:]}"
-    results = [json.loads(p.read_text()) if (p := out / f"rank{r}.json").exists() else None for r in range(2)]
+    results = [json.loads(p.read_text()) if (p := out / f"rank{r}.json").exists() else None for r in range(len(procs))]
     return codes, logs, results
 
 

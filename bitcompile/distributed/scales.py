@@ -119,6 +119,7 @@ class _State:
         self.names, self.auto = names, auto
         self.versions: dict[str, tuple[int, int]] = {}
         self.collectives = 0  # all-reduces issued so far (the tests and benchmark count them too)
+        self.two_bit = False  # enable_two_bit_all_gather: FSDP2 gathers these layers as 2-bit codes
 
 
 def _local(weight: Tensor) -> Tensor:
@@ -181,6 +182,10 @@ def precompute_tensor_scales(model: nn.Module) -> int:
     for module, mean in zip(modules, means.unbind()):
         module.weight_scale.copy_(mean)
     state.versions = {name: _version(w) for name, w in zip(state.names, weights)}
+    for weight in weights:  # a 2-bit all-gather (two_bit_gather.TernaryGatherWeight) may now make codes
+        local = _local(weight)
+        if hasattr(local, "mark_scale_fresh"):
+            local.mark_scale_fresh()
     state.collectives += issued
     return issued
 

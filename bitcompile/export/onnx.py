@@ -44,7 +44,8 @@ from bitcompile.export.results import FORMATS, ExportedLayer, ExportResult, Form
 
 __all__ = [
     "DEFAULT_OPSET", "FORMATS", "IR_VERSION_FOR_OPSET_25", "MIN_OPSET", "ExportResult", "ExportedLayer", "Format",
-    "OnnxExportError", "check_ort_fusion", "check_output_path", "export_onnx",
+    "OnnxExportError", "check_ort_fusion", "check_output_path", "drop_debug_metadata", "export_onnx", "quiet_exporter",
+    "save_and_check",
 ]  # fmt: skip
 
 #: Opset used when none is given; ``qdq`` needs 25 (INT2 in DequantizeLinear).
@@ -54,12 +55,12 @@ MIN_OPSET = {"matmulnbits": 18, "qdq": 25}
 IR_VERSION_FOR_OPSET_25 = 13
 
 #: Files above this are written with external data (protobuf's 2 GiB limit).
-_EXTERNAL_DATA_BYTES = 1_800_000_000
+EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 #: Per-node metadata the exporter writes that only helps debugging the exporter (about
 #: 1 KB per node: a tiny model's file would be mostly stack traces).
-_DROPPED_NODE_METADATA = (
+DROPPED_NODE_METADATA = (
     "pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy", "pkg.torch.onnx.fx_node", "pkg.torch.onnx.name_scopes",
 )  # fmt: skip
 
@@ -132,7 +133,7 @@ def _check_opset(fmt: str, opset: int | None) -> int:
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
+def quiet_exporter():
     """The exporter prints progress and warns about torchvision, and logs the errors it then
     raises (which export_onnx reports in one line); keep the caller's output clean."""
     from bitcompile.backend import quiet_torch_error_logs
@@ -158,7 +159,7 @@ def _conversion_error(error: Exception, model: nn.Module, example_inputs: tuple,
     node_info = ""
     try:  # find the node: re-trace (cheap next to the failed export) and match the exporter's node name
         names = set(re.findall(r"(?:node|Node)\s+[`'\"]?%?([A-Za-z_]\w*)", text))
-        with _quiet_exporter():
+        with quiet_exporter():
             program = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
             program = program.run_decompositions()
         for node in program.graph.nodes:
@@ -173,6 +174,32 @@ def _conversion_error(error: Exception, model: nn.Module, example_inputs: tuple,
     first = next((line for line in str(root).splitlines() if line.strip()), type(root).__name__)
     first = re.sub(r"\x1b\[[0-9;]*m", "", first)
     return OnnxExportError(f"export_onnx: the exporter could not translate the model{node_info}: {first}")
+
+
+def drop_debug_metadata(model) -> None:
+    """Drop the exporter's per-node stack traces from an ``onnx_ir`` model; keep "namespace" (the layer path)."""
+    for node in model.graph.all_nodes():
+        for key in DROPPED_NODE_METADATA:
+            node.metadata_props.pop(key, None)
+
+
+def save_and_check(model, path: Path, caller: str = "export_onnx") -> None:
+    """Write an ``onnx_ir`` model to ``path`` (weights in ``path.data`` above :data:`EXTERNAL_DATA_BYTES`)
+    and run ``onnx.checker.check_model(full_check=True)`` on the file."""
+    import onnx
+    import onnx_ir as ir
+
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    proto = ir.to_proto(model)
+    if size > EXTERNAL_DATA_BYTES:
+        Path(str(path) + ".data").unlink(missing_ok=True)  # onnx appends to an existing data file
+        onnx.save_model(proto, str(path), save_as_external_data=True, location=path.name + ".data")
+    else:
+        onnx.save_model(proto, str(path))
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        raise OnnxExportError(f"{caller}: {path} fails onnx.checker.check_model(full_check=True): {error}") from error
 
 
 def _chain(error: BaseException):
@@ -245,7 +272,7 @@ def export_onnx(
     modes = [(m, m.training) for m in exported.modules()]
     exported.eval()
     try:
-        with _quiet_exporter(), torch.no_grad():
+        with quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(
                 exported, example_inputs, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
                 custom_translation_table=translation_table(format), verbose=False, optimize=True,
@@ -285,20 +312,8 @@ def export_onnx(
             if isinstance(module, nn.Linear) and name not in ternary_names:
                 layers.append(ExportedLayer(name, module.in_features, module.out_features, "float", "not packed"))
 
-    for node in program.model.graph.all_nodes():  # keep "namespace" (the layer path), drop stack traces
-        for key in _DROPPED_NODE_METADATA:
-            node.metadata_props.pop(key, None)
-    size = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
-    proto = ir.to_proto(program.model)
-    if size > _EXTERNAL_DATA_BYTES:
-        Path(str(path) + ".data").unlink(missing_ok=True)  # onnx appends to an existing data file
-        onnx.save_model(proto, str(path), save_as_external_data=True, location=path.name + ".data")
-    else:
-        onnx.save_model(proto, str(path))
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        raise OnnxExportError(f"export_onnx: {path} fails onnx.checker.check_model(full_check=True): {error}") from error
+    drop_debug_metadata(program.model)
+    save_and_check(program.model, path)
     return ExportResult(
         path=path, format=format, opset=opset, layers=layers, file_bytes=path.stat().st_size, check="passed",
         inputs=[v.name for v in program.model.graph.inputs], outputs=[v.name for v in program.model.graph.outputs],

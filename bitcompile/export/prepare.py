@@ -8,12 +8,13 @@ represents become exact float ``MatMul`` layers; a Hugging Face causal LM is wra
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from bitcompile.config import TernaryConfig
+from bitcompile.config import BitcompileWarning, TernaryConfig
 from bitcompile.export.layouts import block_size_for, unsupported_reason
 from bitcompile.export.results import OnnxExportError
 from bitcompile.kernels.groups import EPS
@@ -84,13 +85,26 @@ def prepare_model(model: nn.Module, config: TernaryConfig | None) -> tuple[nn.Mo
         raise OnnxExportError(
             "export_onnx: config= is for unpacked models (it tells pack() how to quantize); this model is already packed"
         )
+    base3 = [name for name, m in model.named_modules() if isinstance(m, PackedTernaryLinear) and m.layout != "2bit"]
+    if base3:  # ONNX has no 5-weights-per-byte format: the same codes, 2-bit, and one warning saying so
+        warnings.warn(
+            f"export_onnx: {len(base3)} layer(s) packed with layout='1.6bit' ({', '.join(base3[:3])}"
+            f"{', ...' if len(base3) > 3 else ''}) are written in the 2-bit layout (same codes, same results; "
+            "ONNX has no 1.6-bit format)",
+            BitcompileWarning,
+            stacklevel=3,
+        )
+        if not packed_copy:
+            model = copy.deepcopy(model)  # the user's packed model keeps its 1.6-bit layers
+        for name in base3:
+            replace_submodule(model, name, model.get_submodule(name).to_layout("2bit"))
     fallback = {
         name: unsupported_reason(m.group_code)
         for name, m in model.named_modules()
         if isinstance(m, PackedTernaryLinear) and block_size_for(m.group_code) is None
     }
     if fallback:
-        if not packed_copy:
+        if not packed_copy and not base3:
             model = copy.deepcopy(model)  # the user's packed model keeps its PackedTernaryLinear layers
         for name in fallback:
             replace_submodule(model, name, _PerTokenInt8FloatLinear(model.get_submodule(name)))

@@ -74,7 +74,8 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
     ) -> torch.Tensor:
         batch, seq, size = x.shape
-        shape = (batch, seq, self.num_heads, self.head_dim)
+        # -1 heads: under tensor parallelism (q/k/v column-parallel) each rank holds num_heads / tp of them
+        shape = (batch, seq, -1, self.head_dim)
         q = self.q_proj(x).view(shape).transpose(1, 2)
         k = self.k_proj(x).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
@@ -92,7 +93,7 @@ class Attention(nn.Module):
         else:  # new queries see every cached position and the causal part of their own chunk
             allowed = torch.arange(past + seq)[None, :] <= torch.arange(past, past + seq)[:, None]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, size))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
 class SwiGLU(nn.Module):

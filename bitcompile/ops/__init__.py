@@ -7,11 +7,12 @@ op                                module
 ``ternary_linear_backward``       :mod:`bitcompile.ops.training` (fused straight-through backward)
 ``ternary_linear_prescaled``      :mod:`bitcompile.ops.prescaled` (per-tensor, scale given)
 ``tensor_scale_marker``           :mod:`bitcompile.ops.prescaled` (ties a weight to its scale buffer)
+``ternary_linear_sharded``        :mod:`bitcompile.ops.sharded` (tensor parallelism: scales given, DTensor rules)
 ``ternary_linear_packed``         :mod:`bitcompile.ops.packed` (serving on 2-bit weights)
 ``float_gemv_linear``             :mod:`bitcompile.ops.dense` (the fp32 head a packed model keeps)
 ``int8_dense_linear``             :mod:`bitcompile.ops.dense` (the W8A8 head of ``pack(head="int8")``)
-``ternary_experts_linear``        :mod:`bitcompile.ops.experts` (MoE experts ``(E, N, K)``, routed rows)
-``ternary_experts_linear_backward`` :mod:`bitcompile.ops.experts` (its fused straight-through backward)
+``ternary_experts_linear``        :mod:`bitcompile.ops.experts` (MoE experts ``(E, N, K)``, routed rows;
+                                  ``ternary_experts_linear_backward``: its fused straight-through backward)
 ================================  ==================================================================
 
 The ops hold no numerics of their own: they check arguments (:mod:`bitcompile.ops.checks`)
@@ -25,6 +26,7 @@ from bitcompile.ops.dense import float_gemv, float_gemv_linear, int8_dense_linea
 from bitcompile.ops.experts import expert_rows, quantize_experts, ternary_experts_linear
 from bitcompile.ops.packed import prepared_cpu_call, ternary_linear_packed
 from bitcompile.ops.prescaled import quantize_weight_with_scale, tensor_scale_marker, ternary_linear_prescaled
+from bitcompile.ops.sharded import quantize_activations_with_absmax, register_dtensor_rules, ternary_linear_sharded
 from bitcompile.ops.training import (
     save_for_ternary_backward,
     ternary_backward,
@@ -46,8 +48,10 @@ __all__ = [
     "int8_dense_linear_op",
     "int8_linear",
     "prepared_cpu_call",
+    "quantize_activations_with_absmax",
     "quantize_experts",
     "quantize_weight_with_scale",
+    "register_dtensor_rules",
     "save_for_ternary_backward",
     "tensor_scale_marker",
     "ternary_experts_linear",
@@ -58,5 +62,6 @@ __all__ = [
     "ternary_linear_output",
     "ternary_linear_packed",
     "ternary_linear_prescaled",
+    "ternary_linear_sharded",
     "ternary_outputs_like",
 ]

@@ -19,15 +19,16 @@ import torch.fx
 from bitcompile.config import TernaryConfig
 from bitcompile.passes.discover import LayerDecision
 from bitcompile.passes.precomputed_scales import emit_prescaled
+from bitcompile.passes.tensor_parallel import TensorParallelError, dtensor_weight, emit_tensor_parallel
 
 log = logging.getLogger(__name__)
 
 _COPIED_META = ("nn_module_stack", "source_fn_stack", "stack_trace", "seq_nr")
 
 
-def call_like(graph: torch.fx.Graph, target, args, like: torch.fx.Node) -> torch.fx.Node:
-    """``graph.call_function(target, args)`` carrying ``like``'s source metadata (module stack, trace)."""
-    node = graph.call_function(target, args)
+def call_like(graph: torch.fx.Graph, target, args, like: torch.fx.Node, kwargs: dict | None = None) -> torch.fx.Node:
+    """``graph.call_function(target, args, kwargs)`` carrying ``like``'s source metadata (module stack, trace)."""
+    node = graph.call_function(target, args, kwargs)
     for key in _COPIED_META:
         if key in like.meta:
             node.meta[key] = like.meta[key]
@@ -94,11 +95,23 @@ def ternary_rewrite(
 
     ``tensor_scales`` maps weight nodes to precomputed per-tensor scale nodes (from
     :func:`bitcompile.passes.precomputed_scales.strip_scale_markers`); with ``group_size="tensor"``
-    those layers become ``bitcpm::ternary_linear_prescaled`` instead.
+    those layers become ``bitcpm::ternary_linear_prescaled`` instead. Layers whose weight is a
+    DTensor (tensor parallelism) become ``bitcpm::ternary_linear_sharded``
+    (:mod:`bitcompile.passes.tensor_parallel`).
     """
 
     def emit(graph, decision, x, bias, like):
         weight = decision.site.weight
+        if dtensor_weight(weight) is not None:
+            if decision.site.layout != "out_in":
+                raise TensorParallelError(
+                    f"bitcpm: layer {decision.name!r} is tensor-parallel with a {decision.site.layout!r} weight layout; "
+                    "only nn.Linear's (out, in) layout is supported under tensor parallelism"
+                )
+            return emit_tensor_parallel(
+                graph, decision.name, x, weight, bias, config, kernel,
+                lambda g, t, a, kw: call_like(g, t, a, like, kw),
+            )  # fmt: skip
         scale = (tensor_scales or {}).get(weight) if config.group_size.kind == "tensor" else None
         if scale is not None and decision.site.layout == "out_in":
             return emit_prescaled(

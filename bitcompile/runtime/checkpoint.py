@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import Tensor, nn
 
+from bitcompile.kernels import packing_base3
 from bitcompile.runtime.checkpoint_format import (  # FORMAT*, READABLE_VERSIONS: re-exported for BC
     FORMAT,
     FORMAT_VERSION,
@@ -137,7 +138,7 @@ def _replacements(
         for name, info in layers.items():
             replacements[name] = PackedTernaryLinear(
                 info["in_features"], info["out_features"], bias=info["bias"], group_size=info["group_size"],
-                activations=info["activations"], dtype=info["dtype"],
+                activations=info["activations"], dtype=info["dtype"], layout=info["layout"],
             )  # fmt: skip
         for name, info in sorted(int8_layers.items(), key=lambda item: item[1]["kind"] != "embedding"):
             if info["kind"] == "embedding":
@@ -186,7 +187,15 @@ def _same_bits(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
 
 
-def _check_codes(name: str, packed: Tensor) -> None:
+def _check_codes(name: str, packed: Tensor, layout: str) -> None:
+    if layout == "1.6bit":
+        bad = packing_base3.invalid_bytes(packed)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise CheckpointError(
+                f"tensor {name!r} holds a byte that is no 1.6-bit code (row {row}: |V| > 121 or a negative zero)"
+            )
+        return
     for shift in (0, 2, 4, 6):
         bad = ((packed >> shift) & 3) == 3
         if bool(bad.any()):
@@ -198,7 +207,7 @@ def _check_values(name: str, tensor: Tensor, module: nn.Module) -> None:
     """What a packed or int8 module's tensors must hold beyond their shape and dtype."""
     key = name.rpartition(".")[2]
     if key == "packed" and isinstance(module, PackedTernaryLinear):
-        _check_codes(name, tensor)
+        _check_codes(name, tensor, module.layout)
     elif key == "codes" and bool((tensor == -128).any()):
         raise CheckpointError(f"tensor {name!r} holds the int8 code -128, outside the symmetric range [-127, 127]")
     elif key == "scales" and not bool((torch.isfinite(tensor) & (tensor > 0)).all()):

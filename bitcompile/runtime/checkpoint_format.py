@@ -18,7 +18,7 @@ from torch import nn
 from bitcompile.kernels.groups import ScaleGroups
 from bitcompile.kernels.packing import LAYOUT_NAME, LAYOUT_VERSION
 from bitcompile.runtime.int8_head import Int8Embedding, Int8Linear
-from bitcompile.runtime.layers import PackedTernaryLinear
+from bitcompile.runtime.layers import LAYOUTS, PackedTernaryLinear
 
 __all__ = [
     "FLOAT_DTYPES", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "CheckpointError", "model_metadata",
@@ -26,13 +26,19 @@ __all__ = [
 ]  # fmt: skip
 
 FORMAT = "bitcompile-packed"
-FORMAT_VERSION = 2  # 2 added "int8_layers" (the int8 head of pack(head="int8")); 1 is still read
-READABLE_VERSIONS = ("1", "2")
+# 2 added "int8_layers" (the int8 head of pack(head="int8")); 3 a per-layer "layout" (the
+# 1.6-bit layout of pack(layout="1.6bit")). 1 and 2 are still read (every layer 2-bit).
+FORMAT_VERSION = 3
+READABLE_VERSIONS = ("1", "2", "3")
 
 #: The dtypes a float layer (and so a packed layer's bias) can have.
 FLOAT_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
 
 _PACKED_KEYS = ("in_features", "out_features", "bias", "group_size", "activations", "original_dtype")
+#: optional per packed layer (format 3): the layout of its bytes, absent for the header's 2-bit layout
+_LAYOUT_KEY = "layout"
+#: the per-layer "layout" value (name vN) of each pack(layout=) choice other than the header's
+_LAYER_LAYOUTS = {f"{name} v{version}": key for key, (name, version) in LAYOUTS.items() if key != "2bit"}
 _INT8_KEYS = {
     "embedding": ("kind", "num_embeddings", "embedding_dim", "padding_idx", "original_dtype"),
     "linear": ("kind", "in_features", "out_features", "bias", "original_dtype", "tied_to"),
@@ -53,7 +59,7 @@ class CheckpointError(ValueError):
 
 
 def _layer_metadata(layer: PackedTernaryLinear) -> dict:
-    return {
+    info = {
         "in_features": layer.in_features,
         "out_features": layer.out_features,
         "bias": layer.bias is not None,
@@ -61,6 +67,10 @@ def _layer_metadata(layer: PackedTernaryLinear) -> dict:
         "activations": layer.activations,
         "original_dtype": str(layer.original_dtype).removeprefix("torch."),
     }
+    if layer.layout != "2bit":
+        name, version = LAYOUTS[layer.layout]
+        info[_LAYOUT_KEY] = f"{name} v{version}"
+    return info
 
 
 def _int8_metadata(model: nn.Module) -> dict:
@@ -88,10 +98,11 @@ def model_metadata(model: nn.Module) -> dict[str, str]:
     if not layers:
         raise CheckpointError("save_packed: the model has no PackedTernaryLinear layers; call bitcompile.pack(model) first")
     int8_layers = _int8_metadata(model)
+    # the lowest version that holds everything, so older bitcompile still reads what it can
+    version = 3 if any(_LAYOUT_KEY in info for info in layers.values()) else 2 if int8_layers else 1
     return {
         "format": FORMAT,
-        # version 1 when nothing needs 2, so older bitcompile still reads ternary-only checkpoints
-        "format_version": str(FORMAT_VERSION if int8_layers else 1),
+        "format_version": str(version),
         "layout": LAYOUT_NAME,
         "layout_version": str(LAYOUT_VERSION),
         "scale_convention": "multiplier",
@@ -136,14 +147,14 @@ def _json_object(where: str, metadata: Mapping[str, str], key: str, default: str
 class _Fields:
     """Typed reads of one layer's metadata entry; every failure names the layer and the key."""
 
-    def __init__(self, where: str, name: str, info: Any, keys: Iterable[str]) -> None:
+    def __init__(self, where: str, name: str, info: Any, keys: Iterable[str], optional: Iterable[str] = ()) -> None:
         self.prefix = f"{where}: layer {name!r}"
         if not isinstance(info, dict):
             raise CheckpointError(f"{self.prefix}: metadata is {_json_type(info)}, expected an object")
         keys = tuple(keys)
         if missing := [k for k in keys if k not in info]:
             raise CheckpointError(f"{self.prefix}: metadata lacks {', '.join(map(repr, missing))}")
-        if unknown := sorted(set(info) - set(keys)):
+        if unknown := sorted(set(info) - set(keys) - set(optional)):
             raise CheckpointError(f"{self.prefix}: metadata has unknown key(s) {show(unknown)}")
         self.info = info
 
@@ -168,8 +179,13 @@ class _Fields:
         return FLOAT_DTYPES[value]
 
 
-def _packed_layer(where: str, name: str, info: Any) -> dict:
-    fields = _Fields(where, name, info, _PACKED_KEYS)
+def _packed_layer(where: str, name: str, info: Any, format_version: str) -> dict:
+    fields = _Fields(where, name, info, _PACKED_KEYS, optional=(_LAYOUT_KEY,) if format_version == "3" else ())
+    layout = "2bit"
+    if _LAYOUT_KEY in info:
+        if not (isinstance(info[_LAYOUT_KEY], str) and info[_LAYOUT_KEY] in _LAYER_LAYOUTS):
+            raise fields.error(_LAYOUT_KEY, f"one of {', '.join(map(repr, _LAYER_LAYOUTS))} (absent: the header's layout)")
+        layout = _LAYER_LAYOUTS[info[_LAYOUT_KEY]]
     try:  # the file spells it as the option does (an int or "tensor"); the layer takes the typed value
         group_size = ScaleGroups.parse(info["group_size"])
     except ValueError:
@@ -179,7 +195,7 @@ def _packed_layer(where: str, name: str, info: Any) -> dict:
     return {
         "in_features": fields.count("in_features"), "out_features": fields.count("out_features"),
         "bias": fields.flag("bias"), "group_size": group_size, "activations": info["activations"],
-        "dtype": fields.dtype(),
+        "dtype": fields.dtype(), "layout": layout,
     }  # fmt: skip
 
 
@@ -228,7 +244,7 @@ def parse_metadata(where: str, metadata: Mapping[str, str]) -> tuple[dict[str, d
     raw_int8 = _json_object(where, metadata, "int8_layers", "{}")
     if not raw_layers:
         raise CheckpointError(f"{where}: metadata 'layers' lists no packed layer")
-    layers = {name: _packed_layer(where, name, info) for name, info in raw_layers.items()}
+    layers = {name: _packed_layer(where, name, info, metadata["format_version"]) for name, info in raw_layers.items()}
     int8_layers = {name: _int8_layer(where, name, info) for name, info in raw_int8.items()}
     _check_names(where, [*layers, *int8_layers])
     for name, info in int8_layers.items():

@@ -13,18 +13,39 @@ from torch import Tensor, nn
 
 from bitcompile.config import TernaryConfig
 from bitcompile.targets import get_kernel, resolve_target
+from bitcompile.kernels import packing, packing_base3
 from bitcompile.kernels.groups import ScaleGroups, num_groups
 from bitcompile.kernels.packing import pack_codes, packed_shape, unpack_codes
 from bitcompile.ops import float_gemv, prepared_cpu_call  # (importing it registers torch.ops.bitcpm.*)
 from bitcompile.runtime.conversion import FixedFormatModule
 
-__all__ = ["FloatGemvLinear", "PackedTernaryLinear"]
+__all__ = ["LAYOUTS", "FloatGemvLinear", "PackedTernaryLinear", "check_layout"]
+
+#: pack(layout=...) names -> (layout name, version) of the packed bytes. "2bit": the canonical
+#: layout (kernels/packing.py); "1.6bit": five weights per byte (kernels/packing_base3.py).
+LAYOUTS = {
+    "2bit": (packing.LAYOUT_NAME, packing.LAYOUT_VERSION),
+    "1.6bit": (packing_base3.LAYOUT_NAME, packing_base3.LAYOUT_VERSION),
+}
+
+
+def check_layout(where: str, layout: object) -> str:
+    """``layout`` if it names a packed layout, else one ValueError naming the choices."""
+    if not (isinstance(layout, str) and layout in LAYOUTS):
+        raise ValueError(f"{where}: layout={layout!r} is not one of {', '.join(map(repr, LAYOUTS))}")
+    return layout
 
 
 class PackedTernaryLinear(FixedFormatModule):
-    """A linear layer with 2-bit ternary weights: ``y = x @ (codes * scales)^T + bias``.
+    """A linear layer with packed ternary weights: ``y = x @ (codes * scales)^T + bias``.
 
-    Buffers: ``packed`` (uint8, canonical layout), ``scales`` (fp32 ``(out, n_groups)``),
+    ``layout``: ``"2bit"`` (the canonical layout, the default) or ``"1.6bit"`` (five weights
+    per byte, :mod:`bitcompile.kernels.packing_base3`; 20 % fewer bytes). Both give the same
+    outputs bit for bit. The 1.6-bit layer runs its own kernels in eager calls; compiled graphs,
+    autograd and export see ``bitcpm::ternary_linear_packed`` on a 2-bit copy of its codes made
+    per call (:meth:`packed_2bit`), so the result is the same there too, only slower.
+
+    Buffers: ``packed`` (uint8, in ``layout``), ``scales`` (fp32 ``(out, n_groups)``),
     ``bias`` (original dtype, optional). Inference only: it has no trainable weight.
     ``.to(dtype)`` / ``.half()`` / ``.bfloat16()`` convert the bias only; ``packed`` and
     ``scales`` keep their format (:mod:`bitcompile.runtime.conversion`).
@@ -42,33 +63,42 @@ class PackedTernaryLinear(FixedFormatModule):
         activations: str | None = "int8",
         dtype: torch.dtype = torch.float32,
         target: str = "auto",
+        layout: str = "2bit",
     ) -> None:
         super().__init__()
+        self.layout = check_layout("PackedTernaryLinear", layout)
         config = TernaryConfig(group_size=group_size, activations=activations, target=target)
         self.in_features, self.out_features = in_features, out_features
         self.group_size, self.activations, self.original_dtype = config.group_size, activations, dtype
         self.group_code, self.quantize_activations = config.group_code, config.quantize_activations
         self.kernel = resolve_target(target)
-        self.register_buffer("packed", torch.zeros(packed_shape(out_features, in_features), dtype=torch.uint8))
+        if layout == "1.6bit":  # bytes 0 are weights 0, as the 2-bit zeros below are not
+            shape = packing_base3.packed_shape(out_features, in_features)
+        else:
+            shape = packed_shape(out_features, in_features)
+        self.register_buffer("packed", torch.zeros(shape, dtype=torch.uint8))
         self.register_buffer("scales", torch.ones(out_features, num_groups(in_features, self.group_code)))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
 
     @classmethod
     def from_codes(
-        cls, codes: Tensor, scales: Tensor, bias: Tensor | None, config: TernaryConfig, dtype: torch.dtype
+        cls, codes: Tensor, scales: Tensor, bias: Tensor | None, config: TernaryConfig, dtype: torch.dtype,
+        layout: str = "2bit",
     ) -> PackedTernaryLinear:
         out_features, in_features = codes.shape
         layer = cls(
             in_features, out_features, bias=bias is not None, group_size=config.group_size,
-            activations=config.activations, dtype=dtype, target=config.target,
+            activations=config.activations, dtype=dtype, target=config.target, layout=layout,
         )  # fmt: skip
-        layer.packed = pack_codes(codes)
+        layer.packed = packing_base3.pack_codes(codes) if layout == "1.6bit" else pack_codes(codes)
         layer.scales = scales.float().contiguous()
         if bias is not None:
             layer.bias = bias.detach().clone()
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.layout == "1.6bit":
+            return self._forward_base3(x)
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or self._bias_requires_grad())):
             return self._op(x)  # the op has the autograd formula (adapters trained on a packed base)
         prepared = self.__dict__.get("_prepared")
@@ -91,13 +121,87 @@ class PackedTernaryLinear(FixedFormatModule):
             return self._eager_forward(x)
         return self._op(x)
 
+    def _forward_base3(self, x: Tensor) -> Tensor:
+        """The 1.6-bit layer: its own kernels in eager CPU calls, the 2-bit op elsewhere."""
+        if (
+            torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and (x.requires_grad or self._bias_requires_grad()))
+            or x.shape[-1] != self.in_features
+            or not x.is_floating_point()
+        ):
+            return self._op(x)
+        prepared = self.__dict__.get("_prepared")
+        if (
+            prepared is not None
+            and prepared.serves(x, self._buffers)
+            and self.quantize_activations
+            and self.kernel == "cpu"
+            and prepared.group_code == self.group_code
+            and prepared.in_features == self.in_features
+            and prepared.layout == "1.6bit"
+        ):
+            return prepared(x)  # the decode hot path: one C call
+        if self.kernel != "cpu":  # other targets have 2-bit kernels only
+            x2d = x.reshape(-1, self.in_features)
+            y = get_kernel(self.kernel).packed_linear(
+                x2d, self.packed_2bit(), self.scales, self.in_features, self.group_code, self.bias,
+                self.quantize_activations, x.dtype,
+            )  # fmt: skip
+            return y.reshape(*x.shape[:-1], self.out_features)
+        from bitcompile.kernels import cpu
+
+        if (
+            self.quantize_activations and cpu.available() and x.is_cpu and x.dtype in (torch.float32, torch.bfloat16)
+            and self.packed.is_cpu and cpu.can_prepare(self.packed, self.scales, self.bias)
+        ):  # fmt: skip
+            prepared = cpu.PreparedPackedLinear(
+                self.packed, self.scales, self.in_features, self.group_code, self.bias, layout="1.6bit"
+            )
+            self.__dict__["_prepared"] = prepared
+            return prepared(x)
+        from bitcompile.kernels.cpu.base3 import packed_linear_base3
+
+        y = packed_linear_base3(
+            x.reshape(-1, self.in_features), self.packed, self.scales, self.in_features, self.group_code, self.bias,
+            self.quantize_activations, x.dtype,
+        )  # fmt: skip
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def to_layout(self, layout: str) -> PackedTernaryLinear:
+        """A new layer with the same codes, scales and bias stored in ``layout`` (self when it already is)."""
+        check_layout("PackedTernaryLinear.to_layout", layout)
+        if layout == self.layout:
+            return self
+        layer = PackedTernaryLinear(
+            self.in_features, self.out_features, bias=self.bias is not None, group_size=self.group_size,
+            activations=self.activations, dtype=self.original_dtype, target="auto", layout=layout,
+        )  # fmt: skip
+        layer.kernel = self.kernel
+        codes = self.codes()
+        layer.packed = packing_base3.pack_codes(codes) if layout == "1.6bit" else pack_codes(codes)
+        layer.scales = self.scales.clone()
+        if self.bias is not None:
+            layer.bias = self.bias.detach().clone()
+        return layer.to(self.packed.device)
+
+    def packed_2bit(self) -> Tensor:
+        """``packed`` in the canonical 2-bit layout (the buffer itself for a 2-bit layer; a new
+        tensor, made on each call, for a 1.6-bit one)."""
+        if self.layout == "2bit":
+            return self.packed
+        if torch.compiler.is_compiling():
+            # NOTE: data-dependent checks inside; the compiled graph takes the 2-bit bytes as an
+            # input (disable() is applied here, not at import: it loads Dynamo)
+            return torch.compiler.disable(_repack_2bit)(self.packed, self.in_features)
+        return _repack_2bit(self.packed, self.in_features)
+
     def _bias_requires_grad(self) -> bool:
         bias = self._buffers["bias"]
         return bias is not None and bias.requires_grad
 
     def _op(self, x: Tensor) -> Tensor:
         return torch.ops.bitcpm.ternary_linear_packed(
-            x, self.packed, self.scales, self.bias, self.in_features, self.group_code,
+            x, self.packed_2bit(), self.scales, self.bias, self.in_features, self.group_code,
             self.quantize_activations, self.kernel,
         )  # fmt: skip
 
@@ -124,6 +228,8 @@ class PackedTernaryLinear(FixedFormatModule):
 
     def codes(self) -> Tensor:
         """The ternary codes as int8 ``(out, in)``."""
+        if self.layout == "1.6bit":
+            return packing_base3.unpack_codes(self.packed, self.in_features)
         return unpack_codes(self.packed, self.in_features)
 
     def dequantized_weight(self) -> Tensor:
@@ -135,7 +241,13 @@ class PackedTernaryLinear(FixedFormatModule):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"{ScaleGroups.from_code(self.group_code).label} scales, {acts}, kernel={self.kernel}"
+            + (f", layout={self.layout}" if self.layout != "2bit" else "")
         )
+
+
+def _repack_2bit(packed: Tensor, in_features: int) -> Tensor:
+    """1.6-bit bytes -> the canonical 2-bit bytes of the same codes."""
+    return pack_codes(packing_base3.unpack_codes(packed, in_features))
 
 
 class FloatGemvLinear(nn.Linear):

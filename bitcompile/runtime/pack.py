@@ -29,7 +29,7 @@ from bitcompile.runtime.experts import EXPERT_WEIGHTS, PackedTernaryExperts, exp
 from bitcompile.runtime.follow_compiler import follow_compiler
 from bitcompile.runtime.hf_folder import ModelLoadError, load_hf_folder
 from bitcompile.runtime.int8_head import Int8Embedding, Int8Linear
-from bitcompile.runtime.layers import FloatGemvLinear, PackedTernaryLinear
+from bitcompile.runtime.layers import FloatGemvLinear, PackedTernaryLinear, check_layout
 from bitcompile.runtime.module_tree import linear_view, parameter_names, replace_submodule
 from bitcompile.runtime.prequantized import detect_ternary
 
@@ -48,6 +48,8 @@ class PackDecision:
     packed: bool
     reason: str
     source: str = ""  # "quantized" (absmean quantizer) or "already ternary" (lossless)
+    layout: str = ""  # packed layers: "2bit" or "1.6bit" (pack's layout=)
+    packed_bytes: int = 0  # packed layers: bytes of the packed weight (codes only; scales and bias apart)
 
 
 def _check_not_packed(model: nn.Module) -> None:
@@ -126,6 +128,7 @@ def pack(
     float_gemv: bool = True,
     head: Literal["float", "int8"] = "float",
     example_inputs: Sequence[Any] | None = None,
+    layout: Literal["2bit", "1.6bit"] = "2bit",
 ) -> nn.Module:
     """Replace approved linear layers of ``model`` (in place) by :class:`PackedTernaryLinear`.
 
@@ -153,12 +156,19 @@ def pack(
             a weight read elsewhere: kept float). Without them the plan comes from the module
             tree, which cannot see those cases (:func:`plan_packing`). Like ``explain``, the
             capture resets Dynamo's caches (compiled models recompile on their next call).
+        layout: how the ternary codes are stored: ``"2bit"`` (the canonical layout, four
+            weights per byte) or ``"1.6bit"`` (five weights per byte, 20 % fewer bytes;
+            :mod:`bitcompile.kernels.packing_base3`). Outputs are identical; the 1.6-bit layers
+            have their own CPU kernels in eager calls (AVX-512 VBMI + GFNI for per-row /
+            per-tensor W1.58A8, else a portable C kernel) and use a per-call 2-bit copy under
+            ``torch.compile``, autograd and other targets; ONNX export writes them as 2-bit.
 
     Returns:
         ``model`` itself; ``model.bitcompile_pack_plan`` lists every decision. The freed float
         weights' memory is handed back to the OS (glibc).
     """
-    model = _pack(model, config, pre_quantized, float_gemv, head, example_inputs)
+    check_layout("pack", layout)
+    model = _pack(model, config, pre_quantized, float_gemv, head, example_inputs, layout)
     _return_freed_memory()  # after _pack's frame, which referenced the float weights, is gone
     return model
 
@@ -174,7 +184,8 @@ def _check_pack_arguments(pre_quantized: Any, float_gemv: Any, head: Any) -> Non
 
 
 def _pack(
-    model, config, pre_quantized: PreQuantized, float_gemv: bool, head: str, example_inputs: Sequence[Any] | None
+    model, config, pre_quantized: PreQuantized, float_gemv: bool, head: str, example_inputs: Sequence[Any] | None,
+    layout: str = "2bit",
 ) -> nn.Module:
     config = as_config(config, "pack")
     _check_pack_arguments(pre_quantized, float_gemv, head)
@@ -199,8 +210,11 @@ def _pack(
         view = linear_view(model.get_submodule(decision.name))
         codes, scales, decision.source = _ternary_codes(decision.name, view.weight, config, pre_quantized)
         replacements[decision.name] = PackedTernaryLinear.from_codes(
-            codes, scales, view.bias, config, view.parameter.dtype
+            codes, scales, view.bias, config, view.parameter.dtype, layout=layout
         ).to(view.parameter.device)
+        decision.layout, decision.packed_bytes = layout, replacements[decision.name].packed.nbytes
+    if layout == "1.6bit" and replacements:
+        _warn_portable_base3(config)
     for name, packed in replacements.items():  # nothing above mutated the model; swapping cannot fail
         replace_submodule(model, name, packed)
     for name, module in int8_modules.items():
@@ -236,6 +250,27 @@ def _warn_nothing_packed_or_unmatched(plan: list[PackDecision], config: TernaryC
         warnings.warn(
             f"pack: {option} pattern {pattern!r} matches none of the model's {len(plan)} linear layers "
             f"({', '.join(d.name for d in plan[:6])}{', ...' if len(plan) > 6 else ''}); check its spelling",
+            BitcompileWarning,
+            stacklevel=4,
+        )
+
+
+def _warn_portable_base3(config: TernaryConfig) -> None:
+    """Say once when the 1.6-bit layers will run the portable C kernel (no SIMD one applies)."""
+    from bitcompile.kernels.cpu.base3 import kernel_isa_base3
+
+    if resolve_target(config.target) != "cpu" or not cpu_kernels.available():
+        return
+    isa = kernel_isa_base3(config.group_code, "int8" if config.quantize_activations else "none")
+    if isa == "scalar":
+        why = (
+            f"its SIMD kernel needs AVX-512 VBMI; running {cpu_kernels.isa()}"
+            if config.group_code <= 0 and config.quantize_activations
+            else "its SIMD kernel covers W1.58A8 with per-row / per-tensor scales only"
+        )
+        warnings.warn(
+            f"pack(layout='1.6bit'): the 1.6-bit layers will run the portable C kernel ({why}), several times "
+            "slower than the 2-bit kernels; pack with layout='2bit' for speed",
             BitcompileWarning,
             stacklevel=4,
         )

@@ -42,6 +42,7 @@ class GemmArgs(ctypes.Structure):
         ("xf", ctypes.c_void_p), ("ldxf", ctypes.c_int64),
         ("w", ctypes.c_void_p), ("sw", ctypes.c_void_p), ("bias", ctypes.c_void_p),
         ("out", ctypes.c_void_p), ("ldo", ctypes.c_int64), ("out_bf16", ctypes.c_int), ("bias_bf16", ctypes.c_int),
+        ("layout", ctypes.c_int),  # LAYOUT_I2 / LAYOUT_T5
     ]  # fmt: skip
 
 
@@ -80,6 +81,9 @@ class EwArgs(ctypes.Structure):
 
 
 #: ``BC_STRUCT_*`` id in csrc/bc_kernels.h -> the ctypes mirror of that struct.
+#: ``bc_gemm_args.layout``: the canonical 2-bit layout, the 1.6-bit one (kernels/packing_base3.py)
+LAYOUT_I2, LAYOUT_T5 = 0, 1
+
 SHARED_STRUCTS: dict[int, type[ctypes.Structure]] = {0: GemmArgs, 1: PrepArgs, 2: DenseArgs, 3: EwArgs}
 
 
@@ -138,6 +142,7 @@ def load(path: Path | None = None) -> tuple[ctypes.CDLL | None, str | None]:
         ("bc_isa_supported", [I], I),
         ("bc_best_isa", [], I),
         ("bc_plan_i8", [I, I, I, ctypes.POINTER(ctypes.c_int)], I),
+        ("bc_plan_t5_i8", [I, I, I, ctypes.POINTER(ctypes.c_int)], I),
         ("bc_plan_f32", [I, I], I),
         ("bc_gemm_i8", [ctypes.POINTER(GemmArgs), I, I], None),
         ("bc_gemm_f32", [ctypes.POINTER(GemmArgs), I, I], None),

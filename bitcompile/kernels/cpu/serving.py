@@ -15,7 +15,9 @@ from torch import Tensor
 
 from bitcompile.kernels import reference
 from bitcompile.kernels.cpu import gemm, library
-from bitcompile.kernels.cpu.library import DenseArgs, GemmArgs, is_degenerate, on_cpu, ptr, threads
+from bitcompile.kernels import packing_base3
+from bitcompile.kernels.cpu.base3 import check_base3_args, plan_base3
+from bitcompile.kernels.cpu.library import LAYOUT_I2, LAYOUT_T5, DenseArgs, GemmArgs, is_degenerate, on_cpu, ptr, threads
 from bitcompile.kernels.cpu.passes import prepare_activations
 from bitcompile.kernels.groups import PER_TENSOR, num_groups
 from bitcompile.kernels.packing import check_packed_args, padded_in_features
@@ -56,11 +58,17 @@ class PreparedPackedLinear:
     version (``resize_`` and other in-place changes of the metadata bump it).
     """
 
-    def __init__(self, packed: Tensor, w_scales: Tensor, in_features: int, group_code: int, bias: Tensor | None):
+    def __init__(
+        self, packed: Tensor, w_scales: Tensor, in_features: int, group_code: int, bias: Tensor | None,
+        layout: str = "2bit",
+    ):  # fmt: skip
         if library.handle() is None:
             raise RuntimeError(f"PreparedPackedLinear needs the C kernels: {library.UNAVAILABLE_REASON}")
+        if layout not in ("2bit", "1.6bit"):
+            raise ValueError(f"PreparedPackedLinear: layout={layout!r} is not one of '2bit', '1.6bit'")
         probe = torch.empty((0, in_features))
-        check_packed_args("PreparedPackedLinear", probe, packed, w_scales, in_features, group_code, bias)
+        check = check_base3_args if layout == "1.6bit" else check_packed_args
+        check("PreparedPackedLinear", probe, packed, w_scales, in_features, group_code, bias)
         if not on_cpu(packed, w_scales, *([bias] if bias is not None else [])):
             raise ValueError("PreparedPackedLinear: packed, scales and bias must be CPU tensors")
         if not can_prepare(packed, w_scales, bias):
@@ -78,16 +86,22 @@ class PreparedPackedLinear:
             for t in (packed, w_scales, bias)
         )  # fmt: skip
         w, sw, b = packed, w_scales, bias
-        kp = padded_in_features(in_features)
+        self.layout = layout
         uc = ctypes.c_int()
         self._linear_i8 = library.LIB.bc_linear_i8  # bound once: this call runs per layer and token
-        self.run_isa = library.LIB.bc_plan_i8(self.isa_id, group_code, kp, ctypes.byref(uc))
+        if layout == "1.6bit":
+            kp = packing_base3.padded_in_features(in_features)
+            self.run_isa, uc.value = plan_base3(self.isa_id, group_code, kp)
+        else:
+            kp = padded_in_features(in_features)
+            self.run_isa = library.LIB.bc_plan_i8(self.isa_id, group_code, kp, ctypes.byref(uc))
         n_units = -(-(kp // 64) // uc.value) if self.run_isa != 0 else 0
         self.out_features = n = packed.shape[0]
         self.in_features, self.group_code = in_features, group_code
         self._args = GemmArgs(
             0, n, in_features, kp, group_code, num_groups(in_features, group_code), None, None, None, uc.value, n_units,
             None, 0, ptr(w), ptr(sw), ptr(b), None, n, 0, int(b is not None and b.dtype == torch.bfloat16),
+            LAYOUT_T5 if layout == "1.6bit" else LAYOUT_I2,
         )  # fmt: skip
         self._args_bf16 = GemmArgs.from_buffer_copy(self._args)
         self._args_bf16.out_bf16 = 1
@@ -132,7 +146,7 @@ class PreparedPackedLinear:
         m = x.numel() // k if k else 0
         if k == 0:  # an empty sum: the bias alone
             y.copy_(self._bias.float().expand_as(y)) if self._bias is not None else y.zero_()
-        elif m >= gemm.ONEDNN_MIN_TOKENS and self.out_features and self.group_code <= PER_TENSOR:
+        elif m >= gemm.ONEDNN_MIN_TOKENS and self.out_features and self.group_code <= PER_TENSOR and self.layout == "2bit":
             kind = 0 if x.dtype == torch.float32 else 1
             w, sw, b = self._packed_view, self._scales_view, self._bias
             gemm.packed_int8_onednn(x.view(m, k), kind, None, w, sw, k, b, y.view(m, -1))

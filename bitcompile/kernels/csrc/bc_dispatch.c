@@ -277,7 +277,36 @@ static int has_gfni(void) {
     return v;
 }
 
-static bc_gemm_fn i8_kernel(int isa) {
+/* AVX512_VBMI (CPUID.7.0:ECX bit 1): vpermi2b, the table lookup of the 1.6-bit kernel */
+static int has_vbmi(void) {
+    static atomic_int cache = -1;
+    int v = atomic_load(&cache);
+    if (v < 0) {
+        v = 0;
+#ifdef BC_X86
+        unsigned a, b, c, d;
+        if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) v = (c >> 1) & 1;
+#endif
+        atomic_store(&cache, v);
+    }
+    return v;
+}
+
+/* The ISA whose 1.6-bit int8 kernel runs (AVX-512 with VBMI, one scale column; else the
+ * portable kernel, which needs no corr) and its flush unit: all chunks of the row. */
+int bc_plan_t5_i8(int isa, int group, int Kp, int *unit_chunks) {
+    int nch = Kp / BC_CHUNK_K;
+    *unit_chunks = nch > 0 ? nch : 1;
+    return isa == BC_ISA_AVX512 && group <= 0 && has_vbmi() ? BC_ISA_AVX512 : BC_ISA_GENERIC;
+}
+
+static bc_gemm_fn i8_kernel(int isa, int layout) {
+    if (layout == BC_LAYOUT_T5) {
+#ifdef BC_X86
+        if (isa == BC_ISA_AVX512 && has_vbmi()) return bc_gemm_t5_i8_avx512_vbmi;
+#endif
+        return bc_gemm_t5_i8_generic;
+    }
 #ifdef BC_X86
     if (isa == BC_ISA_AVX512) {
         const char *off = getenv("BITCOMPILE_NO_GFNI");  /* tests force the plain AVX-512 build */
@@ -289,7 +318,8 @@ static bc_gemm_fn i8_kernel(int isa) {
     return bc_gemm_i2_i8_generic;
 }
 
-static bc_gemm_fn f32_kernel(int isa) {
+static bc_gemm_fn f32_kernel(int isa, int layout) {
+    if (layout == BC_LAYOUT_T5) return bc_gemm_t5_f32_generic;  /* no SIMD weight-only 1.6-bit kernel yet */
 #ifdef BC_X86
     if (isa == BC_ISA_AVX512) return bc_gemm_i2_f32_avx512;
     if (isa == BC_ISA_AVX2) return bc_gemm_i2_f32_avx2;
@@ -300,7 +330,7 @@ static bc_gemm_fn f32_kernel(int isa) {
 
 /* isa must be the one bc_plan_i8 returned (corr was prepared for its flush unit). */
 void bc_gemm_i8(const bc_gemm_args *a, int isa, int nthreads) {
-    run_gemm(a, i8_kernel(isa), pick_threads(nthreads, (int64_t)a->M * a->N * a->Kp, a->N));
+    run_gemm(a, i8_kernel(isa, a->layout), pick_threads(nthreads, (int64_t)a->M * a->N * a->Kp, a->N));
 }
 
 /* Whether row m of the fp32 activations holds a NaN or an inf (max of |x| as bit patterns). */
@@ -315,7 +345,7 @@ static int f32_row_nonfinite(const bc_gemm_args *a, int m) {
 }
 
 void bc_gemm_f32(const bc_gemm_args *a, int isa, int nthreads) {
-    bc_gemm_fn fn = f32_kernel(isa);
+    bc_gemm_fn fn = f32_kernel(isa, a->layout);
     run_gemm(a, fn, pick_threads(nthreads, (int64_t)a->M * a->N * a->Kp * 8, a->N));
 #ifdef BC_X86
     if (fn != bc_gemm_i2_f32_avx512) return;

@@ -42,7 +42,14 @@ typedef struct {
     int64_t ldo;
     int out_bf16;
     int bias_bf16;               /* read the model's bf16 bias as it is: no fp32 copy to go stale */
+    int layout;                  /* BC_LAYOUT_I2 (w is N x Kp/4) or BC_LAYOUT_T5 (w is N x Kp/5, Kp % 320 == 0) */
 } bc_gemm_args;
+
+/* Packed weight layouts: the canonical 2-bit one above, and the 1.6-bit one of
+ * kernels/packing_base3.py (bc_t5_signmag_planar320 v1): byte j of 64-byte block b holds the
+ * weights k = 320*b + 64*i + j (i = 0..4) as 128*(V < 0) + |V|, V = sum_i q_i * 3^i. */
+enum { BC_LAYOUT_I2 = 0, BC_LAYOUT_T5 = 1 };
+#define BC_T5_BLOCK_K 320
 
 /* Kernel signature: compute output columns [n0, n1) for every row m. */
 typedef void (*bc_gemm_fn)(const bc_gemm_args *a, int n0, int n1);
@@ -128,6 +135,8 @@ void bc_pack_i2_generic(const int8_t *q, int64_t ldq, int N, int K, uint8_t *out
 void bc_dense_f32_generic(const bc_dense_args *a, int n0, int n1);
 void bc_dense_i8_generic(const bc_dense_args *a, int n0, int n1);
 void bc_ew_generic(const bc_ew_args *a, int m0, int m1);
+void bc_gemm_t5_i8_generic(const bc_gemm_args *a, int n0, int n1);
+void bc_gemm_t5_f32_generic(const bc_gemm_args *a, int n0, int n1);
 
 #if defined(__x86_64__) || defined(_M_X64)
 void bc_gemm_i2_i8_avx2(const bc_gemm_args *a, int n0, int n1);
@@ -142,6 +151,7 @@ void bc_dense_f32_avx512(const bc_dense_args *a, int n0, int n1);
 void bc_dense_i8_avx512(const bc_dense_args *a, int n0, int n1);
 void bc_ew_avx2(const bc_ew_args *a, int m0, int m1);
 void bc_ew_avx512(const bc_ew_args *a, int m0, int m1);
+void bc_gemm_t5_i8_avx512_vbmi(const bc_gemm_args *a, int n0, int n1);
 #endif
 
 /* helpers shared by the kernels */

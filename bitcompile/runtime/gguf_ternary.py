@@ -106,7 +106,7 @@ def _float_tensor(tensor: Any) -> torch.Tensor:
         )
     values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
     shape = [int(v) for v in reversed(tensor.shape)] if len(tensor.shape) > 1 else [int(tensor.shape[0])]
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
+    return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape)  # a writable copy
 
 
 def load_gguf_ternary(path: str | os.PathLike, *, target: str = "auto") -> nn.Module | None:

@@ -1,0 +1,199 @@
+"""GGUF export (checked by llama.cpp itself) and the lossless ternary GGUF import (issue 17)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install gguf)")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+
+import bitcompile  # noqa: E402
+from bitcompile.export.gguf import export_gguf  # noqa: E402
+from bitcompile.runtime.gguf_blocks import BLOCK, decode, encode  # noqa: E402
+from bitcompile.runtime.gguf_llama import GgufFormatError  # noqa: E402
+from bitcompile.runtime.gguf_ternary import load_gguf_ternary  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A real byte-level BPE tokenizer (512 tokens), trained in the test on this package's source."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = Path(bitcompile.__file__).with_name("kernels").joinpath("packing.py").read_text().splitlines()
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tk.train_from_iterator(text, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def tiny_llama(vocab: int, group_size=-1, hidden: int = 256, intermediate: int = 512, seed: int = 0):
+    """A packed 2-layer Llama whose ternary layers have K a multiple of 256 (hidden 256, MLP 512).
+
+    Untied embedding and head with std 1 give varied greedy tokens with clear margins; the
+    layers (std 0.05) still move the logits by ~15, so a wrong layer shows in the logits.
+    The scales are rounded to fp16 first (GGUF stores them so), so the torch model holds
+    exactly what the file holds.
+    """
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, initializer_range=0.05,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0, 1.0)
+        model.lm_head.weight.normal_(0, 1.0)
+    bitcompile.pack(model, {"group_size": group_size, "exclude": ["lm_head"]})
+    for module in model.modules():
+        if isinstance(module, bitcompile.PackedTernaryLinear):
+            module.scales = module.scales.half().float()
+    return model
+
+
+def torch_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def packed_layers(model) -> dict[str, bitcompile.PackedTernaryLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, bitcompile.PackedTernaryLinear)}
+
+
+@pytest.mark.parametrize("kind", ["TQ2_0", "TQ1_0", "Q4_0", "Q8_0"])
+def test_gguf_blocks_match_the_gguf_package(kind):
+    rng = np.random.default_rng(1)
+    codes = rng.integers(-1, 2, (3, 512)).astype(np.int8)
+    scales = rng.uniform(1e-3, 2, (3, 512 // BLOCK[kind])).astype(np.float16)
+    data = encode(codes, scales, kind)
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    expected = codes.astype(np.float32) * np.repeat(scales.astype(np.float32), BLOCK[kind], axis=1)
+    np.testing.assert_array_equal(gguf.quants.dequantize(data, qtype), expected)  # the package's own decoder
+    back_codes, back_scales = decode(data, kind, 512)
+    np.testing.assert_array_equal(back_codes, codes)
+    np.testing.assert_array_equal(back_scales, scales)
+    if kind.startswith("TQ"):  # the package's quantizer on the codes themselves writes the same bytes (d = 1)
+        np.testing.assert_array_equal(gguf.quants.quantize(codes.astype(np.float32), qtype), encode(codes, np.ones_like(scales), kind))
+
+
+def test_gguf_blocks_reject_a_row_that_is_not_whole_blocks():
+    with pytest.raises(ValueError, match="in_features=300 is not a multiple of its block size 256"):
+        encode(np.zeros((2, 300), np.int8), np.ones((2, 1), np.float16), "TQ2_0")
+
+
+def test_gguf_export_import_is_lossless(tmp_path, tokenizer):
+    model = tiny_llama(len(tokenizer))
+    result = export_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer, tokenizer_pre="gpt-2")
+    encodings = {t.name: t.encoding for t in result.tensors}
+    assert encodings["blk.0.ffn_down.weight"] == "TQ2_0" and encodings["blk.1.attn_q.weight"] == "TQ2_0"
+    assert encodings["token_embd.weight"] == "F32" and encodings["output_norm.weight"] == "F32"
+    assert "TQ2_0" in result.summary() and result.max_scale_rounding == 0.0  # scales were fp16 already
+    imported = bitcompile.pack(tmp_path / "m.gguf")
+    ours, theirs = packed_layers(model), packed_layers(imported)
+    assert ours.keys() == theirs.keys() and len(ours) == 14
+    for name, layer in ours.items():
+        assert torch.equal(theirs[name].packed, layer.packed), name  # identical 2-bit codes (q/k rows restored)
+        assert torch.equal(theirs[name].scales, layer.scales), name
+        assert theirs[name].group_code == layer.group_code
+    sources = {d.name: d.source for d in imported.bitcompile_pack_plan if d.packed}
+    assert sources["model.layers.0.mlp.down_proj"] == "gguf TQ2_0 (lossless)"
+    ids = torch.tensor([[5, 17, 300, 42, 9]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, imported(ids).logits)
+
+
+@pytest.mark.parametrize(("group_size", "options", "expected"), [
+    (64, {"fallback": "q4_0"}, "Q4_0"),
+    (128, {"fallback": "q8_0"}, "Q8_0"),
+    ("tensor", {"ternary": "tq1_0"}, "TQ1_0"),
+])  # fmt: skip
+def test_gguf_group_sizes_and_encodings_round_trip(tmp_path, tokenizer, group_size, options, expected):
+    model = tiny_llama(len(tokenizer), group_size=group_size)
+    result = export_gguf(model, tmp_path / "g.gguf", tokenizer=tokenizer, tokenizer_pre="gpt-2", **options)
+    assert {t.encoding for t in result.tensors if t.name.endswith("ffn_up.weight")} == {expected}
+    imported = load_gguf_ternary(tmp_path / "g.gguf")
+    for name, layer in packed_layers(model).items():
+        other = packed_layers(imported)[name]
+        assert torch.equal(other.packed, layer.packed) and torch.equal(other.scales, layer.scales), name
+        assert other.group_code == layer.group_code, name
+
+
+def test_gguf_file_without_ternary_tensors_returns_none(tmp_path):
+    writer = gguf.GGUFWriter(str(tmp_path / "f.gguf"), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    assert load_gguf_ternary(tmp_path / "f.gguf") is None
+    with pytest.raises(ValueError, match="holds no ternary tensor"):
+        bitcompile.pack(tmp_path / "f.gguf")
+
+
+def test_gguf_export_refuses_what_it_cannot_write(tmp_path, tokenizer):
+    unpacked = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2))  # fmt: skip
+    with pytest.raises(GgufFormatError, match="no PackedTernaryLinear layer; run bitcompile.pack"):
+        export_gguf(unpacked, tmp_path / "u.gguf", tokenizer=tokenizer)
+    with pytest.raises(GgufFormatError, match="writes Llama models"):
+        export_gguf(torch.nn.Sequential(torch.nn.Linear(4, 4)), tmp_path / "s.gguf", tokenizer=tokenizer)
+    model = tiny_llama(len(tokenizer))
+    (tmp_path / "x.gguf").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_gguf(model, tmp_path / "x.gguf", tokenizer=tokenizer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_gguf(model, tmp_path / "d.gguf", tokenizer=tokenizer)
+    assert any("tokenizer_pre not given" in str(w.message) for w in caught)
+
+
+def test_gguf_import_rejects_a_listed_tensor_that_is_not_ternary(tmp_path, tokenizer):
+    model = tiny_llama(len(tokenizer), group_size=64)
+    export_gguf(model, tmp_path / "q.gguf", tokenizer=tokenizer, tokenizer_pre="gpt-2")
+    reader = gguf.GGUFReader(str(tmp_path / "q.gguf"), "r+")  # corrupt one Q4_0 nibble: code 8 + 5 is not ternary
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")
+    tensor.data[0, 2] = 0xDD
+    reader.data.flush()
+    with pytest.raises(GgufFormatError, match=r"'blk.0.ffn_up.weight': Q4_0 values outside \{-1, 0, 1\}"):
+        load_gguf_ternary(tmp_path / "q.gguf")
+
+
+def test_gguf_runs_in_llama_cpp_with_the_packed_models_greedy_tokens(tmp_path, tokenizer):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+    model = tiny_llama(len(tokenizer))
+    export_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer, tokenizer_pre="gpt-2")
+    llm = llama_cpp.Llama(
+        str(tmp_path / "m.gguf"), n_ctx=128, n_threads=1, logits_all=True, verbose=False,
+        type_k=0, type_v=0,  # f32 KV cache: the default f16 cache would be one more rounding
+    )  # fmt: skip
+    prompt = tokenizer.encode("pack the codes")
+    steps = 32
+    generated = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1):
+        generated.append(token)
+        if len(generated) == steps:
+            break
+    assert generated == torch_greedy(model, prompt, steps)
+    # The logits differ only by llama.cpp's q8_K activations (one int8 scale per 256-block and
+    # -127/max rounding: at most one int8 step per element against bitcompile's per-token int8)
+    # and float summation order. Bound: 5 % of what the ternary layers contribute to the logits
+    # (measured 0.38 of 15.3), so a wrong layer (order of q/k rows, scales) cannot pass.
+    llama_logits = np.array(llm.scores[: llm.n_tokens])
+    sequence = torch.tensor([prompt + generated[:-1]])
+    with torch.no_grad():
+        ours = model(sequence).logits[0].numpy()
+        embeddings_only = model.lm_head(model.model.norm(model.model.embed_tokens(sequence)))[0].numpy()
+    layers_effect = np.abs(ours - embeddings_only).max()
+    assert layers_effect > 5
+    assert np.abs(llama_logits - ours).max() < 0.05 * layers_effect
+    llm.close()

@@ -205,6 +205,12 @@ def _load_path(path: str | os.PathLike, config: TernaryConfig) -> nn.Module:
                 "load a float GGUF with transformers and pack that model"
             )
         return model
+    if folder.is_dir():
+        from bitcompile.runtime.hf_bitnet import load_hf_bitnet
+
+        bitnet = load_hf_bitnet(folder, target=config.target)  # None unless quant_method == "bitnet"
+        if bitnet is not None:
+            return bitnet
     if not folder.is_dir():
         what = "a file" if folder.exists() else "not an existing folder"
         raise ModelLoadError(

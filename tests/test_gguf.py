@@ -197,3 +197,24 @@ def test_gguf_runs_in_llama_cpp_with_the_packed_models_greedy_tokens(tmp_path, t
     assert layers_effect > 5
     assert np.abs(llama_logits - ours).max() < 0.05 * layers_effect
     llm.close()
+
+
+def test_cli_exports_gguf_and_hf_bitnet_from_a_folder(tmp_path, tokenizer, capsys):
+    from bitcompile.cli import main
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    assert main(["export", str(tmp_path / "hf"), "-o", str(tmp_path / "m.gguf"), "--format", "gguf", "--tokenizer-pre", "gpt-2"]) == 0
+    out = capsys.readouterr().out
+    assert "blk.0.ffn_down.weight" in out and "TQ2_0" in out and "file " in out
+    assert len(packed_layers(load_gguf_ternary(tmp_path / "m.gguf"))) == 7
+    assert main(["export", str(tmp_path / "hf"), "-o", str(tmp_path / "bn"), "--format", "hf-bitnet"]) == 1
+    assert "has per-row scales; HF BitNet stores one weight_scale per tensor" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "hf"), "-o", str(tmp_path / "bn"), "--format", "hf-bitnet",
+                 "--option", "group_size=tensor"]) == 0  # fmt: skip
+    assert (tmp_path / "bn" / "model.safetensors").is_file() and (tmp_path / "bn" / "tokenizer.json").is_file()

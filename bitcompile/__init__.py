@@ -39,6 +39,8 @@ __all__ = [
     "__version__",
     "compile",
     "explain",
+    "export_gguf",
+    "export_hf_bitnet",
     "export_onnx",
     "load_packed",
     "pack",
@@ -87,6 +89,20 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: Any, **kwargs
     from bitcompile.export.onnx import export_onnx as _export_onnx
 
     return _export_onnx(model, example_inputs, path, **kwargs)
+
+
+def export_gguf(model: torch.nn.Module, path: Any, **kwargs: Any):
+    """Write a packed ternary Llama as GGUF for llama.cpp; see :func:`bitcompile.export.gguf.export_gguf`."""
+    from bitcompile.export.gguf import export_gguf as _export_gguf
+
+    return _export_gguf(model, path, **kwargs)
+
+
+def export_hf_bitnet(model: torch.nn.Module, folder: Any, **kwargs: Any):
+    """Write a packed model as a Hugging Face BitNet checkpoint; see :func:`bitcompile.export.hf_bitnet.export_hf_bitnet`."""
+    from bitcompile.export.hf_bitnet import export_hf_bitnet as _export_hf_bitnet
+
+    return _export_hf_bitnet(model, folder, **kwargs)
 
 
 #: Public names whose modules load Dynamo and rich: imported on first use, so that

@@ -115,15 +115,17 @@ def test_gguf_export_import_is_lossless(tmp_path, tokenizer):
         assert torch.equal(model(ids).logits, imported(ids).logits)
 
 
-@pytest.mark.parametrize(("group_size", "options", "expected"), [
-    (64, {"fallback": "q4_0"}, "Q4_0"),
-    (128, {"fallback": "q8_0"}, "Q8_0"),
-    ("tensor", {"ternary": "tq1_0"}, "TQ1_0"),
+@pytest.mark.parametrize(("group_size", "intermediate", "options", "layer", "expected"), [
+    (64, 512, {"fallback": "q4_0"}, "ffn_up", "Q4_0"),
+    (128, 512, {"fallback": "q8_0"}, "ffn_up", "Q8_0"),
+    ("tensor", 512, {"ternary": "tq1_0"}, "ffn_up", "TQ1_0"),
+    (-1, 520, {}, "ffn_down", "F16"),  # K = 520 is not a multiple of 32
+    (-1, 544, {}, "ffn_down", "Q4_0"),  # K = 544 is a multiple of 32, not of 256
 ])  # fmt: skip
-def test_gguf_group_sizes_and_encodings_round_trip(tmp_path, tokenizer, group_size, options, expected):
-    model = tiny_llama(len(tokenizer), group_size=group_size)
+def test_gguf_group_sizes_and_encodings_round_trip(tmp_path, tokenizer, group_size, intermediate, options, layer, expected):
+    model = tiny_llama(len(tokenizer), group_size=group_size, intermediate=intermediate)
     result = export_gguf(model, tmp_path / "g.gguf", tokenizer=tokenizer, tokenizer_pre="gpt-2", **options)
-    assert {t.encoding for t in result.tensors if t.name.endswith("ffn_up.weight")} == {expected}
+    assert {t.encoding for t in result.tensors if t.name.endswith(f"{layer}.weight")} == {expected}
     imported = load_gguf_ternary(tmp_path / "g.gguf")
     for name, layer in packed_layers(model).items():
         other = packed_layers(imported)[name]

@@ -32,6 +32,7 @@ from bitcompile.kernels.groups import PER_ROW, PER_TENSOR, ScaleGroups
 from bitcompile.runtime.gguf_blocks import BLOCK, TERNARY_TYPES, decode
 from bitcompile.runtime.gguf_llama import ARCH, GgufFormatError, config_from_metadata, hf_name, rope_permutation
 from bitcompile.runtime.layers import PackedTernaryLinear
+from bitcompile.runtime.prequantized import detect_ternary
 from bitcompile.runtime.module_tree import replace_submodule
 
 __all__ = ["load_gguf_ternary", "ternary_tensor_names"]
@@ -48,11 +49,15 @@ def ternary_tensor_names(reader: Any) -> list[str]:
     return [t.name for t in reader.tensors if t.tensor_type.name in TERNARY_TYPES or t.name in listed]
 
 
+def _parse_groups(recorded: str) -> ScaleGroups:
+    return ScaleGroups.parse(int(recorded) if recorded.lstrip("-").isdigit() else recorded)
+
+
 def _groups_of(name: str, block_scales: np.ndarray, block: int, recorded: str | None) -> ScaleGroups:
     """The scale groups that explain a tensor's block scales (coarsest first), checked."""
     per_row = bool((block_scales == block_scales[:, :1]).all())
     if recorded is not None:
-        groups = ScaleGroups.parse(int(recorded) if recorded.lstrip("-").isdigit() else recorded)
+        groups = _parse_groups(recorded)
         if groups.code == PER_TENSOR and not (block_scales == block_scales.flat[0]).all():
             raise GgufFormatError(f"tensor {name!r}: bitcompile.group_sizes says per-tensor but its block scales differ")
         if groups.code == PER_ROW and not per_row:
@@ -75,14 +80,14 @@ def _ternary_layer(tensor: Any, recorded: str | None, activations: str | None, t
     if kind in BLOCK:
         codes, block_scales = decode(np.asarray(tensor.data), kind, k)
         block = BLOCK[kind]
-    elif kind in ("F16", "F32"):  # bitcompile's last resort: the values ±s
-        values = np.asarray(tensor.data, dtype=np.float32).reshape(n, k)
-        magnitude = np.abs(values)
-        row_scale = magnitude.max(axis=1, keepdims=True)
-        codes = np.sign(values).astype(np.int8)
-        block_scales, block = np.where(row_scale > 0, row_scale, 1.0).astype(np.float16), k
-        if not np.array_equal(codes * block_scales.astype(np.float32), values):
-            raise GgufFormatError(f"tensor {tensor.name!r}: listed as ternary but its {kind} values are not ±s per row")
+    elif kind in ("F16", "F32"):  # bitcompile's last resort: the values ±s, s per recorded group
+        groups = _parse_groups(recorded) if recorded is not None else ScaleGroups.per_row()
+        values = torch.from_numpy(np.array(tensor.data, dtype=np.float32).reshape(n, k))
+        found = detect_ternary(values, groups.code)
+        if found is None:
+            raise GgufFormatError(f"tensor {tensor.name!r}: listed as ternary but its {kind} values are not ±s per {groups.label} group")
+        config = TernaryConfig(group_size=groups, activations=activations, target=target)
+        return PackedTernaryLinear.from_codes(found[0], found[1], None, config, torch.float32)
     else:
         raise GgufFormatError(f"tensor {tensor.name!r}: type {kind} cannot hold ternary weights losslessly")
     if codes.size and (codes.min() < -1 or codes.max() > 1):

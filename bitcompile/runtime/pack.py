@@ -119,7 +119,11 @@ def pack(
 
     Args:
         model: a trained (or pseudo-quantized) float model, or the path of a local Hugging
-            Face model folder (config.json + safetensors; needs ``transformers``, never downloads).
+            Face model folder (config.json + safetensors; needs ``transformers``, never downloads),
+            or of a ternary checkpoint made elsewhere, read losslessly and returned packed: a
+            ``.gguf`` file with TQ1_0 / TQ2_0 tensors (:mod:`bitcompile.runtime.gguf_ternary`) or
+            an HF BitNet folder (:mod:`bitcompile.runtime.hf_bitnet`). For those, the file decides
+            the layers and their scale groups; ``config`` gives ``target`` only.
         config: the same :class:`TernaryConfig` the model was trained with (group size,
             activation mode, exclude/include, min_features, target), or the same options as a
             dict (``{"group_size": 128}``, what ``torch.compile(..., options=...)`` took).

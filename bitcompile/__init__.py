@@ -40,6 +40,8 @@ __all__ = [
     "compile",
     "explain",
     "export_genai",
+    "export_gguf",
+    "export_hf_bitnet",
     "export_onnx",
     "load_packed",
     "pack",
@@ -96,6 +98,18 @@ def export_genai(model: torch.nn.Module, folder: Any, **kwargs: Any):
     from bitcompile.export.genai import export_genai as _export_genai
 
     return _export_genai(model, folder, **kwargs)
+def export_gguf(model: torch.nn.Module, path: Any, **kwargs: Any):
+    """Write a packed ternary Llama as GGUF for llama.cpp; see :func:`bitcompile.export.gguf.export_gguf`."""
+    from bitcompile.export.gguf import export_gguf as _export_gguf
+
+    return _export_gguf(model, path, **kwargs)
+
+
+def export_hf_bitnet(model: torch.nn.Module, folder: Any, **kwargs: Any):
+    """Write a packed model as a Hugging Face BitNet checkpoint; see :func:`bitcompile.export.hf_bitnet.export_hf_bitnet`."""
+    from bitcompile.export.hf_bitnet import export_hf_bitnet as _export_hf_bitnet
+
+    return _export_hf_bitnet(model, folder, **kwargs)
 
 
 #: Public names whose modules load Dynamo and rich: imported on first use, so that

@@ -249,12 +249,60 @@ def _run_export_genai(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_export_for_runtimes(args: argparse.Namespace) -> int:
+    """``--format gguf`` (llama.cpp) and ``--format hf-bitnet`` (transformers' BitNet checkpoints)."""
+    import copy
+
+    from bitcompile.model_loader import ModelLoadError, load_model
+
+    try:
+        options = dict(parse_option(text) for text in args.option)
+        output = Path(args.output)
+        if output.exists() and not args.overwrite and (output.is_file() or any(output.iterdir())):
+            raise FileExistsError(f"{args.output!r} exists; pass --overwrite to replace it")
+        model, _ = load_model(args.model)
+    except (ModelLoadError, bitcompile.TernaryConfigError, OSError) as error:
+        print(f"bitcompile export: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        if not any(isinstance(m, bitcompile.PackedTernaryLinear) for m in model.modules()):
+            model = bitcompile.pack(copy.deepcopy(model), options or None)  # the caller's model stays as it was
+        folder = Path(args.model)
+        tokenizer = args.tokenizer or (str(folder) if (folder / "tokenizer.json").is_file() else None)
+        if args.format == "gguf":
+            from bitcompile.export.gguf import export_gguf
+
+            result = export_gguf(
+                model, output, tokenizer=tokenizer, tokenizer_pre=args.tokenizer_pre, ternary=args.ternary,
+                fallback=args.fallback, float_type=args.float_type, overwrite=args.overwrite,
+            )  # fmt: skip
+            print(result.summary())
+        else:
+            from bitcompile.export.hf_bitnet import export_hf_bitnet
+
+            if tokenizer is not None:
+                import transformers
+
+                tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+            export_hf_bitnet(model, output, tokenizer=tokenizer, lossy_scales=args.lossy_scales, overwrite=args.overwrite)
+            print(f"wrote the HF BitNet checkpoint {output} (load with transformers or bitcompile.pack)")
+    except (OSError, ValueError, TypeError) as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"bitcompile export: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _run_export(args: argparse.Namespace) -> int:
     from bitcompile.export.onnx import OnnxExportError, check_ort_fusion, check_output_path, export_onnx
 
     if args.format == "genai":
         return _run_export_genai(args)
     from bitcompile.model_loader import ModelLoadError, load_model
+
+    if args.format in ("gguf", "hf-bitnet"):
+        return _run_export_for_runtimes(args)
 
     try:
         options = dict(parse_option(text) for text in args.option)
@@ -286,19 +334,27 @@ def _run_export(args: argparse.Namespace) -> int:
 def _add_export(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="export a packed ternary model to ONNX (MatMulNBits or standard INT2 QDQ) for onnxruntime",
+        help="export a packed ternary model: ONNX for onnxruntime, GGUF for llama.cpp, or an HF BitNet checkpoint",
         description="MODEL is 'module:function' returning (model, example_inputs), or a local Hugging Face "
         "model folder. An unpacked model is packed first (a copy); see docs/onnx.md.",
     )
     parser.add_argument("model", metavar="MODEL")
     parser.add_argument("-o", "--output", required=True, metavar="FILE",
-                        help="the .onnx file to write (--format genai: the folder)")  # fmt: skip
-    parser.add_argument("--format", choices=("matmulnbits", "qdq", "genai"), default="matmulnbits",
-                        help="com.microsoft::MatMulNBits (default, fastest), standard ONNX INT2 DequantizeLinear "
-                        "(opset 25), or genai: a folder for onnxruntime-genai (KV-cache model.onnx, "
-                        "genai_config.json, tokenizer; transformers Llama models)")  # fmt: skip
-    parser.add_argument("--tokenizer", metavar="DIR", default=None,
-                        help="--format genai: the tokenizer's folder (default: MODEL when it is a folder with one)")  # fmt: skip
+                        help="the .onnx / .gguf file to write (genai, hf-bitnet: a folder)")  # fmt: skip
+    parser.add_argument("--format", choices=("matmulnbits", "qdq", "genai", "gguf", "hf-bitnet"), default="matmulnbits",
+                        help="com.microsoft::MatMulNBits (default, fastest), standard ONNX INT2 DequantizeLinear (opset 25), "
+                        "genai: a folder for onnxruntime-genai (KV-cache model.onnx, genai_config.json, tokenizer; "
+                        "transformers Llama models), GGUF for llama.cpp, or a Hugging Face BitNet checkpoint "
+                        "(docs/deployment.md)")  # fmt: skip
+    gguf_group = parser.add_argument_group("genai / gguf / hf-bitnet")
+    gguf_group.add_argument("--tokenizer", metavar="DIR", default=None,
+                            help="tokenizer folder (default: the MODEL folder's tokenizer)")  # fmt: skip
+    gguf_group.add_argument("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name, e.g. smollm")
+    gguf_group.add_argument("--ternary", choices=("tq2_0", "tq1_0"), default="tq2_0", help="GGUF type when K %% 256 == 0")
+    gguf_group.add_argument("--fallback", choices=("q4_0", "q8_0"), default="q4_0", help="GGUF type for other ternary layers")
+    gguf_group.add_argument("--float-type", choices=("f32", "f16"), default="f32", help="GGUF type of the float embedding/head")
+    gguf_group.add_argument("--lossy-scales", action="store_true",
+                            help="hf-bitnet: write per-row/group layers with one mean scale instead of refusing")  # fmt: skip
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 21; qdq: 25)")
     parser.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     parser.add_argument("--static", action="store_true", help="static input shapes (default: dynamic batch and sequence)")

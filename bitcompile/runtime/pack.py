@@ -137,7 +137,11 @@ def pack(
 
     Args:
         model: a trained (or pseudo-quantized) float model, or the path of a local Hugging
-            Face model folder (config.json + safetensors; needs ``transformers``, never downloads).
+            Face model folder (config.json + safetensors; needs ``transformers``, never downloads),
+            or of a ternary checkpoint made elsewhere, read losslessly and returned packed: a
+            ``.gguf`` file with TQ1_0 / TQ2_0 tensors (:mod:`bitcompile.runtime.gguf_ternary`) or
+            an HF BitNet folder (:mod:`bitcompile.runtime.hf_bitnet`). For those, the file decides
+            the layers and their scale groups; ``config`` gives ``target`` only.
         config: the same :class:`TernaryConfig` the model was trained with (group size,
             activation mode, exclude/include, min_features, target), or the same options as a
             dict (``{"group_size": 128}``, what ``torch.compile(..., options=...)`` took).
@@ -190,7 +194,9 @@ def _pack(
     config = as_config(config, "pack")
     _check_pack_arguments(pre_quantized, float_gemv, head)
     if not isinstance(model, nn.Module):
-        model = _load_folder(model)
+        model = _load_path(model, config)
+        if hasattr(model, "bitcompile_import_sources"):  # a ternary checkpoint: already packed, losslessly
+            return _finish_import(model, config, float_gemv, head)
     _check_not_packed(model)
     plan = plan_packing(model, config, example_inputs)
     _warn_nothing_packed_or_unmatched(plan, config)
@@ -225,15 +231,49 @@ def _pack(
     return model
 
 
-def _load_folder(path: str | os.PathLike) -> nn.Module:
+def _load_path(path: str | os.PathLike, config: TernaryConfig) -> nn.Module:
+    """A model from a ``.gguf`` file (its ternary tensors, losslessly) or a Hugging Face folder."""
     folder = Path(os.fspath(path))
+    if folder.is_file() and folder.suffix == ".gguf":
+        from bitcompile.runtime.gguf_ternary import load_gguf_ternary
+
+        model = load_gguf_ternary(folder, target=config.target)
+        if model is None:
+            raise ModelLoadError(
+                f"pack: {str(folder)!r} holds no ternary tensor (TQ1_0 / TQ2_0, or one bitcompile wrote); "
+                "load a float GGUF with transformers and pack that model"
+            )
+        return model
+    if folder.is_dir():
+        from bitcompile.runtime.hf_bitnet import load_hf_bitnet
+
+        bitnet = load_hf_bitnet(folder, target=config.target)  # None unless quant_method == "bitnet"
+        if bitnet is not None:
+            return bitnet
     if not folder.is_dir():
         what = "a file" if folder.exists() else "not an existing folder"
         raise ModelLoadError(
-            f"pack: {str(folder)!r} is {what}; pass an nn.Module or a local Hugging Face model folder "
-            "(config.json + *.safetensors)"
+            f"pack: {str(folder)!r} is {what}; pass an nn.Module, a local Hugging Face model folder "
+            "(config.json + *.safetensors) or a ternary .gguf file"
         )
     model, _ = load_hf_folder(folder)
+    return model
+
+
+def _finish_import(model: nn.Module, config: TernaryConfig, float_gemv: bool, head: str) -> nn.Module:
+    """The plan of an imported ternary checkpoint (its layers were packed by the loader), int8 head, GEMV."""
+    sources = model.__dict__.pop("bitcompile_import_sources")
+    plan = []
+    for name, module in model.named_modules():
+        if isinstance(module, PackedTernaryLinear):
+            plan.append(PackDecision(name, module.out_features, module.in_features, True, "packed", sources.get(name, "")))
+        elif (view := linear_view(module)) is not None:
+            plan.append(PackDecision(name, view.out_features, view.in_features, False, "float in the checkpoint"))
+    for name, module in (_int8_head_replacements(model, plan) if head == "int8" else {}).items():
+        replace_submodule(model, name, module)
+    if float_gemv:
+        _serve_float_layers(model, plan, config)
+    model.bitcompile_pack_plan = plan
     return model
 
 

@@ -195,11 +195,11 @@ def child(args) -> dict:
     import transformers
 
     def eager_step(tok, pos, cache):
-        return model(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return model(tok, cache=cache, use_cache=True, logits_to_keep=1)
 
     with torch.no_grad():
         cache = transformers.DynamicCache(config=model.config)
-        model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(prompt, cache=cache, use_cache=True, logits_to_keep=1)
         eager_decode = timed_decode(eager_step, cache)
 
     t0 = time.perf_counter()

@@ -181,12 +181,12 @@ class CompiledDecoder:
     def prefill(self, input_ids: Tensor, cache: Any) -> Tensor:
         """Run the prompt into ``cache``; the logits of its last token ``(batch, 1, vocab)``."""
         positions = torch.arange(input_ids.shape[1])
-        return self.model(input_ids, past_key_values=cache, cache_position=positions, use_cache=True, logits_to_keep=1).logits
+        return self.model(input_ids, cache=cache, cache_position=positions, use_cache=True, logits_to_keep=1).logits
 
     def decode_step(self, token: Tensor, position: int, cache: Any) -> Tensor:
         """One token ``(batch, 1)`` at ``position``; its logits ``(batch, 1, vocab)``."""
         return self.model(
-            token, past_key_values=cache, cache_position=torch.tensor([position]), use_cache=True, logits_to_keep=1
+            token, cache=cache, cache_position=torch.tensor([position]), use_cache=True, logits_to_keep=1
         ).logits
 
 

@@ -169,7 +169,10 @@ def decode_profile(decoder, cache, position: int) -> dict:
             group = "other ops"
         if group:
             groups[group] = groups.get(group, 0.0) + event.self_cpu_time_total / 4
-    return {k: round(v, 1) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}
+    top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+    groups = {k: round(v, 1) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}
+    groups["top_ops_us"] = {e.key[:80]: round(e.self_cpu_time_total / 4, 1) for e in top}
+    return groups
 
 
 def child(args) -> dict:
@@ -191,17 +194,6 @@ def child(args) -> dict:
             step(token, prompt_len + i, cache)
         return decode_len / (time.perf_counter() - t)
 
-    # eager packed baseline (one C call per layer from Python, DynamicCache as transformers makes it)
-    import transformers
-
-    def eager_step(tok, pos, cache):
-        return model(tok, cache=cache, use_cache=True, logits_to_keep=1)
-
-    with torch.no_grad():
-        cache = transformers.DynamicCache(config=model.config)
-        model(prompt, cache=cache, use_cache=True, logits_to_keep=1)
-        eager_decode = timed_decode(eager_step, cache)
-
     t0 = time.perf_counter()
     decoder = compile_decoder(model, max_cache_len=prompt_len + decode_len + 8, cpp_wrapper=args.cpp_wrapper)
     cache = decoder.static_cache()
@@ -210,6 +202,9 @@ def child(args) -> dict:
         decoder.decode_step(token, prompt_len, cache)  # and the decode graph
         decoder.decode_step(token, prompt_len + 1, cache)
     compile_s = time.perf_counter() - t0
+    if args.wait_for_go:  # the parent compiles all thread counts at once, then times one process at a time
+        print("READY", flush=True)
+        sys.stdin.readline()
     prefill, decode = [], []
     with torch.no_grad():
         for _ in range(reps):
@@ -219,6 +214,13 @@ def child(args) -> dict:
             prefill.append(prompt_len / (time.perf_counter() - t))
             decode.append(timed_decode(decoder.decode_step, cache))
         profile = decode_profile(decoder, cache, prompt_len)
+        # eager packed baseline in the same process: one C call per layer from Python
+        import transformers
+
+        decoder.uninstall()
+        eager_cache = transformers.DynamicCache(config=model.config)
+        model(prompt, cache=eager_cache, use_cache=True, logits_to_keep=1)
+        eager_decode = timed_decode(lambda tok, pos, c: model(tok, cache=c, use_cache=True, logits_to_keep=1), eager_cache)
     need = bytes_per_decode_token(model, prompt_len + decode_len / 2)
     bandwidth = read_bandwidth(args.child)
     decode_best = max(decode)
@@ -243,6 +245,14 @@ def child(args) -> dict:
 
 
 # ------------------------------------------------------------------ table
+
+
+def _wait_for(proc: subprocess.Popen, prefix: str) -> str | None:
+    """The child's first stdout line starting with ``prefix`` (None if it exits first)."""
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return line.strip()
+    return None
 
 
 def table(rows: dict, threads: list[int]) -> str:
@@ -272,6 +282,7 @@ def main() -> None:
     parser.add_argument("--skip-llamacpp", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/vs_llamacpp.json")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--wait-for-go", action="store_true", help=argparse.SUPPRESS)
     ARGS = args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args)))
@@ -280,6 +291,19 @@ def main() -> None:
     rows: dict[str, dict[int, dict]] = {}
     notes: list[str] = []
     source = smollm2_gguf()
+    notes.append(f"load average at start: {os.getloadavg()}")
+    # Every thread count loads and compiles in its own process at once (minutes, mostly
+    # inductor); then llama.cpp runs, then each of ours is timed alone.
+    children = {}
+    for t in args.threads:
+        cmd = [sys.executable, __file__, "--child", str(t), "--wait-for-go", "--prompt", str(args.prompt),
+               "--decode", str(args.decode), "--repetitions", str(args.repetitions)]  # fmt: skip
+        children[t] = subprocess.Popen(
+            cmd + (["--cpp-wrapper"] if args.cpp_wrapper else []), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+    ready = {t: _wait_for(proc, "READY") for t, proc in children.items()}
+    print("compiled:", ready, flush=True)
+    notes.append(f"load average after compiling: {os.getloadavg()}")
     binary, how = (None, "--skip-llamacpp") if args.skip_llamacpp else find_llama_bench(args.llama_bench)
     if binary is None:
         notes.append(f"llama.cpp skipped: {how}")
@@ -296,12 +320,15 @@ def main() -> None:
             print(name, json.dumps(rows[name]), flush=True)
 
     ours: dict[int, dict] = {}
-    for t in args.threads:
-        cmd = [sys.executable, __file__, "--child", str(t), "--prompt", str(args.prompt), "--decode", str(args.decode),
-               "--repetitions", str(args.repetitions)] + (["--cpp-wrapper"] if args.cpp_wrapper else [])  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        ours[t] = json.loads(lines[-1][7:]) if lines else {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-400:]}"}
+    for t, proc in children.items():
+        if ready[t] is None:
+            ours[t] = {"error": f"the bitcompile process for {t} threads exited {proc.wait()} before it was ready"}
+        else:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            line = _wait_for(proc, "RESULT ")
+            ours[t] = json.loads(line[7:]) if line else {"error": f"the bitcompile process exited {proc.wait()}"}
+        proc.wait()
         print("bitcompile", t, json.dumps(ours[t]), flush=True)
     rows["bitcompile compile_decoder (int8 head)"] = ours
     rows["bitcompile packed eager (int8 head)"] = {

@@ -182,3 +182,11 @@ def test_without_the_cpp_operators_one_warning_and_the_python_ops(monkeypatch):
     assert torch.equal(decoder.greedy(prompt, 4), eager)
     decoder.uninstall()
     second.uninstall()
+
+
+def test_decode_graphs_are_told_apart_by_their_token_ids():
+    codes = torch.zeros(300, 64, dtype=torch.int8)  # 2-D integer weights are not token ids
+    assert compiled_decode.is_decode_graph([torch.zeros(1, 1, dtype=torch.long), torch.arange(1), codes, torch.randn(4, 4)])
+    assert compiled_decode.is_decode_graph([torch.zeros(3, 1, dtype=torch.long)])
+    assert not compiled_decode.is_decode_graph([torch.zeros(1, 128, dtype=torch.long), torch.arange(128), codes])
+    assert not compiled_decode.is_decode_graph([codes, torch.randn(1, 1)])  # no token ids at all

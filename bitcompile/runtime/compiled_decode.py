@@ -91,7 +91,15 @@ def swap_native_ops(gm: torch.fx.GraphModule, isa: int) -> dict[str, int]:
 INNER_COMPILERS = ("inductor", "aot_eager")
 
 
-def _native_backend(inner: str, cpp_wrapper: bool, records: list[dict[str, int]]) -> Callable:
+def is_decode_graph(example_inputs: list) -> bool:
+    """Whether a graph's token ids are one token per sequence (its 2-D int64 inputs have width 1)."""
+    ids = [t for t in example_inputs if isinstance(t, Tensor) and t.dim() == 2 and t.dtype == torch.long]
+    return bool(ids) and all(t.shape[-1] == 1 for t in ids)
+
+
+def _native_backend(
+    inner: str, cpp_wrapper: bool, decode_threads: int | None, records: list[dict[str, int]]
+) -> Callable:
     """A torch.compile backend: swap in the C++ operators, then ``inner`` (inductor, or
     aot_eager where tests need the same graph without inductor's C++ compile time)."""
 
@@ -103,7 +111,13 @@ def _native_backend(inner: str, cpp_wrapper: bool, records: list[dict[str, int]]
             return lookup_backend("aot_eager")(gm, example_inputs)
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs, config_patches={"cpp_wrapper": cpp_wrapper})
+        patches: dict[str, Any] = {"cpp_wrapper": cpp_wrapper}
+        if decode_threads is not None and is_decode_graph(example_inputs):
+            # NOTE: a decode step's elementwise work (norms, rotary, residuals) is ~1k values per
+            # kernel; an OpenMP team per kernel costs more than it saves, and on a busy machine a
+            # descheduled team member stalls every barrier. The layers' C++ ops keep all threads.
+            patches["cpp.threads"] = decode_threads
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
     return backend
 
@@ -118,12 +132,21 @@ class CompiledDecoder:
             (``kept:<op>`` counts those that kept the Python op).
     """
 
-    def __init__(self, model: nn.Module, *, inner: str, cpp_wrapper: bool, max_cache_len: int, dynamic: bool | None):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        inner: str,
+        cpp_wrapper: bool,
+        decode_threads: int | None,
+        max_cache_len: int,
+        dynamic: bool | None,
+    ):
         self.model, self.max_cache_len, self.cpp_wrapper = model, max_cache_len, cpp_wrapper
         self.graphs: list[dict[str, int]] = []
         self.native = native.load()
         self._eager_forward = model.forward
-        backend = _native_backend(inner, cpp_wrapper, self.graphs) if self.native else inner
+        backend = _native_backend(inner, cpp_wrapper, decode_threads, self.graphs) if self.native else inner
         self._compiled = torch.compile(self._eager_forward, backend=backend, fullgraph=True, dynamic=dynamic)
         self._cache = None
 
@@ -196,6 +219,7 @@ def compile_decoder(
     max_cache_len: int = 512,
     inner: str = "inductor",
     cpp_wrapper: bool = False,
+    decode_threads: int | None = 1,
     dynamic: bool | None = None,
 ) -> CompiledDecoder:
     """Compile a packed Hugging Face causal LM's forward for serving and install it on the model.
@@ -219,6 +243,9 @@ def compile_decoder(
         inner: ``"inductor"`` (serving), or ``"aot_eager"`` (the same graph and C++ operators
             without inductor's code generation: quick to compile, for tests).
         cpp_wrapper: inductor's C++ wrapper (no Python per token at all; longer compile).
+        decode_threads: OpenMP threads of inductor's own kernels in decode graphs (one token):
+            1 by default, their work is too small to share; None keeps torch's thread count.
+            The ternary layers and the head use torch's thread count either way.
         dynamic: passed to ``torch.compile``.
 
     Returns:
@@ -233,7 +260,7 @@ def compile_decoder(
         raise ValueError(f"compile_decoder: inner must be one of {INNER_COMPILERS}, got {inner!r}")
     if max_cache_len < 1:
         raise ValueError(f"compile_decoder: max_cache_len must be >= 1, got {max_cache_len}")
-    decoder = CompiledDecoder(model, inner=inner, cpp_wrapper=cpp_wrapper, max_cache_len=max_cache_len, dynamic=dynamic)
+    decoder = CompiledDecoder(model, inner=inner, cpp_wrapper=cpp_wrapper, decode_threads=decode_threads, max_cache_len=max_cache_len, dynamic=dynamic)
     if not decoder.native and not _warned_python_ops:
         _warned_python_ops = True
         warnings.warn(

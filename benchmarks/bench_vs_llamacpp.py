@@ -98,6 +98,35 @@ def run_llama_bench(binary: str, gguf: Path, threads: int, prompt: int, decode: 
     return result
 
 
+def run_llama_cpp_python(gguf: Path, threads: int, prompt: int, decode: int, reps: int) -> dict:
+    """llama-bench's protocol through the ``llama_cpp`` Python bindings' own libllama, for when no
+    ``llama-bench`` binary exists: the prompt as one batch (prefill), then ``decode`` single-token
+    evaluations (decode), best of ``reps``. The bindings add ~tens of us per call (a logits copy)."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        return {"error": f"neither llama-bench nor llama_cpp (llama-cpp-python) is available ({e})"}
+    import random
+
+    llm = llama_cpp.Llama(
+        model_path=str(gguf), n_ctx=prompt + decode + 16, n_threads=threads, n_threads_batch=threads,
+        n_batch=max(prompt, 1), verbose=False,
+    )  # fmt: skip
+    rng = random.Random(1)
+    tokens = [rng.randrange(llm.n_vocab()) for _ in range(prompt)]
+    prefill, dec = [], []
+    for _ in range(reps):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(tokens)
+        prefill.append(prompt / (time.perf_counter() - t))
+        t = time.perf_counter()
+        for _ in range(decode):
+            llm.eval([tokens[-1]])
+        dec.append(decode / (time.perf_counter() - t))
+    return {"prefill_tok_s": max(prefill), "decode_tok_s": max(dec), "via": "llama_cpp Python bindings (no llama-bench)"}
+
+
 # ------------------------------------------------------------------ bitcompile side (child process)
 
 
@@ -280,6 +309,7 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--cpp-wrapper", action="store_true", help="inductor's C++ wrapper (longer compile)")
     parser.add_argument("--skip-llamacpp", action="store_true")
+    parser.add_argument("--skip-bitcompile", action="store_true", help="only the llama.cpp side")
     parser.add_argument("--out", default="benchmarks/results/vs_llamacpp.json")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--wait-for-go", action="store_true", help=argparse.SUPPRESS)
@@ -295,7 +325,7 @@ def main() -> None:
     # Every thread count loads and compiles in its own process at once (minutes, mostly
     # inductor); then llama.cpp runs, then each of ours is timed alone.
     children = {}
-    for t in args.threads:
+    for t in [] if args.skip_bitcompile else args.threads:
         cmd = [sys.executable, __file__, "--child", str(t), "--wait-for-go", "--prompt", str(args.prompt),
                "--decode", str(args.decode), "--repetitions", str(args.repetitions)]  # fmt: skip
         children[t] = subprocess.Popen(
@@ -305,10 +335,13 @@ def main() -> None:
     print("compiled:", ready, flush=True)
     notes.append(f"load average after compiling: {os.getloadavg()}")
     binary, how = (None, "--skip-llamacpp") if args.skip_llamacpp else find_llama_bench(args.llama_bench)
-    if binary is None:
-        notes.append(f"llama.cpp skipped: {how}")
+    if args.skip_llamacpp:
+        notes.append("llama.cpp skipped: --skip-llamacpp")
     else:
-        notes.append(f"llama-bench: {binary} ({how})")
+        if binary is None:
+            notes.append(f"{how}; timing llama.cpp through the llama_cpp Python bindings instead")
+        else:
+            notes.append(f"llama-bench: {binary} ({how})")
         files = {"llama.cpp Q4_1": source}
         tq2, why = tq2_gguf(source)
         if tq2 is None:
@@ -316,7 +349,8 @@ def main() -> None:
         else:
             files["llama.cpp TQ2_0 (requantized)"] = tq2
         for name, gguf in files.items():
-            rows[name] = {t: run_llama_bench(binary, gguf, t, args.prompt, args.decode, args.repetitions) for t in args.threads}
+            run = run_llama_bench if binary else lambda _b, *a: run_llama_cpp_python(*a)
+            rows[name] = {t: run(binary, gguf, t, args.prompt, args.decode, args.repetitions) for t in args.threads}
             print(name, json.dumps(rows[name]), flush=True)
 
     ours: dict[int, dict] = {}

@@ -147,8 +147,26 @@ class CompiledDecoder:
         self.native = native.load()
         self._eager_forward = model.forward
         backend = _native_backend(inner, cpp_wrapper, decode_threads, self.graphs) if self.native else inner
-        self._compiled = torch.compile(self._eager_forward, backend=backend, fullgraph=True, dynamic=dynamic)
+        eager = self._eager_forward
+
+        # NOTE: two entry functions, so Dynamo keeps two caches: decode (one token) stays a static
+        # graph whatever prompt lengths the prefill entry sees (automatic dynamic shapes would
+        # otherwise recompile both as one dynamic graph after the second shape).
+        def decode_forward(*args: Any, **kwargs: Any) -> Any:
+            return eager(*args, **kwargs)
+
+        def prefill_forward(*args: Any, **kwargs: Any) -> Any:
+            return eager(*args, **kwargs)
+
+        self._decode = torch.compile(decode_forward, backend=backend, fullgraph=True, dynamic=False)
+        self._prefill = torch.compile(prefill_forward, backend=backend, fullgraph=True, dynamic=dynamic)
         self._cache = None
+
+    def _compiled(self, *args: Any, **kwargs: Any) -> Any:
+        """The installed forward: the decode graph for one token per sequence, else prefill."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        one_token = isinstance(ids, Tensor) and ids.dim() == 2 and ids.shape[-1] == 1
+        return (self._decode if one_token else self._prefill)(*args, **kwargs)
 
     def install(self) -> None:
         """``model.forward`` becomes the compiled forward and ``generate()`` uses a static cache."""
@@ -233,8 +251,9 @@ def compile_decoder(
     Notes:
         - Threads: inductor fixes its kernels' OpenMP team size when it compiles; set
           ``torch.set_num_threads`` before the first call.
-        - Shapes: decode (one token) is one graph; prompt lengths compile a graph each, and
-          from the second distinct length on Dynamo makes the length dynamic (``dynamic=None``).
+        - Shapes: decode (one token) is one static graph; prompt lengths compile a graph each,
+          and from the second distinct length on Dynamo makes the prefill length dynamic
+          (``dynamic=None``, which applies to prefill only).
         - Without a C++ toolchain the layers keep the Python ops (one BitcompileWarning).
 
     Args:

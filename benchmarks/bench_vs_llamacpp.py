@@ -127,6 +127,20 @@ def run_llama_cpp_python(gguf: Path, threads: int, prompt: int, decode: int, rep
     return {"prefill_tok_s": max(prefill), "decode_tok_s": max(dec), "via": "llama_cpp Python bindings (no llama-bench)"}
 
 
+def llama_cpp_python_in_child(gguf: Path, threads: int, prompt: int, decode: int, reps: int) -> dict:
+    """:func:`run_llama_cpp_python` in its own process: a crash of the bindings (seen here: a
+    segfault in ``llama_decode`` of llama-cpp-python 0.3.x) becomes an error row, not the end of the run."""
+    code = (
+        f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_vs_llamacpp as b; "
+        f"print('RESULT ' + json.dumps(b.run_llama_cpp_python(b.Path({str(gguf)!r}), {threads}, {prompt}, {decode}, {reps})))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if lines:
+        return json.loads(lines[-1][7:])
+    return {"error": f"llama_cpp bindings exited {proc.returncode} (a negative code is a signal)"}
+
+
 # ------------------------------------------------------------------ bitcompile side (child process)
 
 
@@ -349,7 +363,7 @@ def main() -> None:
         else:
             files["llama.cpp TQ2_0 (requantized)"] = tq2
         for name, gguf in files.items():
-            run = run_llama_bench if binary else lambda _b, *a: run_llama_cpp_python(*a)
+            run = run_llama_bench if binary else lambda _b, *a: llama_cpp_python_in_child(*a)
             rows[name] = {t: run(binary, gguf, t, args.prompt, args.decode, args.repetitions) for t in args.threads}
             print(name, json.dumps(rows[name]), flush=True)
 

@@ -244,6 +244,11 @@ def child(args) -> dict:
         decoder.prefill(prompt, cache)  # compiles the prefill graph
         decoder.decode_step(token, prompt_len, cache)  # and the decode graph
         decoder.decode_step(token, prompt_len + 1, cache)
+        # NOTE: the first prefill saw the static cache before its tensors existed (transformers
+        # creates them lazily); a prefill into the initialized cache is another graph: compile it now
+        cache.reset()
+        decoder.prefill(prompt, cache)
+        decoder.decode_step(token, prompt_len, cache)
     compile_s = time.perf_counter() - t0
     if args.wait_for_go:  # the parent compiles all thread counts at once, then times one process at a time
         print("READY", flush=True)

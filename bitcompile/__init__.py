@@ -22,6 +22,7 @@ from bitcompile.runtime.pack import pack, plan_packing
 
 if TYPE_CHECKING:
     from bitcompile.inspect.report import ExplainReport, explain
+    from bitcompile.runtime.compiled_decode import compile_decoder
 
 try:
     __version__ = version("bitcompile")
@@ -38,6 +39,7 @@ __all__ = [
     "TernaryConfigError",
     "__version__",
     "compile",
+    "compile_decoder",
     "explain",
     "export_genai",
     "export_gguf",
@@ -114,7 +116,11 @@ def export_hf_bitnet(model: torch.nn.Module, folder: Any, **kwargs: Any):
 
 #: Public names whose modules load Dynamo and rich: imported on first use, so that
 #: ``import bitcompile`` stays light (tests/test_layering.py checks it).
-_LAZY = {"ExplainReport": "bitcompile.inspect.report", "explain": "bitcompile.inspect.report"}
+_LAZY = {
+    "ExplainReport": "bitcompile.inspect.report",
+    "explain": "bitcompile.inspect.report",
+    "compile_decoder": "bitcompile.runtime.compiled_decode",
+}
 
 
 def __getattr__(name: str) -> Any:

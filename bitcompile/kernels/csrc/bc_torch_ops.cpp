@@ -1,0 +1,184 @@
+// The serving kernels as C++ torch operators (namespace bitcpm_native).
+//
+// Why: a compiled decode step calls ~200 small layers per token. Through the Python custom
+// ops (bitcpm::ternary_linear_packed and friends) each call runs Python (argument checks,
+// the prepared-call cache, ctypes) and costs ~40 us, where the GEMV needs a few. Registered
+// here with TORCH_LIBRARY, inductor's generated code (Python wrapper, cpp_wrapper=True or
+// AOTInductor) calls them through the C++ dispatcher: no Python per layer.
+//
+// The ops call the ISA-dispatched C kernels of _bitcpm_cpu*.so (csrc/bc_dispatch.c), which
+// this library links against; kernels/native.py compiles it on first use. The ISA is an op
+// argument (fixed when a graph is built, like PreparedPackedLinear fixes it), so
+// BITCOMPILE_ISA keeps its meaning. Numerics are those of the Python ops' C path (same C calls).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+extern "C" {
+#include "bc_kernels.h"
+int bc_plan_i8(int isa, int group, int Kp, int *unit_chunks);
+int bc_plan_dense_i8(int isa);
+int bc_isa_supported(int isa);
+int bc_linear_i8(const bc_gemm_args *base, const void *x, int64_t ldx, int x_kind, int M, void *out, int isa,
+                 int nthreads);
+void bc_prep_i8(const bc_prep_args *a, int isa, int nthreads);
+void bc_dense_i8(const bc_dense_args *a, int isa, int nthreads);
+void bc_dense_f32(const bc_dense_args *a, int isa, int nthreads);
+}
+
+namespace {
+
+constexpr int64_t kDenseMaxM = 8;         // kernels/cpu/serving.py DENSE_MAX_M
+constexpr int64_t kInt8DenseMaxK = 65000;  // (x + 128) * w sums stay within int32
+
+int64_t padded_k(int64_t k) { return (k + BC_PAD_K - 1) / BC_PAD_K * BC_PAD_K; }
+
+int64_t groups_of(int64_t k, int64_t group) { return group > 0 ? (k + group - 1) / group : 1; }
+
+int threads() { return std::max(1, at::get_num_threads()); }
+
+void check_isa(const char *op, int64_t isa) {
+    TORCH_CHECK(isa >= 0 && isa <= 2 && bc_isa_supported((int)isa), op, ": ISA id ", isa, " is not supported by this CPU");
+}
+
+void check_bias(const char *op, const std::optional<at::Tensor> &bias, int64_t n) {
+    if (!bias) return;
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous(), op,
+                ": bias must be a contiguous CPU vector of ", n, " values, got shape ", bias->sizes());
+}
+
+std::vector<int64_t> out_shape(const at::Tensor &x, int64_t n) {
+    auto shape = x.sizes().vec();
+    shape.back() = n;
+    return shape;
+}
+
+// y = x @ (codes * scales)^T (+ bias), W1.58A8: per-token int8 activations, one C call.
+at::Tensor ternary_linear_packed(const at::Tensor &x, const at::Tensor &packed, const at::Tensor &scales,
+                                 const std::optional<at::Tensor> &bias, int64_t in_features, int64_t group_size,
+                                 int64_t isa) {
+    const char *op = "bitcpm_native::ternary_linear_packed";
+    check_isa(op, isa);
+    TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16), op,
+                ": activations must be CPU float32/bfloat16, got ", x.scalar_type(), " on ", x.device());
+    TORCH_CHECK(in_features > 0 && x.dim() >= 1 && x.size(-1) == in_features, op, ": activations have ",
+                x.dim() ? x.size(-1) : 0, " features, the layer takes ", in_features);
+    const int64_t kp = padded_k(in_features);
+    TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 2 &&
+                    packed.size(1) == kp / 4 && packed.is_contiguous(),
+                op, ": packed must be contiguous uint8 (N, ", kp / 4, "), got ", packed.scalar_type(), " ",
+                packed.sizes());
+    const int64_t n = packed.size(0), g = groups_of(in_features, group_size);
+    TORCH_CHECK(group_size >= -1, op, ": group_size must be -1, 0 or > 0, got ", group_size);
+    TORCH_CHECK(scales.device().is_cpu() && scales.scalar_type() == at::kFloat && scales.dim() == 2 &&
+                    scales.size(0) == n && scales.size(1) == g && scales.is_contiguous(),
+                op, ": scales must be contiguous fp32 (", n, ", ", g, "), got ", scales.scalar_type(), " ",
+                scales.sizes());
+    check_bias(op, bias, n);
+    TORCH_CHECK(!bias || bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16, op,
+                ": bias must be float32 or bfloat16, got ", bias->scalar_type());
+    at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty(out_shape(x, n), x.options());
+    const int64_t m = x.numel() / in_features;
+    if (m == 0 || n == 0) return y;
+    int unit_chunks = 1;
+    const int run_isa = bc_plan_i8((int)isa, (int)group_size, (int)kp, &unit_chunks);
+    bc_gemm_args a;
+    std::memset(&a, 0, sizeof a);
+    a.M = 0, a.N = (int)n, a.K = (int)in_features, a.Kp = (int)kp, a.group = (int)group_size, a.G = (int)g;
+    a.unit_chunks = unit_chunks;
+    a.n_units = run_isa != BC_ISA_GENERIC ? (int)((kp / 64 + unit_chunks - 1) / unit_chunks) : 0;
+    a.w = packed.data_ptr<uint8_t>();
+    a.sw = scales.data_ptr<float>();
+    a.bias = bias ? bias->data_ptr() : nullptr;
+    a.bias_bf16 = bias && bias->scalar_type() == at::kBFloat16;
+    a.ldo = n;
+    a.out_bf16 = x.scalar_type() == at::kBFloat16;
+    const int kind = x.scalar_type() == at::kFloat ? 0 : 1;
+    if (bc_linear_i8(&a, xc.data_ptr(), in_features, kind, (int)m, y.data_ptr(), run_isa, threads()) != 0)
+        TORCH_CHECK(false, op, ": no memory for the int8 activations of ", m, " tokens");
+    return y;
+}
+
+// W8A8 dense layer (the int8 head): per-token int8 activations x per-row int8 weights, fp32 out.
+at::Tensor int8_dense_linear(const at::Tensor &x, const at::Tensor &codes, const at::Tensor &scales,
+                             const std::optional<at::Tensor> &bias, int64_t isa) {
+    const char *op = "bitcpm_native::int8_dense_linear";
+    check_isa(op, isa);
+    TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kChar && codes.dim() == 2 && codes.stride(1) == 1,
+                op, ": codes must be int8 (N, K) with unit stride along K, got ", codes.scalar_type(), " ",
+                codes.sizes());
+    const int64_t n = codes.size(0), k = codes.size(1);
+    TORCH_CHECK(k > 0 && k <= kInt8DenseMaxK, op, ": K must be in 1..", kInt8DenseMaxK, ", got ", k);
+    TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+                    x.dim() >= 1 && x.size(-1) == k,
+                op, ": activations must be CPU float32/bfloat16 (..., ", k, "), got ", x.scalar_type(), " ", x.sizes());
+    TORCH_CHECK(scales.device().is_cpu() && scales.scalar_type() == at::kFloat && scales.dim() == 2 &&
+                    scales.size(0) == n && scales.size(1) == 1 && scales.is_contiguous(),
+                op, ": scales must be contiguous fp32 (", n, ", 1), got ", scales.sizes());
+    check_bias(op, bias, n);
+    TORCH_CHECK(!bias || bias->scalar_type() == at::kFloat, op, ": bias must be float32, got ", bias->scalar_type());
+    at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty(out_shape(x, n), x.options().dtype(at::kFloat));
+    const int64_t m = x.numel() / k;
+    if (m == 0 || n == 0) return y;
+    const int64_t kp = padded_k(k);
+    const int run_isa = bc_plan_dense_i8((int)isa);
+    at::Tensor xq = at::empty({m, kp}, x.options().dtype(at::kChar));
+    at::Tensor sx = at::empty({m}, x.options().dtype(at::kFloat));
+    bc_prep_args p;
+    std::memset(&p, 0, sizeof p);
+    p.M = (int)m, p.K = (int)k, p.Kp = (int)kp, p.x = xc.data_ptr(), p.ldx = k;
+    p.x_kind = x.scalar_type() == at::kFloat ? 0 : 1;
+    p.xq = xq.data_ptr<int8_t>(), p.sx = sx.data_ptr<float>(), p.unit_chunks = 1;
+    bc_prep_i8(&p, run_isa, threads());
+    bc_dense_args a;
+    std::memset(&a, 0, sizeof a);
+    a.M = (int)m, a.N = (int)n, a.K = (int)k, a.ldw = codes.stride(0);
+    a.bias = bias ? bias->data_ptr<float>() : nullptr;
+    a.out = y.data_ptr<float>(), a.ldo = n;
+    a.xq = p.xq, a.sx = p.sx, a.Kp = (int)kp, a.wq = codes.data_ptr<int8_t>(), a.sw = scales.data_ptr<float>();
+    bc_dense_i8(&a, run_isa, threads());
+    return y;
+}
+
+// fp32 x @ weight^T (+ bias) on all threads for at most kDenseMaxM tokens, at::linear above.
+at::Tensor float_gemv_linear(const at::Tensor &x, const at::Tensor &weight, const std::optional<at::Tensor> &bias,
+                             int64_t isa) {
+    const char *op = "bitcpm_native::float_gemv_linear";
+    check_isa(op, isa);
+    const int64_t m = x.dim() >= 1 && x.size(-1) ? x.numel() / x.size(-1) : 0;
+    const bool gemv = x.device().is_cpu() && weight.device().is_cpu() && x.scalar_type() == at::kFloat &&
+                      weight.scalar_type() == at::kFloat && weight.dim() == 2 && weight.stride(1) == 1 &&
+                      x.dim() >= 1 && x.size(-1) == weight.size(1) && m > 0 && m <= kDenseMaxM &&
+                      weight.size(0) > 0 && weight.size(1) > 0 &&
+                      (!bias || (bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
+                                 bias->size(0) == weight.size(0) && bias->device().is_cpu()));
+    if (!gemv) return at::linear(x, weight, bias);  // torch's errors and every other case
+    const int64_t n = weight.size(0), k = weight.size(1);
+    at::Tensor xc = x.contiguous();
+    at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+    at::Tensor y = at::empty(out_shape(x, n), x.options());
+    bc_dense_args a;
+    std::memset(&a, 0, sizeof a);
+    a.M = (int)m, a.N = (int)n, a.K = (int)k, a.x = xc.data_ptr<float>(), a.ldx = k;
+    a.w = weight.data_ptr<float>(), a.ldw = weight.stride(0), a.bias = bias ? b.data_ptr<float>() : nullptr;
+    a.out = y.data_ptr<float>(), a.ldo = n;
+    bc_dense_f32(&a, (int)isa, threads());
+    return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bitcpm_native, m) {
+    m.def("ternary_linear_packed(Tensor x, Tensor packed, Tensor scales, Tensor? bias, int in_features, "
+          "int group_size, int isa) -> Tensor");
+    m.def("int8_dense_linear(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int isa) -> Tensor");
+    m.def("float_gemv_linear(Tensor x, Tensor weight, Tensor? bias, int isa) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bitcpm_native, CPU, m) {
+    m.impl("ternary_linear_packed", &ternary_linear_packed);
+    m.impl("int8_dense_linear", &int8_dense_linear);
+    m.impl("float_gemv_linear", &float_gemv_linear);
+}

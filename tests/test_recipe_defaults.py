@@ -144,7 +144,7 @@ def test_explain_table_rows_take_at_most_two_lines_at_80_columns():
     report.render(console)
     text = console.file.getvalue()
     heights = _row_heights(text)
-    assert len(heights) == len(report.layers) == 17  # embedding + 2 x 7 + lm_head
+    assert len(heights) == len(report.layers) == 16  # embedding + 2 x 7 + lm_head
     assert max(heights) <= 2, text
     assert all(len(line) <= 80 for line in text.splitlines())
     for reason in {layer.reason for layer in report.layers}:  # each reason once, as a numbered note

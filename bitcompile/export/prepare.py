@@ -100,6 +100,23 @@ def is_hf_model(model: nn.Module) -> bool:
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
+def _check_runs(model: nn.Module, example_inputs: tuple[Any, ...]) -> None:
+    """The model's own error on its example inputs, in one line, before Dynamo's longer one."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    except Exception as error:
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        raise OnnxExportError(
+            f"export_onnx: the model fails on its example inputs: {type(error).__name__}: {first}"
+        ) from error
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def prepare_model(
     model: nn.Module, config: TernaryConfig | None, example_inputs: tuple[Any, ...] | None = None
 ) -> tuple[nn.Module, bool, dict[str, str]]:
@@ -118,6 +135,8 @@ def prepare_model(
             raise OnnxExportError(
                 "export_onnx: the model has no nn.Linear and no PackedTernaryLinear layers: nothing to make ternary"
             )
+        if example_inputs is not None:
+            _check_runs(model, example_inputs)
         # the user's model stays as it was; example inputs: pack what the compiler made ternary
         model = pack(copy.deepcopy(model), config, example_inputs=example_inputs)
         packed_copy = True

@@ -428,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.arch:
         t0 = time.perf_counter()
         rows[name] = run_arch(ARCHS[name])
+        if args.json:  # after every architecture: a long sweep stopped halfway keeps its rows
+            Path(args.json).write_text(json.dumps({"rows": rows, "seconds": time.perf_counter() - start}))
         print(f"{name}: {time.perf_counter() - t0:.0f} s", *(f"  {c}: {v}" for c, v in rows[name].items()), sep="\n", flush=True)
     seconds = time.perf_counter() - start
     if args.json:

@@ -382,7 +382,7 @@ def run_arch(arch: Arch) -> dict[str, str]:
     return {column: row[column] for column in COLUMNS}
 
 
-def render(rows: dict[str, dict[str, str]], seconds: float) -> str:
+def render(rows: dict[str, dict[str, str]], seconds: float, runs: int = 1) -> str:
     import transformers
 
     lines = [
@@ -393,7 +393,9 @@ def render(rows: dict[str, dict[str, str]], seconds: float) -> str:
         "the error or BitcompileWarning that step raised. `–`: does not apply.",
         "",
         f"torch {torch.__version__}, transformers {transformers.__version__}, bitcompile {bitcompile.__version__}; "
-        f"{len(rows)} architectures in {seconds:.0f} s of wall time (on a shared 2-core machine under load).",
+        f"{len(rows)} architectures in {seconds:.0f} s of wall time"
+        + (f" summed over {runs} runs made in parallel" if runs > 1 else "")
+        + " (on a shared 2-core machine under heavy load: timings are not representative).",
         "",
         "Defaults: output heads and MoE routers stay float (`float_roles`), embeddings are float;",
         "`explain`'s float list names them. ONNX parity: onnxruntime vs the packed PyTorch model,",
@@ -417,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
         rows = {name: part["rows"][name] for name in ARCHS for part in parts if name in part["rows"]}
-        Path(args.out).write_text(render(rows, sum(part["seconds"] for part in parts)))
+        Path(args.out).write_text(render(rows, sum(part["seconds"] for part in parts), runs=len(parts)))
         print(f"wrote {args.out} ({len(rows)} architectures)")
         return 0
     unknown = [a for a in args.arch if a not in ARCHS]

@@ -21,7 +21,6 @@ from bitcompile.inspect.records import (
     GraphReport,
     ReportData,
     human_bytes,
-    scale_groups,
 )
 
 if TYPE_CHECKING:

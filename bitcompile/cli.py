@@ -98,7 +98,7 @@ def parse_option(text: str) -> tuple[str, Any]:
                 f"--option {text!r} is invalid: {key} expects true or false (also yes/no, on/off, 1/0)"
             )
         value = raw.lower() in _TRUE_WORDS
-    elif key in ("exclude", "include"):
+    elif key in ("exclude", "include", "float_roles"):
         value = [p.strip() for p in raw.split(",") if p.strip()]
     elif raw.lower() in ("none", "null"):
         value = None

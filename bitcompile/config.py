@@ -22,6 +22,9 @@ INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 ACTIVATION_MODES = ("int8", None)
 BACKWARD_PRECISIONS = ("fp32", "bf16", "int8")
 CANN_CHIPS = ("auto", "A2", "A3", "310P")  # kernels.cann_plan.CHIP_OPTIONS
+#: Layer roles the ternary recipes (BitNet b1.58, BitCPM) keep in higher precision; ``float_roles``
+#: lists the ones kept float. Embeddings are always float (there is no ternary embedding lookup).
+LAYER_ROLES = ("head", "router")
 
 
 class TernaryConfigError(ValueError):
@@ -69,6 +72,10 @@ class TernaryConfig:
             ``"fp32"`` (the reference numerics), ``"bf16"`` (grad_input and grad_weight as bf16
             GEMMs) or ``"int8"`` (grad_input as int8 x ternary ``torch._int_mm``, grad_weight in
             bf16). The reference and cann kernels always compute the fp32 backward.
+        float_roles: layer roles kept float, as the ternary recipes do: ``"head"`` (the output
+            head: a linear named ``lm_head``, ``embed_out``, ``classifier`` or ``score``, tied or
+            not) and ``"router"`` (an MoE router: a linear whose output feeds a top-k, or a module
+            class named ``*Router``). ``()`` makes them ternary like any other layer.
         chip: the Ascend chip ``target="cann"`` plans for: ``"auto"`` (``torch_npu.npu.get_device_name()``
             on an NPU, ``"A2"`` on the CPU emulator), ``"A2"``, ``"A3"`` or ``"310P"`` (docs/cann.md).
 
@@ -89,6 +96,7 @@ class TernaryConfig:
     freeze: bool = False
     backward_precision: str = "fp32"
     chip: str = "auto"
+    float_roles: tuple[str, ...] = LAYER_ROLES
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -110,6 +118,10 @@ class TernaryConfig:
             raise _bad("inner", self.inner, f"one of {', '.join(INNER_COMPILERS)}")
         if self.backward_precision not in BACKWARD_PRECISIONS:
             raise _bad("backward_precision", self.backward_precision, f"one of {', '.join(BACKWARD_PRECISIONS)}")
+        roles = (self.float_roles,) if isinstance(self.float_roles, str) else self.float_roles
+        if not isinstance(roles, (list, tuple)) or any(r not in LAYER_ROLES for r in roles):
+            raise _bad("float_roles", self.float_roles, f"a list of roles out of {', '.join(LAYER_ROLES)} (or [])")
+        object.__setattr__(self, "float_roles", tuple(dict.fromkeys(roles)))
         if self.chip not in CANN_CHIPS:
             raise _bad("chip", self.chip, f"one of {', '.join(CANN_CHIPS)}")
 
@@ -136,6 +148,7 @@ class TernaryConfig:
         out = dataclasses.asdict(self)
         out.pop("version")
         out["exclude"], out["include"] = list(self.exclude), list(self.include)
+        out["float_roles"] = list(self.float_roles)
         out["group_size"] = self.group_size.option
         return out
 

@@ -53,6 +53,33 @@ def forward_override_reason(module_class: type | None) -> str | None:
     )
 
 
+#: Last path components of an output head (``lm_head`` in HF causal LMs, ``embed_out`` in
+#: GPT-NeoX, ``classifier`` / ``score`` in HF classification models).
+HEAD_NAMES = ("lm_head", "embed_out", "classifier", "score")
+
+#: The short reasons explain shows for a role kept float (the README says where they come from).
+ROLE_REASONS = {
+    "head": "output head: float by default, as in BitNet/BitCPM (float_roles)",
+    "router": "MoE router: float by default, as in BitNet/BitCPM (float_roles)",
+}
+
+
+def layer_role(name: str, module_class: type | None = None, feeds_topk: bool = False) -> str | None:
+    """``"head"``, ``"router"`` or None: the roles the ternary recipes keep in higher precision.
+
+    A router is a linear whose output reaches a ``topk`` (what the graph shows: ``feeds_topk``)
+    or the weight of a module class named ``*Router`` (``MixtralTopKRouter``), or a module named
+    ``router``; an output head is a module named one of :data:`HEAD_NAMES`.
+    """
+    last = name.rsplit(".", 1)[-1]
+    class_name = module_class.__name__ if isinstance(module_class, type) else ""
+    if last in HEAD_NAMES:  # first: a head whose logits a sampler's topk reads is still the head
+        return "head"
+    if feeds_topk or "router" in class_name.lower() or last == "router":
+        return "router"
+    return None
+
+
 def layer_skip_reason(
     name: str,
     weight: torch.Tensor,
@@ -61,6 +88,7 @@ def layer_skip_reason(
     config: TernaryConfig,
     shared_with: str | None = None,
     module_class: type | None = None,
+    feeds_topk: bool = False,
 ) -> str | None:
     """Why the layer ``name`` stays float, or None when it becomes ternary.
 
@@ -80,7 +108,9 @@ def layer_skip_reason(
     if (override := forward_override_reason(module_class)) is not None:
         return override
     if shared_with:
-        return f"weight is shared with {shared_with}"
+        return f"weight is shared with {shared_with}"  # a tied head: float whatever float_roles says
+    if (role := layer_role(name, module_class, feeds_topk)) in config.float_roles:
+        return ROLE_REASONS[role]
     if min(out_features, in_features) < config.min_features:
         return f"smaller than min_features={config.min_features} ({out_features}x{in_features})"
     return None

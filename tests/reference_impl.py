@@ -88,6 +88,10 @@ class FakeQuantLinear(torch.nn.Module):
         super().__init__()
         self.linear, self.group_size, self.activations = linear, group_size, activations
 
+    @property
+    def weight(self) -> torch.Tensor:  # model code reads it (T5: self.wo.weight.dtype)
+        return self.linear.weight
+
     def forward(self, x):
         return fake_quant_linear(x, self.linear.weight, self.linear.bias, self.group_size, self.activations)
 

@@ -24,7 +24,10 @@ def test_demo_short_run_writes_plot_and_summary(tmp_path, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["losses"]["fp32"]) == len(summary["losses"]["ternary"]) == 30
     assert summary["losses"]["ternary"][-1] < summary["losses"]["ternary"][0]
-    assert summary["layers_skipped"] == {"lm_head": "weight is shared with an embedding at embed_tokens"}
+    assert summary["layers_skipped"] == {
+        "embed_tokens": "embedding: float (lookup table; recipes keep it)",
+        "lm_head": "weight is shared with an embedding at embed_tokens",
+    }
     png = (tmp_path / "loss_curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert (tmp_path / "report" / "report.json").exists()

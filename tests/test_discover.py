@@ -67,7 +67,10 @@ def test_zoo_decisions_and_reasons():
     reasons = " | ".join(d.reason for d in skipped)
     assert "buffer or constant tensor, not an nn.Parameter" in reasons
     assert "activation computed in the graph" in reasons
-    assert len(report.layers) == 8  # the activation @ activation matmul is not a candidate
+    assert len(report.layers) == 9  # the embedding is listed; the activation @ activation matmul is not a candidate
+    assert [(d.kind, d.rewritten, d.reason) for d in report.layers if d.name == "embed"] == [
+        ("embedding", False, "embedding: float (lookup table; recipes keep it)")
+    ]
     assert report.graph_count == 1 and report.graph_break_count == 0
 
 

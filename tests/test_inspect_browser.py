@@ -267,13 +267,14 @@ def test_hf_report_page_renders_without_errors(browser, hf_page_path, tmp_path):
     page = Page(browser)
     page.open(hf_page_path.as_uri())
     assert page.errors == [] and page.requests == []
-    assert page.js("document.querySelectorAll('#layer-table tbody tr').length") == 29  # 4 x 7 + lm_head
+    assert page.js("document.querySelectorAll('#layer-table tbody tr').length") == 30  # embed_tokens + 4 x 7 + lm_head
     assert page.js("document.querySelectorAll('.picture svg').length") == 1
     assert page.js("document.querySelectorAll('.picture-failed').length") == 0
     size = page.js("(() => { const r = document.querySelector('.picture svg').getBoundingClientRect(); return [r.width, r.height]; })()")
     assert size[0] > 200 and size[1] > 300
     roles = page.js("[...document.querySelectorAll('.picture svg g.node')].map(g => g.getAttribute('data-role'))")
-    assert roles.count("ternary") == 8 and roles.count("collapsed") == 1  # layers.0 + lm_head; layers.1-3 collapsed
+    # layers.0 (the untied lm_head is float by default, float_roles); layers.1-3 collapsed
+    assert roles.count("ternary") == 7 and roles.count("collapsed") == 1
     collapsed = page.js("document.querySelector('.picture g.node[data-role=collapsed]').textContent")
     assert "model.layers.1 … model.layers.3" in collapsed and "21 ternary" in collapsed
     fill = page.js("getComputedStyle(document.querySelector('.picture g.node[data-role=ternary] path, .picture g.node[data-role=ternary] polygon, .picture g.node[data-role=ternary] rect')).fill")

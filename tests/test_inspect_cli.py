@@ -80,17 +80,18 @@ def test_inspect_prints_tables_and_writes_json(models, capsys):
     assert code == 0
     out = capsys.readouterr().out
     # per-layer table: module path, shape, decision, reason, group size, bytes
-    assert "layers.0.self_attn.q_proj" in out and "64 x 64" in out
-    assert "kept float" in out and "weight is shared with an embedding at embed_tokens" in out
-    assert "group size" in out and "32" in out and "KiB" in out
-    assert "rewritten 14 / skipped 1 layers" in out
+    assert "layers.0.self_attn.q_proj" in out and "64x64" in out
+    assert "float" in out and "weight is shared with an embedding at embed_tokens" in out
+    assert "groups of 32" in out and "KiB" in out
+    assert "rewritten 14 / skipped 2 layers" in out  # the tied lm_head and the embedding
     assert "graphs: 1, graph breaks: 0" in out
     assert "\x1b[" not in out  # not a TTY: no colour codes
     data = json.loads(out_json.read_text())
     assert data["schema_version"] == 2
     assert data["config"]["group_size"] == 32
-    assert data["totals"]["rewritten"] == 14 and data["totals"]["skipped"] == 1
-    layer = data["graphs"][0]["layers"][0]
+    assert data["totals"]["rewritten"] == 14 and data["totals"]["skipped"] == 2
+    embedding, layer = data["graphs"][0]["layers"][:2]
+    assert embedding["kind"] == "embedding" and embedding["lowered_to"] == [] and not embedding["rewritten"]
     assert layer["lowered_to"] == ["bitcpm.ternary_linear", "getitem"] and layer["node"]
 
 

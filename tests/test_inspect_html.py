@@ -28,7 +28,8 @@ def test_page_is_self_contained_and_complete(report, tmp_path, engine):
     assert "@import" not in page and "default-src 'none'" in page
     # one table row per candidate layer, with its decision
     rows = re.findall(r'<tr class="(rewritten|skipped)" data-layer="([^"]+)"', page)
-    assert len(rows) == len(report.layers) == 29
+    assert len(rows) == len(report.layers) == 30  # embed_tokens (listed float) + 4 x 7 + the tied lm_head
+    assert dict((name, css) for css, name in rows)["embed_tokens"] == "skipped"
     assert dict((name, css) for css, name in rows)["layers.2.self_attn.v_proj"] == "skipped"
     assert "excluded by pattern" in page and "weight is shared with an embedding" in page
     # code before/after with the rewritten lines highlighted: one per replaced / new node
@@ -36,7 +37,8 @@ def test_page_is_self_contained_and_complete(report, tmp_path, engine):
     assert page.count('class="line replaced"') == len(report.rewritten) == 27
     new_nodes = sum(1 for n in graph.nodes if n.role in ("ternary", "inserted"))
     assert page.count('class="line rewritten"') == new_nodes
-    assert page.count('class="line skipped"') == 2 * len(report.skipped)
+    # a skipped candidate's call line, before and after (the embedding lookup is listed, not highlighted)
+    assert page.count('class="line skipped"') == 2 * len([d for d in report.skipped if d.kind != "embedding"])
     # the picture, inline, with the legend
     assert page.count("<svg") == 1 and 'class="legend"' in page
     assert f'data-engine="{engine}"' in page

@@ -116,13 +116,15 @@ def test_int8_head_errors_are_clear_and_leave_the_model_untouched():
     with pytest.raises(ValueError, match="head='fp8' is not one of"):
         bitcompile.pack(model, head="fp8")
     untied = _tiny_llama()
-    untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach().clone())  # untied: would be packed ternary
-    with pytest.raises(ValueError, match="'lm_head' would be packed ternary; exclude it"):
-        bitcompile.pack(untied, head="int8")
+    untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach().clone())  # untied
+    with pytest.raises(ValueError, match="'lm_head' would be packed ternary; keep it out of ternary"):
+        bitcompile.pack(untied, bitcompile.TernaryConfig(float_roles=()), head="int8")  # opted in: ternary head
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.values()))
     assert type(untied.lm_head) is nn.Linear and type(untied.embed_tokens) is nn.Embedding
-    excluded = bitcompile.pack(untied, bitcompile.TernaryConfig(exclude=["lm_head"]), head="int8")
+    excluded = bitcompile.pack(untied, bitcompile.TernaryConfig(exclude=["lm_head"], float_roles=()), head="int8")
     assert isinstance(excluded.lm_head, Int8Linear) and type(excluded.embed_tokens) is nn.Embedding
+    by_default = bitcompile.pack(copy.deepcopy(_tiny_llama()), head="int8")  # the default keeps heads float: int8 it
+    assert isinstance(by_default.lm_head, Int8Linear)
 
 
 def _metadata(directory):

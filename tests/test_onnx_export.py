@@ -390,7 +390,12 @@ def test_mismatched_example_inputs_fail_in_one_line_without_torch_export_logs(tm
     import logging
 
     with log_records("torch.export._trace") as records:
-        with pytest.raises(OnnxExportError, match="input's last dim 8 != in_features 16"):
+        with pytest.raises(OnnxExportError, match="input's last dim 8 != in_features 16"):  # a packed model
+            export_onnx(
+                bitcompile.pack(MLP(16, [32], 4), bitcompile.TernaryConfig(**REF)), (torch.randn(2, 8),), tmp_path / "m.onnx"
+            )
+        # an unpacked one is packed with the example inputs (issue 16): the model's own error, in one line
+        with pytest.raises(OnnxExportError, match=r"^export_onnx: the model fails on its example inputs: RuntimeError: mat1 and mat2 shapes cannot be multiplied \(2x8 and 16x32\)$"):
             export_onnx(MLP(16, [32], 4), (torch.randn(2, 8),), tmp_path / "m.onnx", config=bitcompile.TernaryConfig(**REF))
     assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
 

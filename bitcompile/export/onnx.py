@@ -39,7 +39,9 @@ from torch import nn
 
 from bitcompile.config import TernaryConfig
 from bitcompile.export.onnx_graph import keep_dq_matmul_fusable, name_dynamic_axes, rewrite_ternary_weights
-from bitcompile.export.prepare import CausalLMLogits, default_dynamic_shapes, is_hf_model, prepare_model, widen_unit_dims
+from bitcompile.export.prepare import (
+    MainInputFirstOutput, default_dynamic_shapes, is_hf_model, prepare_model, unsupported_architecture, widen_unit_dims,
+)  # fmt: skip
 from bitcompile.export.results import FORMATS, ExportedLayer, ExportResult, Format, OnnxExportError
 
 __all__ = [
@@ -225,9 +227,14 @@ def export_onnx(
 
     Args:
         model: a model with :class:`~bitcompile.PackedTernaryLinear` layers, or an unpacked
-            float model (a *copy* is packed with ``config``; ``model`` is not changed). A
-            Hugging Face causal LM is exported as ``input_ids → logits`` without KV cache.
-        example_inputs: positional inputs for tracing (a single tensor is accepted).
+            float model (a *copy* is packed with ``config`` and ``example_inputs``, so exactly the
+            layers the compiler makes ternary are ternary; ``model`` is not changed). A Hugging
+            Face model is exported as its ``main_input_name`` → its first output, without KV
+            cache (``input_ids → logits``, ``pixel_values → logits``, ``input_features →
+            last_hidden_state``); encoder-decoder models (T5, Whisper) are refused in one line
+            (their ``get_encoder()`` exports).
+        example_inputs: positional inputs for tracing (a single tensor is accepted); for a
+            Hugging Face model, its main input alone.
         path: the ``.onnx`` file to write.
         format: ``"matmulnbits"`` (``com.microsoft::MatMulNBits``, fastest in onnxruntime)
             or ``"qdq"`` (standard ONNX opset 25: INT2 ``DequantizeLinear`` → ``MatMul``).
@@ -262,12 +269,20 @@ def export_onnx(
         ) from error
     from bitcompile.export.translations import UnsupportedLayerError, translation_table
 
-    exported, packed_copy, fallback = prepare_model(model, config)
-    hf = is_hf_model(exported)
+    hf = is_hf_model(model)
+    if hf and (reason := unsupported_architecture(model)) is not None:
+        raise OnnxExportError(reason)
+    if hf and len(example_inputs) != 1:
+        raise OnnxExportError(
+            f"export_onnx: a Hugging Face model is exported with its main input "
+            f"{getattr(model, 'main_input_name', 'input_ids')!r} only; got {len(example_inputs)} example inputs"
+        )
+    exported, packed_copy, fallback = prepare_model(model, config, example_inputs)
     if hf:
-        exported = CausalLMLogits(exported)
+        exported = MainInputFirstOutput(exported)
+        exported.name_output(example_inputs[0])
     if isinstance(dynamic_shapes, str) and dynamic_shapes == "auto":
-        dynamic_shapes = default_dynamic_shapes(example_inputs)
+        dynamic_shapes = default_dynamic_shapes(example_inputs, signal_inputs=hf)
         example_inputs = widen_unit_dims(example_inputs, dynamic_shapes)
     modes = [(m, m.training) for m in exported.modules()]
     exported.eval()
@@ -291,23 +306,25 @@ def export_onnx(
     if format == "qdq":
         keep_dq_matmul_fusable(program.model)
     name_dynamic_axes(program, example_inputs)
+    if hf:  # the wrapper's argument name says nothing; the model's own input name does
+        program.model.graph.inputs[0].name = exported.input_name
     graph_outputs = program.model.graph.outputs
     for index, value in enumerate(graph_outputs):  # "ternary_linear_packed_14" says nothing to a user
-        value.name = ("logits" if hf else "output") + (f"_{index}" if len(graph_outputs) > 1 else "")
+        value.name = (exported.output_name if hf else "output") + (f"_{index}" if len(graph_outputs) > 1 else "")
     if format == "qdq":
         program.model.opset_imports[""] = opset
         program.model.ir_version = max(program.model.ir_version or 0, IR_VERSION_FOR_OPSET_25)
     # Float layers: the nn.Linear that pack() left alone, and the float fallbacks.
     ternary_names = {layer.name for layer in layers}
-    plan = getattr(exported if not isinstance(exported, CausalLMLogits) else exported.model, "bitcompile_pack_plan", None)
+    root = exported.model if hf else exported
+    plan = getattr(root, "bitcompile_pack_plan", None)
     for decision in plan or []:
         if not decision.packed and decision.name not in ternary_names:
             layers.append(ExportedLayer(decision.name, decision.in_features, decision.out_features, "float", decision.reason))
     for name, reason in fallback.items():
-        module = exported.get_submodule(name) if not isinstance(exported, CausalLMLogits) else exported.model.get_submodule(name)
+        module = root.get_submodule(name)
         layers.append(ExportedLayer(name, module.weight.shape[1], module.weight.shape[0], "float", reason))
     if not plan:  # a model packed by the user: list its remaining nn.Linear layers
-        root = exported.model if isinstance(exported, CausalLMLogits) else exported
         for name, module in root.named_modules():
             if isinstance(module, nn.Linear) and name not in ternary_names:
                 layers.append(ExportedLayer(name, module.in_features, module.out_features, "float", "not packed"))

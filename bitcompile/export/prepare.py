@@ -1,8 +1,10 @@
 """The module :func:`~bitcompile.export.onnx.export_onnx` hands to the exporter, and its dynamic shapes.
 
 An unpacked model is packed (a copy); layers whose scale groups no fast ONNX block size
-represents become exact float ``MatMul`` layers; a Hugging Face causal LM is wrapped to
-``input_ids → logits``. The user's model is never changed.
+represents become exact float ``MatMul`` layers; a Hugging Face model is wrapped to its
+``main_input_name`` → its first output (``input_ids → logits`` for a causal LM,
+``pixel_values → logits`` for ViT, ``input_features → last_hidden_state`` for an audio
+encoder). The user's model is never changed.
 """
 
 from __future__ import annotations
@@ -42,15 +44,56 @@ class _PerTokenInt8FloatLinear(nn.Module):
         return nn.functional.linear(x, self.weight, self.bias)
 
 
-class CausalLMLogits(nn.Module):
-    """A Hugging Face model with only ``input_ids`` in and ``logits`` out (no KV cache)."""
+class MainInputFirstOutput(nn.Module):
+    """A Hugging Face model with its ``main_input_name`` in and its first output out (no KV cache).
+
+    The first output of a transformers ``ModelOutput`` is its first field that is not None:
+    ``logits`` for a causal LM or a classifier, ``last_hidden_state`` for an encoder.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.input_name: str = getattr(model, "main_input_name", "input_ids")
+        config = getattr(model, "config", None)
+        self.no_cache = {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
+        self.output_name = "output"
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
+    def forward(self, main_input: torch.Tensor) -> torch.Tensor:
+        return self.first_output(self.model(**{self.input_name: main_input}, **self.no_cache))
+
+    def first_output(self, out: Any) -> torch.Tensor:
+        if hasattr(out, "keys") and hasattr(out, "to_tuple"):  # a ModelOutput: its first field set
+            return out.to_tuple()[0]
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def name_output(self, main_input: torch.Tensor) -> None:
+        """Run the model once (eager, no grad) to learn its first output's name (``logits``, ``last_hidden_state``)."""
+        with torch.no_grad():
+            out = self.model(**{self.input_name: main_input}, **self.no_cache)
+        if hasattr(out, "keys") and hasattr(out, "to_tuple"):
+            self.output_name = next(iter(out.keys()))
+
+
+#: The old name (a causal LM: ``input_ids`` → ``logits``).
+CausalLMLogits = MainInputFirstOutput
+
+
+def unsupported_architecture(model: nn.Module) -> str | None:
+    """One line saying why export_onnx cannot export ``model`` as one graph, or None."""
+    import inspect
+
+    try:
+        takes_decoder_inputs = "decoder_input_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes_decoder_inputs = False
+    if takes_decoder_inputs:  # an encoder alone (model.get_encoder()) shares the config but not this
+        encoder = " (its encoder alone: export_onnx(model.get_encoder(), ...))" if hasattr(model, "get_encoder") else ""
+        return (
+            f"export_onnx: {type(model).__name__} is an encoder-decoder model, which is not exported; supported: "
+            f"decoder-only LMs (input_ids -> logits) and encoders (BERT, ViT, audio: main input -> first output){encoder}"
+        )
+    return None
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -59,8 +102,32 @@ def is_hf_model(model: nn.Module) -> bool:
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
-def prepare_model(model: nn.Module, config: TernaryConfig | None) -> tuple[nn.Module, bool, dict[str, str]]:
-    """The module to export, whether it is a packed copy, and float-fallback reasons by layer name."""
+def _check_runs(model: nn.Module, example_inputs: tuple[Any, ...]) -> None:
+    """The model's own error on its example inputs, in one line, before Dynamo's longer one."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    except Exception as error:
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        raise OnnxExportError(
+            f"export_onnx: the model fails on its example inputs: {type(error).__name__}: {first}"
+        ) from error
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def prepare_model(
+    model: nn.Module, config: TernaryConfig | None, example_inputs: tuple[Any, ...] | None = None
+) -> tuple[nn.Module, bool, dict[str, str]]:
+    """The module to export, whether it is a packed copy, and float-fallback reasons by layer name.
+
+    An unpacked model is packed with ``pack(example_inputs=example_inputs)``: the compiler's
+    capture then decides which layers are ternary, so a layer the compiler keeps float (one
+    called twice, a weight read elsewhere) is exported float, as it was trained.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx: model must be an nn.Module, got {type(model).__name__}")
     if moe := moe_layer_names(model):
@@ -76,7 +143,10 @@ def prepare_model(model: nn.Module, config: TernaryConfig | None) -> tuple[nn.Mo
             raise OnnxExportError(
                 "export_onnx: the model has no nn.Linear and no PackedTernaryLinear layers: nothing to make ternary"
             )
-        model = pack(copy.deepcopy(model), config)  # the user's model stays as it was
+        if example_inputs is not None:
+            _check_runs(model, example_inputs)
+        # the user's model stays as it was; example inputs: pack what the compiler made ternary
+        model = pack(copy.deepcopy(model), config, example_inputs=example_inputs)
         packed_copy = True
         if not any(isinstance(m, PackedTernaryLinear) for m in model.modules()):
             reasons = "; ".join(f"{d.name}: {d.reason}" for d in model.bitcompile_pack_plan)
@@ -115,18 +185,24 @@ def prepare_model(model: nn.Module, config: TernaryConfig | None) -> tuple[nn.Mo
 _REQUIRED_DYNAMIC_AXES = 2
 
 
-def default_dynamic_shapes(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+def default_dynamic_shapes(example_inputs: tuple[Any, ...], signal_inputs: bool = False) -> tuple[Any, ...]:
     """Every axis of integer inputs (token ids), all but the last of float inputs.
 
     Batch and sequence (axes 0 and 1) are ``Dim.DYNAMIC``; further axes are ``Dim.AUTO``:
     dynamic where the model allows it, static where it fixes the size (the channels a
     convolution's weight fixes), where ``Dim.DYNAMIC`` would fail the export.
+    ``signal_inputs``: float inputs are images or audio features (a Hugging Face model's
+    ``pixel_values`` / ``input_features``): only the batch is ``Dim.DYNAMIC``, every other axis
+    ``Dim.AUTO`` (channels, mel bins, a fixed image size or frame count are the model's to fix).
     """
     Dim = torch.export.Dim
     shapes: list[Any] = []
     for arg in example_inputs:
         if not isinstance(arg, torch.Tensor):
             shapes.append(None)
+            continue
+        if arg.is_floating_point() and signal_inputs:
+            shapes.append({i: Dim.DYNAMIC if i == 0 else Dim.AUTO for i in range(arg.dim())})
             continue
         dims = arg.dim() if not arg.is_floating_point() else arg.dim() - 1
         shapes.append({i: Dim.DYNAMIC if i < _REQUIRED_DYNAMIC_AXES else Dim.AUTO for i in range(dims)} or None)
@@ -143,8 +219,8 @@ def widen_unit_dims(example_inputs: tuple[Any, ...], dynamic_shapes: tuple[Any, 
     widened = []
     for arg, dims in zip(example_inputs, dynamic_shapes):
         if isinstance(arg, torch.Tensor) and dims:
-            for axis in dims:
-                if axis < _REQUIRED_DYNAMIC_AXES and arg.shape[axis] == 1:
+            for axis, dim in dims.items():
+                if axis < _REQUIRED_DYNAMIC_AXES and dim is torch.export.Dim.DYNAMIC and arg.shape[axis] == 1:
                     arg = torch.cat([arg, arg], dim=axis)
         widened.append(arg)
     return tuple(widened)

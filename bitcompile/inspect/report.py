@@ -21,7 +21,6 @@ from bitcompile.inspect.records import (
     GraphReport,
     ReportData,
     human_bytes,
-    scale_groups,
 )
 
 if TYPE_CHECKING:
@@ -70,30 +69,39 @@ class ExplainReport(ReportData):
         return write_html(self, directory, title=title, engine=engine, on_picture_error=on_picture_error)
 
     def render(self, console: Console) -> None:
-        """Print the per-layer table and totals to a rich console."""
+        """Print the per-layer table and totals to a rich console.
+
+        Reasons (which say the scale groups) are numbered notes under the table (most rows share one), so a row stays at
+        most two lines on an 80-column terminal; the graph column appears only for several graphs.
+        """
         from rich.table import Table
 
         table = Table(title=f"bitcpm: {len(self.layers)} candidate layers in {self.graph_count} graph(s)")
-        for column in ("graph", "layer", "shape (out x in)", "decision", "reason", "group size", "fp -> packed"):
-            table.add_column(column, overflow="fold")
+        several_graphs = self.graph_count > 1
+        columns = (("graph",) if several_graphs else ()) + ("layer", "shape", "decision", "why", "fp -> packed")
+        for column in columns:
+            table.add_column(column, overflow="fold", no_wrap=column != "layer")
+        notes: dict[str, int] = {}
         for graph in self.graphs:
             for layer in graph.layers:
                 sizes = (
                     f"{human_bytes(layer.fp_bytes)} -> {human_bytes(layer.packed_bytes)}" if layer.rewritten else "-"
                 )
+                note = notes.setdefault(layer.reason, len(notes) + 1)
                 table.add_row(
-                    str(graph.index),
+                    *((str(graph.index),) if several_graphs else ()),
                     layer.name,
-                    f"{layer.out_features} x {layer.in_features}",
-                    "[green]ternary[/green]" if layer.rewritten else "[yellow]kept float[/yellow]",
-                    layer.reason,
-                    scale_groups(layer) if layer.rewritten else "-",
+                    f"{layer.out_features}x{layer.in_features}",
+                    "[green]ternary[/green]" if layer.rewritten else "[yellow]float[/yellow]",
+                    f"({note})",
                     sizes,
                 )
         if not self.layers:
             console.print("No linear layers found: nothing was rewritten.")
         else:
             console.print(table)
+            for reason, note in notes.items():
+                console.print(f"({note}) {reason}", highlight=False)
         t = self.totals()
         ratio = f"{t['weight_memory_ratio']:.1f}x smaller" if t["weight_memory_ratio"] else "n/a"
         console.print(

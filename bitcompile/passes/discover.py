@@ -40,6 +40,10 @@ _TRANSPOSE_FUNCTIONS = {torch.t, torch.ops.aten.t.default}
 _SWAP_METHODS = {"transpose", "permute"}
 _SWAP_FUNCTIONS = {torch.transpose, torch.permute, torch.ops.aten.transpose.int, torch.ops.aten.permute.default}
 _EMBEDDING_FUNCTIONS = {F.embedding, torch.ops.aten.embedding.default}
+_TOPK = {torch.topk, torch.ops.aten.topk.default}
+#: How many nodes may sit between a router's linear and its ``topk`` (``.float()``, softmax, ...).
+_ROUTER_HOPS = 4
+EMBEDDING_REASON = "embedding: float (lookup table; recipes keep it)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +266,16 @@ def _layer_name(site: LinearSite, weight_path: str) -> str:
     return module_path  # the weight lives elsewhere: a tied or borrowed parameter
 
 
+def feeds_topk(node: torch.fx.Node, hops: int = _ROUTER_HOPS) -> bool:
+    """Whether ``node``'s output reaches a ``topk`` within ``hops`` nodes (an MoE router's logits)."""
+    frontier = [node]
+    for _ in range(hops):
+        frontier = [user for n in frontier for user in n.users]
+        if any(u.target in _TOPK or (u.op == "call_method" and u.target == "topk") for u in frontier):
+            return True
+    return False
+
+
 def _skip_reason(
     site: LinearSite, weight: Any, weight_path: str, name: str, config: TernaryConfig
 ) -> str | None:
@@ -278,7 +292,8 @@ def _skip_reason(
     out_features, in_features = _out_in(weight.shape, site.layout) if weight.dim() == 2 else (0, 0)
     caller = calling_module(site.node)
     module_class = caller[1] if caller and weight_path == f"{caller[0]}.weight" else None  # its own weight
-    if reason := layer_skip_reason(name, weight, out_features, in_features, config, shared_with, module_class):
+    routing = feeds_topk(site.node)
+    if reason := layer_skip_reason(name, weight, out_features, in_features, config, shared_with, module_class, routing):
         return reason
     x = _val(site.activation)
     if isinstance(x, torch.Tensor) and not x.is_floating_point():
@@ -346,14 +361,40 @@ def _int8_head(node: torch.fx.Node, stored: dict[torch.fx.Node, Any]) -> LayerDe
     )  # fmt: skip
 
 
+def _embedding(node: torch.fx.Node, stored: dict[torch.fx.Node, Any], config: TernaryConfig) -> LayerDecision | None:
+    """An ``F.embedding`` of a stored weight: listed (kept float) so the report says why."""
+    if node.op != "call_function" or node.target not in _EMBEDDING_FUNCTIONS:
+        return None
+    weight_node = _arg(node, 1, "weight")
+    weight = _stored_tensor(weight_node, stored)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None
+    path = placeholder_path(weight_node) if weight_node.op == "placeholder" else str(weight_node.target)
+    module = calling_module(node)
+    rows, dim = weight.shape
+    return LayerDecision(
+        name=module[0] if module and module[0] else (path or node.name).removesuffix(".weight"),
+        weight_name=path or weight_node.name, kind="embedding", layout="out_in", out_features=rows,
+        in_features=dim, dtype=str(weight.dtype).removeprefix("torch."), rewritten=False,
+        rationale=EMBEDDING_REASON, group_size=config.group_size,
+        fp_bytes=weight.numel() * weight.element_size(), packed_bytes=0,
+    )  # fmt: skip
+
+
 def discover(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: TernaryConfig) -> list[LayerDecision]:
-    """Every linear-like candidate in ``gm`` with its decision, in graph order, then its MoE expert groups."""
+    """Every linear-like candidate in ``gm`` with its decision, in graph order, then its MoE expert groups.
+
+    Embedding lookups are listed too (kind ``"embedding"``, always kept float, with the reason).
+    """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     stored = dict(zip(placeholders, example_inputs))
     decisions = []
     for node in gm.graph.nodes:
         if (packed := _already_packed(node, stored) or _int8_head(node, stored)) is not None:
             decisions.append(packed)
+            continue
+        if (embedding := _embedding(node, stored, config)) is not None:
+            decisions.append(embedding)
             continue
         site = _find_site(node, stored)
         if site is None:

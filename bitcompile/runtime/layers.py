@@ -19,7 +19,7 @@ from bitcompile.kernels.packing import pack_codes, packed_shape, unpack_codes
 from bitcompile.ops import float_gemv, prepared_cpu_call  # (importing it registers torch.ops.bitcpm.*)
 from bitcompile.runtime.conversion import FixedFormatModule
 
-__all__ = ["LAYOUTS", "FloatGemvLinear", "PackedTernaryLinear", "check_layout"]
+__all__ = ["LAYOUTS", "FloatGemvLinear", "PackedTernaryLinear", "PackedWeightInfo", "check_layout"]
 
 #: pack(layout=...) names -> (layout name, version) of the packed bytes. "2bit": the canonical
 #: layout (kernels/packing.py); "1.6bit": five weights per byte (kernels/packing_base3.py).
@@ -34,6 +34,58 @@ def check_layout(where: str, layout: object) -> str:
     if not (isinstance(layout, str) and layout in LAYOUTS):
         raise ValueError(f"{where}: layout={layout!r} is not one of {', '.join(map(repr, LAYOUTS))}")
     return layout
+
+
+
+class PackedWeightInfo:
+    """What a packed layer's ``weight`` tells model code: ``shape``, ``dtype``, ``device``, no values.
+
+    Why: model code reads ``self.wo.weight.dtype`` (T5 casts its activations to it) or
+    ``layer.weight.shape`` of the ``nn.Linear`` it built; a packed layer has 2-bit codes and fp32
+    scales, not a float matrix, and materialising one on every read would undo the packing.
+    ``dtype`` is the dtype of the float layer it stands in for (it follows ``.half()`` etc.),
+    ``device`` where the codes are. It is not a ``torch.Tensor`` (``isinstance`` says so, which is
+    how T5 tells a quantized weight); anything that needs the values raises an AttributeError
+    naming ``dequantized_weight()``.
+    """
+
+    __slots__ = ("device", "dtype", "shape")
+
+    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> None:
+        self.shape, self.dtype, self.device = torch.Size(shape), dtype, device
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def size(self, dim: int | None = None) -> torch.Size | int:
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def requires_grad(self) -> bool:
+        return False
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def __getattr__(self, name: str):
+        raise AttributeError(
+            f"the weight of a packed ternary layer is 2-bit codes + fp32 scales: it has shape, dtype and device "
+            f"but no .{name}; call the layer's dequantized_weight() for the (out, in) float matrix"
+        )
+
+    def __repr__(self) -> str:
+        return f"PackedWeightInfo(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
 
 
 class PackedTernaryLinear(FixedFormatModule):
@@ -225,6 +277,12 @@ class PackedTernaryLinear(FixedFormatModule):
         state = dict(state)
         state.pop("_prepared", None)  # ctypes pointers: neither picklable nor valid in a copy
         return state
+
+    @property
+    def weight(self) -> PackedWeightInfo:
+        """``shape`` ``(out, in)``, ``dtype`` and ``device`` of the weight, as ``nn.Linear.weight`` has them
+        (no float matrix is built: :class:`PackedWeightInfo`)."""
+        return PackedWeightInfo((self.out_features, self.in_features), self.original_dtype, self.packed.device)
 
     def codes(self) -> Tensor:
         """The ternary codes as int8 ``(out, in)``."""

@@ -345,8 +345,8 @@ def _int8_head_replacements(model: nn.Module, plan: list[PackDecision]) -> dict[
     decision = next(d for d in plan if d.name == head_name)
     if decision.packed:
         raise ValueError(
-            f"pack(head='int8'): layer {head_name!r} would be packed ternary; exclude it from ternary "
-            "(TernaryConfig(exclude=[...])) to store it as int8"
+            f"pack(head='int8'): layer {head_name!r} would be packed ternary; keep it out of ternary "
+            "(float_roles with 'head', the default, or exclude=[...]) to store it as int8"
         )
     if not torch.isfinite(head_module.weight).all():  # per-row absmax scales would be NaN / inf
         raise ValueError(f"pack(head='int8'): layer {head_name!r}: weight has NaN or inf values; refusing to pack it")

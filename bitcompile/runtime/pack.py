@@ -26,6 +26,7 @@ from bitcompile.kernels import cpu as cpu_kernels
 from bitcompile.targets import get_kernel, resolve_target
 from bitcompile.policy import layer_skip_reason, unmatched_patterns
 from bitcompile.runtime.follow_compiler import follow_compiler
+from bitcompile.runtime.gguf_checkpoint import is_gguf_path, load_gguf_model
 from bitcompile.runtime.hf_folder import ModelLoadError, load_hf_folder
 from bitcompile.runtime.int8_head import Int8Embedding, Int8Linear
 from bitcompile.runtime.layers import FloatGemvLinear, PackedTernaryLinear
@@ -119,7 +120,8 @@ def pack(
 
     Args:
         model: a trained (or pseudo-quantized) float model, or the path of a local Hugging
-            Face model folder (config.json + safetensors; needs ``transformers``, never downloads).
+            Face model folder (config.json + safetensors; needs ``transformers``, never downloads)
+            or of a ``.gguf`` file (dequantized to float32; needs ``gguf`` and ``accelerate`` too).
         config: the same :class:`TernaryConfig` the model was trained with (group size,
             activation mode, exclude/include, min_features, target), or the same options as a
             dict (``{"group_size": 128}``, what ``torch.compile(..., options=...)`` took).
@@ -192,11 +194,13 @@ def _pack(
 
 def _load_folder(path: str | os.PathLike) -> nn.Module:
     folder = Path(os.fspath(path))
+    if is_gguf_path(folder) and not folder.is_dir():
+        return load_gguf_model(folder)
     if not folder.is_dir():
         what = "a file" if folder.exists() else "not an existing folder"
         raise ModelLoadError(
-            f"pack: {str(folder)!r} is {what}; pass an nn.Module or a local Hugging Face model folder "
-            "(config.json + *.safetensors)"
+            f"pack: {str(folder)!r} is {what}; pass an nn.Module, a local Hugging Face model folder "
+            "(config.json + *.safetensors) or a .gguf file"
         )
     model, _ = load_hf_folder(folder)
     return model

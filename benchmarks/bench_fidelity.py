@@ -147,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead of training: the trained RECIPE student -> compiled eval, pack, save/load, "
                         "compiled packed, ONNX (held-out perplexity of each) and a greedy generation sample")
     p.add_argument("--prompt", default="The Python tutorial explains how to")
+    p.add_argument("--summarize-only", action="store_true", help="only rebuild the table and plots from the results file")
+    p.add_argument("--merge", action="append", default=[], metavar="FILE",
+                   help="with --summarize-only: add the recipes of another results file of the same budget "
+                        "(recipes run by a second process at the same time)")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
     unknown = [n for n in names if n not in RECIPES]
@@ -169,10 +173,23 @@ def main(argv: list[str] | None = None) -> int:
     record: dict[str, Any] = {}
     if results_path.exists() and not args.fresh:
         record = json.loads(results_path.read_text())
-        if record.get("budget", {}).get("tokens") != args.tokens or record.get("budget", {}).get("seq") != args.seq:
+        if args.summarize_only:
+            pass
+        elif record.get("budget", {}).get("tokens") != args.tokens or record.get("budget", {}).get("seq") != args.seq:
             print("results file holds another budget: starting over")
             record = {}
     record.setdefault("recipes", {})
+    if args.summarize_only:
+        for other_path in args.merge:
+            other = json.loads(Path(other_path).read_text())
+            if other.get("budget") != record.get("budget"):
+                p.error(f"--merge {other_path}: another budget ({other.get('budget')} vs {record.get('budget')})")
+            record["recipes"].update(other.get("recipes", {}))
+            record.setdefault("failed", {}).update(other.get("failed", {}))
+            record.setdefault("merged_from", []).append(str(other_path))
+        summarize(record, Path(args.plot), example)
+        results_path.write_text(json.dumps(record, indent=2))
+        return 0
     started = time.perf_counter()
     model, tokenizer = load_causal_lm(model_path)
     load_seconds = time.perf_counter() - started
@@ -253,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name} step {h['step']:4d} tokens {h['tokens']:>7,} held-out loss {h['loss']:.3f} "
                   f"ppl {h['perplexity']:.4g} top-1 {h['top1']:.3f}  (train {h['train_seconds']:.0f} s wall, "
                   f"{h['train_cpu_seconds']:.0f} CPU-s)", flush=True)  # fmt: skip
+            record.setdefault("in_progress", {})[name] = list(state.history)  # a run cut short keeps its curve
+            save()
 
         try:
             state = example.train(forward, student, data, recipe_args, teacher=teacher_model, on_eval=on_eval,
@@ -266,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             continue
         final = state.history[-1]
+        record.get("in_progress", {}).pop(name, None)
         record["recipes"][name] = {
             "description": description, "group_size": recipe_args.group_size, "distill": recipe_args.distill,
             **example.timing_summary(state, args.batch * args.seq), "history": state.history,

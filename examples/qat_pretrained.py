@@ -58,7 +58,8 @@ CHECKPOINT = "checkpoint.pt"
 RUN_ARGS = "run_args.json"
 #: Arguments a resumed run must share with the run that wrote the checkpoint (same data, same quantizer).
 RESUME_KEYS = ("model", "corpus", "seq", "batch", "group_size", "activations", "exclude", "seed", "held_out_fraction")
-#: Defaults set from benchmarks/bench_fidelity.py on SmolLM2-135M (docs/fidelity.md).
+#: The library's defaults (per-row scales, no distillation). benchmarks/bench_fidelity.py is meant to set
+#: them from measurement; its first run was cut short before any comparison (docs/fidelity.md).
 DEFAULT_GROUP_SIZE = "-1"
 DEFAULT_DISTILL = 0.0
 

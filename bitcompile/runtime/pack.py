@@ -27,6 +27,7 @@ from bitcompile.targets import get_kernel, resolve_target
 from bitcompile.policy import layer_skip_reason, unmatched_patterns
 from bitcompile.runtime.experts import EXPERT_WEIGHTS, PackedTernaryExperts, expert_modules, experts_skip_reason
 from bitcompile.runtime.follow_compiler import follow_compiler
+from bitcompile.runtime.gguf_checkpoint import is_gguf_path, load_gguf_model
 from bitcompile.runtime.hf_folder import ModelLoadError, load_hf_folder
 from bitcompile.runtime.int8_head import Int8Embedding, Int8Linear
 from bitcompile.runtime.layers import FloatGemvLinear, PackedTernaryLinear, check_layout
@@ -138,10 +139,13 @@ def pack(
     Args:
         model: a trained (or pseudo-quantized) float model, or the path of a local Hugging
             Face model folder (config.json + safetensors; needs ``transformers``, never downloads),
-            or of a ternary checkpoint made elsewhere, read losslessly and returned packed: a
-            ``.gguf`` file with TQ1_0 / TQ2_0 tensors (:mod:`bitcompile.runtime.gguf_ternary`) or
-            an HF BitNet folder (:mod:`bitcompile.runtime.hf_bitnet`). For those, the file decides
-            the layers and their scale groups; ``config`` gives ``target`` only.
+            a ``.gguf`` file, or an HF BitNet folder. A ternary checkpoint made elsewhere is read
+            losslessly and returned packed: a ``.gguf`` file with TQ1_0 / TQ2_0 tensors
+            (:mod:`bitcompile.runtime.gguf_ternary`) or an HF BitNet folder
+            (:mod:`bitcompile.runtime.hf_bitnet`); for those, the file decides the layers and their
+            scale groups and ``config`` gives ``target`` only. A ``.gguf`` file without ternary
+            tensors is dequantized to float32 by transformers' GGUF reader (needs ``gguf`` and
+            ``accelerate``) and packed like a float model.
         config: the same :class:`TernaryConfig` the model was trained with (group size,
             activation mode, exclude/include, min_features, target), or the same options as a
             dict (``{"group_size": 128}``, what ``torch.compile(..., options=...)`` took).
@@ -234,16 +238,8 @@ def _pack(
 def _load_path(path: str | os.PathLike, config: TernaryConfig) -> nn.Module:
     """A model from a ``.gguf`` file (its ternary tensors, losslessly) or a Hugging Face folder."""
     folder = Path(os.fspath(path))
-    if folder.is_file() and folder.suffix == ".gguf":
-        from bitcompile.runtime.gguf_ternary import load_gguf_ternary
-
-        model = load_gguf_ternary(folder, target=config.target)
-        if model is None:
-            raise ModelLoadError(
-                f"pack: {str(folder)!r} holds no ternary tensor (TQ1_0 / TQ2_0, or one bitcompile wrote); "
-                "load a float GGUF with transformers and pack that model"
-            )
-        return model
+    if is_gguf_path(folder) and not folder.is_dir():
+        return load_gguf_model(folder, target=config.target)  # ternary tensors losslessly, else float
     if folder.is_dir():
         from bitcompile.runtime.hf_bitnet import load_hf_bitnet
 
@@ -254,7 +250,7 @@ def _load_path(path: str | os.PathLike, config: TernaryConfig) -> nn.Module:
         what = "a file" if folder.exists() else "not an existing folder"
         raise ModelLoadError(
             f"pack: {str(folder)!r} is {what}; pass an nn.Module, a local Hugging Face model folder "
-            "(config.json + *.safetensors) or a ternary .gguf file"
+            "(config.json + *.safetensors) or a .gguf file"
         )
     model, _ = load_hf_folder(folder)
     return model

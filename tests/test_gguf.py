@@ -134,7 +134,8 @@ def test_gguf_group_sizes_and_encodings_round_trip(tmp_path, tokenizer, group_si
 
 
 def test_gguf_file_without_ternary_tensors_returns_none(tmp_path):
-    writer = gguf.GGUFWriter(str(tmp_path / "f.gguf"), "llama")
+    # Not "llama": transformers would build its default 7B LlamaConfig for a file without metadata.
+    writer = gguf.GGUFWriter(str(tmp_path / "f.gguf"), "no-such-arch")
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
     assert load_gguf_ternary(tmp_path / "f.gguf") is None

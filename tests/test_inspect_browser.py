@@ -205,8 +205,8 @@ def test_report_page_renders_without_errors(browser, page_path, tmp_path):
     print(f"screenshot: {shot}")
     assert page.errors == [] and page.requests == []
     assert page.js("document.title") == "bitcompile inspect TinyLlama(6 layers)"
-    assert page.js("document.querySelectorAll('#layer-table tbody tr').length") == 43
-    assert page.js("document.querySelectorAll('#layer-table tr.skipped').length") == 2
+    assert page.js("document.querySelectorAll('#layer-table tbody tr').length") == 44  # 42 layers, the head, the embedding
+    assert page.js("document.querySelectorAll('#layer-table tr.skipped').length") == 3  # excluded up_proj, float head, embedding
     assert page.js("document.querySelectorAll('#legend li').length") == 6
     # the picture is drawn, visible, and has boxes of each kind
     size = page.js("(() => { const r = document.querySelector('.picture svg').getBoundingClientRect(); return [r.width, r.height]; })()")

@@ -144,7 +144,10 @@ def load_gguf_model(
     if lossless_ternary:
         from bitcompile.runtime.gguf_ternary import load_gguf_ternary
 
-        packed = load_gguf_ternary(path, target=target)  # None: no ternary tensor in the file
+        try:
+            packed = load_gguf_ternary(path, target=target)  # None: no ternary tensor in the file
+        except Exception as error:  # a truncated file, a listed tensor that is not ternary: one line
+            raise ModelLoadError(f"GGUF file {str(path)!r} could not be read: {first_line(error)}") from error
         if packed is not None:
             return packed
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network

@@ -100,7 +100,7 @@ def test_pack_of_a_path_that_is_no_folder_says_what_it_takes(tmp_path):
 
     (tmp_path / "model.py").write_text("")
     for path, what in ((tmp_path / "missing", "not an existing folder"), (tmp_path / "model.py", "a file")):
-        with pytest.raises(ModelLoadError, match=f"pack: '{path}' is {what}; pass an nn.Module or a local Hugging Face"):
+        with pytest.raises(ModelLoadError, match=f"pack: '{path}' is {what}; pass an nn.Module, a local Hugging Face"):
             bitcompile.pack(path)
     with pytest.raises(ModelLoadError, match="is not an existing folder"):
         bitcompile.pack(f"{tmp_path / 'model.py'}:build")

@@ -130,7 +130,7 @@ def check_packed_args(
     where: str, x: Tensor, packed: Tensor, w_scales: Tensor, in_features: int, group_code: int, bias: Tensor | None
 ) -> None:
     """Validate the arguments every ``packed_*_matmul`` takes; raise ValueError/TypeError naming the problem."""
-    from bitcompile.kernels.groups import check_group_code, num_groups
+    from bitcompile.kernels.groups import check_group_code
 
     check_group_code(group_code)
     if not isinstance(packed, Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
@@ -142,6 +142,15 @@ def check_packed_args(
             f"{where}: packed has {packed.shape[1]} bytes per row, in_features={in_features} needs "
             f"{padded_in_features(in_features) // 4} ({LAYOUT_NAME} v{LAYOUT_VERSION} pads K to a multiple of {PAD_K})"
         )
+    check_operands(where, x, n, w_scales, in_features, group_code, bias)
+
+
+def check_operands(
+    where: str, x: Tensor, n: int, w_scales: Tensor, in_features: int, group_code: int, bias: Tensor | None
+) -> None:
+    """Validate what a packed linear takes besides its packed bytes (shared by every packed layout)."""
+    from bitcompile.kernels.groups import num_groups
+
     if x.dim() != 2 or x.shape[1] != in_features:
         raise ValueError(f"{where}: activations must be 2-D (M, {in_features}), got shape {tuple(x.shape)}")
     g = num_groups(in_features, group_code)

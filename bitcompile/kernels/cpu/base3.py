@@ -14,7 +14,7 @@ import ctypes
 import torch
 from torch import Tensor
 
-from bitcompile.kernels import packing_base3, reference
+from bitcompile.kernels import packing, packing_base3, reference
 from bitcompile.kernels.cpu import library
 from bitcompile.kernels.cpu.library import LAYOUT_T5, GemmArgs, is_degenerate, on_cpu, ptr, threads
 from bitcompile.kernels.cpu.passes import out_buffer, prepare_activations
@@ -38,18 +38,7 @@ def check_base3_args(
             f"{where}: packed has {packed.shape[1]} bytes per row, in_features={in_features} needs {row_bytes} "
             f"({name} pads K to a multiple of {packing_base3.BLOCK_K})"
         )
-    if x.dim() != 2 or x.shape[1] != in_features:
-        raise ValueError(f"{where}: activations must be 2-D (M, {in_features}), got shape {tuple(x.shape)}")
-    g = num_groups(in_features, group_code)
-    if w_scales.dim() != 2 or tuple(w_scales.shape) != (n, g):
-        raise ValueError(
-            f"{where}: w_scales must have shape ({n}, {g}) for in_features={in_features} and group_size code "
-            f"{group_code}, got {tuple(w_scales.shape)}"
-        )
-    if not w_scales.is_floating_point():
-        raise TypeError(f"{where}: w_scales must be floating point (fp32 multipliers), got {w_scales.dtype}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"{where}: bias shape {tuple(bias.shape)} does not match out_features {n}")
+    packing.check_operands(where, x, n, w_scales, in_features, group_code, bias)
 
 
 def plan_base3(isa_id: int, group_code: int, kp: int) -> tuple[int, int]:

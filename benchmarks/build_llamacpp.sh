@@ -18,6 +18,17 @@ SDIST=$(ls llama_cpp_python-*.tar.gz | sort | tail -1)
 SRC="${SDIST%.tar.gz}"
 [ -d "$SRC" ] || tar xzf "$SDIST"
 cd "$SRC/vendor/llama.cpp"
-cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release
-nice -n 10 cmake --build build --target llama-bench -j"${JOBS:-2}"
-echo "$PWD/build/bin/llama-bench"
+# GGML_NATIVE=ON turns on AMX wherever the CPU flags list it; on the project's Sapphire-Rapids-class
+# VM such a binary dies with SIGILL (the guest may not use AMX tiles). Where the flags list AMX,
+# build for AVX-512 (VBMI/VNNI/BF16) with AMX off instead; elsewhere keep the native build.
+if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
+    BUILD=build-noamx
+    cmake -B "$BUILD" -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+        -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON \
+        -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release
+else
+    BUILD=build
+    cmake -B "$BUILD" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release
+fi
+nice -n 10 cmake --build "$BUILD" --target llama-bench -j"${JOBS:-2}"
+echo "$PWD/$BUILD/bin/llama-bench"

@@ -262,34 +262,30 @@ static int pick_threads(int nthreads, int64_t work, int N) {
     return nthreads < maxt ? nthreads : (maxt > 0 ? maxt : 1);
 }
 
-/* GFNI (CPUID.7.0:ECX bit 8): a faster plane extraction inside the AVX-512 int8 kernel */
-static int has_gfni(void) {
-    static atomic_int cache = -1;
-    int v = atomic_load(&cache);
+/* One CPUID.7.0:ECX feature bit, probed once and cached in *cache (-1: not probed yet). */
+static int cpuid7_ecx_bit(atomic_int *cache, int bit) {
+    int v = atomic_load(cache);
     if (v < 0) {
         v = 0;
 #ifdef BC_X86
         unsigned a, b, c, d;
-        if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) v = (c >> 8) & 1;
+        if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) v = (c >> bit) & 1;
 #endif
-        atomic_store(&cache, v);
+        atomic_store(cache, v);
     }
     return v;
+}
+
+/* GFNI (CPUID.7.0:ECX bit 8): a faster plane extraction inside the AVX-512 int8 kernel */
+static int has_gfni(void) {
+    static atomic_int cache = -1;
+    return cpuid7_ecx_bit(&cache, 8);
 }
 
 /* AVX512_VBMI (CPUID.7.0:ECX bit 1): vpermi2b, the table lookup of the 1.6-bit kernel */
 static int has_vbmi(void) {
     static atomic_int cache = -1;
-    int v = atomic_load(&cache);
-    if (v < 0) {
-        v = 0;
-#ifdef BC_X86
-        unsigned a, b, c, d;
-        if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) v = (c >> 1) & 1;
-#endif
-        atomic_store(&cache, v);
-    }
-    return v;
+    return cpuid7_ecx_bit(&cache, 1);
 }
 
 /* The ISA whose 1.6-bit int8 kernel runs (AVX-512 with VBMI, one scale column; else the

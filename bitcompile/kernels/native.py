@@ -3,9 +3,9 @@
 Why: inductor calls a C++ operator through the dispatcher (from its Python wrapper, or with
 no Python at all under ``cpp_wrapper=True`` / AOTInductor); the Python custom ops of
 :mod:`bitcompile.ops` run Python per layer and token. ``csrc/bc_torch_ops.cpp`` registers
-``bitcpm_native::ternary_linear_packed``, ``int8_dense_linear`` and ``float_gemv_linear`` with
-``TORCH_LIBRARY``; they call the same ISA-dispatched C kernels (``_bitcpm_cpu*.so``, which the
-op library links against).
+``bitcpm_native::ternary_linear_packed``, ``int8_dense_linear``, ``float_gemv_linear`` and
+``decode_attention`` with ``TORCH_LIBRARY``; the first three call the same ISA-dispatched C kernels
+(``_bitcpm_cpu*.so``, which the op library links against).
 
 How it is built: with ``torch.utils.cpp_extension.load`` (g++ and ninja) into a cache
 directory the first time :func:`load` is called, because ``pip install`` builds the C kernels
@@ -114,3 +114,8 @@ def _register_fakes() -> None:
     @torch.library.register_fake("bitcpm_native::float_gemv_linear")
     def _gemv(x, weight, bias, isa):
         return _out_like(x, weight.shape[0])
+
+    @torch.library.register_fake("bitcpm_native::decode_attention")
+    def _attention(q, k, v, mask, scale):
+        torch._check(q.shape[2] == 1, lambda: f"decode_attention: one query per sequence, got {q.shape[2]}")
+        return q.new_empty((q.shape[0], 1, q.shape[1], q.shape[3]))

@@ -14,6 +14,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
 extern "C" {
 #include "bc_kernels.h"
 int bc_plan_i8(int isa, int group, int Kp, int *unit_chunks);
@@ -168,6 +173,123 @@ at::Tensor float_gemv_linear(const at::Tensor &x, const at::Tensor &weight, cons
     return y;
 }
 
+
+// exp(x) for x <= 0 (softmax after subtracting the max), as a branch-free polynomial so that
+// the loop over positions vectorizes (std::exp is a scalar libm call): 2^n * p(r), r in
+// [-ln2/2, ln2/2], degree-6 Taylor terms, relative error < 2e-7 (tests compare it to SDPA).
+inline float exp_nonpositive(float x) {
+    x = x < -87.f ? -87.f : x;
+    const float n = (x * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23), no libm call
+    const float r = x - n * 0.693147181f;
+    float p = 1.f / 720;
+    p = p * r + 1.f / 120;
+    p = p * r + 1.f / 24;
+    p = p * r + 1.f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    int32_t bits;
+    std::memcpy(&bits, &p, 4);
+    bits += (int32_t)n << 23;
+    std::memcpy(&p, &bits, 4);
+    return p;
+}
+
+// One query row of decode attention: softmax(scale * q.K^T + mask) V over the S cached
+// positions of one KV head. fp32 throughout; lanes of 16 keep the dot products vectorizable
+// without reassociating. Masked positions get weight 0.
+// NOTE: target_clones makes gcc emit an AVX-512, an AVX2 and a baseline copy and pick one at
+// load time, the way bc_dispatch picks the GEMV kernels: the op library itself is built
+// without -march flags.
+__attribute__((target_clones("avx512f", "avx2", "default"), optimize("O3"))) void attend_row(
+    const float *__restrict__ q, const float *__restrict__ k, int64_t k_step, const float *__restrict__ v,
+    int64_t v_step, const bool *__restrict__ keep, const float *__restrict__ bias, int64_t mask_step, int64_t S,
+    int64_t D, float scale, float *__restrict__ scores, float *__restrict__ out) {
+    constexpr int L = 16;
+    float best = -INFINITY;
+    for (int64_t s = 0; s < S; ++s) {
+        const float *ks = k + s * k_step;
+        float lanes[L] = {0.f};
+        int64_t d = 0;
+        for (; d + L <= D; d += L)
+            for (int l = 0; l < L; ++l) lanes[l] += q[d + l] * ks[d + l];
+        for (; d < D; ++d) lanes[d % L] += q[d] * ks[d];
+        for (int w = L / 2; w > 0; w /= 2)  // a tree: an in-order sum of 16 lanes is a 16-add dependency chain
+            for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+        const float dot = lanes[0];
+        float score = dot * scale + (bias ? bias[s * mask_step] : 0.f);
+        if (keep && !keep[s * mask_step]) score = -INFINITY;
+        scores[s] = score;
+        best = score > best ? score : best;
+    }
+    for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
+    if (best == -INFINITY) return;  // every position masked: zeros, as torch's CPU SDPA gives
+    for (int64_t s = 0; s < S; ++s) scores[s] = scores[s] == -INFINITY ? 0.f : exp_nonpositive(scores[s] - best);
+    float sums[L] = {0.f};
+    int64_t s = 0;
+    for (; s + L <= S; s += L)
+        for (int l = 0; l < L; ++l) sums[l] += scores[s + l];
+    for (; s < S; ++s) sums[s % L] += scores[s];
+    for (int w = L / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) sums[l] += sums[l + w];
+    const float inv = 1.f / sums[0];
+    for (s = 0; s < S; ++s) {
+        const float p = scores[s] * inv;
+        if (p == 0.f) continue;  // masked (static-cache slots not written yet)
+        const float *vs = v + s * v_step;
+        for (int64_t d = 0; d < D; ++d) out[d] += p * vs[d];
+    }
+}
+
+// Decode attention over a KV cache without repeating K/V per query head (grouped-query heads
+// share their KV head's rows). q (B, H, 1, D); k, v (B, Hkv, S, D) with H a multiple of Hkv;
+// mask None, bool (True = attend) or an additive float, broadcastable to (B, H, 1, S).
+// Returns (B, 1, H, D), the layout transformers' attention functions return.
+at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                            const std::optional<at::Tensor> &mask, double scale) {
+    const char *op = "bitcpm_native::decode_attention";
+    for (const at::Tensor *t : {&q, &k, &v})
+        TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 4, op,
+                    ": q, k, v must be 4-D CPU float32, got ", t->scalar_type(), " ", t->sizes());
+    const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+    TORCH_CHECK(q.size(2) == 1, op, ": one query per sequence (decode), got ", q.size(2));
+    TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D, op, ": k and v must be (", B, ", Hkv, S, ",
+                D, "), got ", k.sizes(), " and ", v.sizes());
+    TORCH_CHECK(Hkv > 0 && H % Hkv == 0, op, ": ", H, " query heads are not a multiple of ", Hkv, " KV heads");
+    at::Tensor qc = q.stride(3) == 1 ? q : q.contiguous();
+    at::Tensor kc = k.stride(3) == 1 && k.stride(2) >= D ? k : k.contiguous();
+    at::Tensor vc = v.stride(3) == 1 && v.stride(2) >= D ? v : v.contiguous();
+    at::Tensor m;
+    if (mask) {
+        TORCH_CHECK(mask->device().is_cpu() && (mask->scalar_type() == at::kBool || mask->scalar_type() == at::kFloat) &&
+                        mask->dim() == 4 && mask->size(3) == S && mask->size(2) == 1,
+                    op, ": mask must be bool or float32 (B, 1|H, 1, ", S, "), got ", mask->scalar_type(), " ",
+                    mask->sizes());
+        m = mask->expand({B, H, 1, S});
+    }
+    at::Tensor out = at::empty({B, 1, H, D}, q.options());
+    std::vector<float> scores(S);
+    const int64_t group = H / Hkv;
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < H; ++h) {
+            const bool *keep = nullptr;
+            const float *bias = nullptr;
+            int64_t mask_step = 0;
+            if (m.defined()) {
+                mask_step = m.stride(3);
+                const int64_t offset = b * m.stride(0) + h * m.stride(1);
+                if (m.scalar_type() == at::kBool)
+                    keep = m.data_ptr<bool>() + offset;
+                else
+                    bias = m.data_ptr<float>() + offset;
+            }
+            attend_row(qc.data_ptr<float>() + b * qc.stride(0) + h * qc.stride(1),
+                       kc.data_ptr<float>() + b * kc.stride(0) + (h / group) * kc.stride(1), kc.stride(2),
+                       vc.data_ptr<float>() + b * vc.stride(0) + (h / group) * vc.stride(1), vc.stride(2), keep, bias,
+                       mask_step, S, D, (float)scale, scores.data(), out.data_ptr<float>() + (b * H + h) * D);
+        }
+    return out;
+}
 }  // namespace
 
 TORCH_LIBRARY(bitcpm_native, m) {
@@ -175,10 +297,12 @@ TORCH_LIBRARY(bitcpm_native, m) {
           "int group_size, int isa) -> Tensor");
     m.def("int8_dense_linear(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int isa) -> Tensor");
     m.def("float_gemv_linear(Tensor x, Tensor weight, Tensor? bias, int isa) -> Tensor");
+    m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bitcpm_native, CPU, m) {
     m.impl("ternary_linear_packed", &ternary_linear_packed);
     m.impl("int8_dense_linear", &int8_dense_linear);
     m.impl("float_gemv_linear", &float_gemv_linear);
+    m.impl("decode_attention", &decode_attention);
 }

@@ -1,7 +1,7 @@
 """The real SmolLM2-135M served by bitcompile (compile_decoder) and by llama.cpp, side by side.
 
     python benchmarks/bench_vs_llamacpp.py [--llama-bench PATH] [--threads 1 2] [--prompt 128]
-        [--decode 128] [--repetitions 3] [--cpp-wrapper] [--out benchmarks/results/vs_llamacpp.json]
+        [--decode 128] [--repetitions 3] [--no-cpp-wrapper] [--out benchmarks/results/vs_llamacpp.json]
 
 llama.cpp: ``llama-bench`` from ``--llama-bench``, ``$LLAMA_BENCH``, or the default location
 of ``benchmarks/build_llamacpp.sh`` (run that script to build it: ~6-15 min on 2 cores). Where
@@ -239,16 +239,10 @@ def child(args) -> dict:
 
     t0 = time.perf_counter()
     decoder = compile_decoder(model, max_cache_len=prompt_len + decode_len + 8, cpp_wrapper=args.cpp_wrapper)
-    cache = decoder.static_cache()
+    cache = decoder.static_cache()  # allocated now: the prefill graph is compiled once
     with torch.no_grad():
         decoder.prefill(prompt, cache)  # compiles the prefill graph
         decoder.decode_step(token, prompt_len, cache)  # and the decode graph
-        decoder.decode_step(token, prompt_len + 1, cache)
-        # NOTE: the first prefill saw the static cache before its tensors existed (transformers
-        # creates them lazily); a prefill into the initialized cache is another graph: compile it now
-        cache.reset()
-        decoder.prefill(prompt, cache)
-        decoder.decode_step(token, prompt_len, cache)
     compile_s = time.perf_counter() - t0
     if args.wait_for_go:  # the parent compiles all thread counts at once, then times one process at a time
         print("READY", flush=True)
@@ -261,6 +255,18 @@ def child(args) -> dict:
             decoder.prefill(prompt, cache)
             prefill.append(prompt_len / (time.perf_counter() - t))
             decode.append(timed_decode(decoder.decode_step, cache))
+        # transformers' generate() on the same compiled graphs (the same cache passed in), against the
+        # plain greedy loop: both prefill the prompt and make DECODE tokens
+        cache.reset()
+        t = time.perf_counter()
+        greedy_ids = decoder.greedy(prompt, decode_len)
+        greedy_s = time.perf_counter() - t
+        cache.reset()
+        t = time.perf_counter()
+        generated = model.generate(prompt, past_key_values=cache, max_new_tokens=decode_len, min_new_tokens=decode_len, do_sample=False)
+        generate_s = time.perf_counter() - t
+        cache.reset()
+        decoder.prefill(prompt, cache)
         profile = decode_profile(decoder, cache, prompt_len)
         # eager packed baseline in the same process: one C call per layer from Python
         import transformers
@@ -280,6 +286,10 @@ def child(args) -> dict:
         "prefill_all": prefill,
         "decode_all": decode,
         "eager_packed_decode_tok_s": eager_decode,
+        "greedy_loop_s": greedy_s,
+        "generate_s": generate_s,
+        "generate_same_tokens": bool(torch.equal(greedy_ids, generated)),
+        "attention": decoder.attention,
         "graphs": decoder.graphs,
         "load_s": round(load_s, 1),
         "compile_s": round(compile_s, 1),
@@ -326,7 +336,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--decode", type=int, default=128)
     parser.add_argument("--repetitions", type=int, default=3)
-    parser.add_argument("--cpp-wrapper", action="store_true", help="inductor's C++ wrapper (longer compile)")
+    parser.add_argument("--no-cpp-wrapper", dest="cpp_wrapper", action="store_false",
+                        help="inductor's Python wrapper (shorter compile, slower decode)")
     parser.add_argument("--skip-llamacpp", action="store_true")
     parser.add_argument("--skip-bitcompile", action="store_true", help="only the llama.cpp side")
     parser.add_argument("--out", default="benchmarks/results/vs_llamacpp.json")
@@ -348,7 +359,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", str(t), "--wait-for-go", "--prompt", str(args.prompt),
                "--decode", str(args.decode), "--repetitions", str(args.repetitions)]  # fmt: skip
         children[t] = subprocess.Popen(
-            cmd + (["--cpp-wrapper"] if args.cpp_wrapper else []), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            cmd + ([] if args.cpp_wrapper else ["--no-cpp-wrapper"]), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
     ready = {t: _wait_for(proc, "READY") for t, proc in children.items()}
     print("compiled:", ready, flush=True)

@@ -206,21 +206,33 @@ __attribute__((target_clones("avx512f", "avx2", "default"), optimize("O3"))) voi
     int64_t v_step, const bool *__restrict__ keep, const float *__restrict__ bias, int64_t mask_step, int64_t S,
     int64_t D, float scale, float *__restrict__ scores, float *__restrict__ out) {
     constexpr int L = 16;
+    // Positions in blocks of 4 so that four dot products (and their lane trees) are in flight at once.
+    constexpr int P = 4;
     float best = -INFINITY;
-    for (int64_t s = 0; s < S; ++s) {
-        const float *ks = k + s * k_step;
-        float lanes[L] = {0.f};
-        int64_t d = 0;
-        for (; d + L <= D; d += L)
-            for (int l = 0; l < L; ++l) lanes[l] += q[d + l] * ks[d + l];
-        for (; d < D; ++d) lanes[d % L] += q[d] * ks[d];
-        for (int w = L / 2; w > 0; w /= 2)  // a tree: an in-order sum of 16 lanes is a 16-add dependency chain
-            for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
-        const float dot = lanes[0];
-        float score = dot * scale + (bias ? bias[s * mask_step] : 0.f);
-        if (keep && !keep[s * mask_step]) score = -INFINITY;
-        scores[s] = score;
-        best = score > best ? score : best;
+    for (int64_t s0 = 0; s0 < S; s0 += P) {
+        const int64_t n = S - s0 < P ? S - s0 : P;
+        float lanes[P][L] = {};
+        bool live[P] = {};
+        for (int64_t i = 0; i < n; ++i) live[i] = !keep || keep[(s0 + i) * mask_step];
+        if (!(live[0] | live[1] | live[2] | live[3])) {  // a static cache's unwritten slots: not read at all
+            for (int64_t i = 0; i < n; ++i) scores[s0 + i] = -INFINITY;
+            continue;
+        }
+        for (int64_t i = 0; i < n; ++i) {
+            const float *ks = k + (s0 + i) * k_step;
+            int64_t d = 0;
+            for (; d + L <= D; d += L)
+                for (int l = 0; l < L; ++l) lanes[i][l] += q[d + l] * ks[d + l];
+            for (; d < D; ++d) lanes[i][d % L] += q[d] * ks[d];
+        }
+        for (int w = L / 2; w > 0; w /= 2)  // trees: an in-order sum of 16 lanes is a 16-add dependency chain
+            for (int i = 0; i < P; ++i)
+                for (int l = 0; l < w; ++l) lanes[i][l] += lanes[i][l + w];
+        for (int64_t i = 0; i < n; ++i) {
+            const float score = live[i] ? lanes[i][0] * scale + (bias ? bias[(s0 + i) * mask_step] : 0.f) : -INFINITY;
+            scores[s0 + i] = score;
+            best = score > best ? score : best;
+        }
     }
     for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
     if (best == -INFINITY) return;  // every position masked: zeros, as torch's CPU SDPA gives
@@ -233,11 +245,50 @@ __attribute__((target_clones("avx512f", "avx2", "default"), optimize("O3"))) voi
     for (int w = L / 2; w > 0; w /= 2)
         for (int l = 0; l < w; ++l) sums[l] += sums[l + w];
     const float inv = 1.f / sums[0];
-    for (s = 0; s < S; ++s) {
+    // four positions per pass over out: one load and store of out per four rows of V, not per row
+    for (s = 0; s + P <= S; s += P) {
+        const float p0 = scores[s] * inv, p1 = scores[s + 1] * inv, p2 = scores[s + 2] * inv, p3 = scores[s + 3] * inv;
+        if (p0 == 0.f && p1 == 0.f && p2 == 0.f && p3 == 0.f) continue;  // masked (unwritten static-cache slots)
+        const float *v0 = v + s * v_step, *v1 = v0 + v_step, *v2 = v1 + v_step, *v3 = v2 + v_step;
+        for (int64_t d = 0; d < D; ++d) out[d] += (p0 * v0[d] + p1 * v1[d]) + (p2 * v2[d] + p3 * v3[d]);
+    }
+    for (; s < S; ++s) {
         const float p = scores[s] * inv;
-        if (p == 0.f) continue;  // masked (static-cache slots not written yet)
         const float *vs = v + s * v_step;
-        for (int64_t d = 0; d < D; ++d) out[d] += p * vs[d];
+        if (p != 0.f)
+            for (int64_t d = 0; d < D; ++d) out[d] += p * vs[d];
+    }
+}
+
+// The (sequence, head) rows of one decode_attention call, split over threads.
+struct AttentionJob {
+    const at::Tensor &q, &k, &v, &mask, &out;
+    int64_t B, H, group, S, D;
+    float scale;
+};
+
+void attention_task(void *ctx, int tid, int nth) {
+    const AttentionJob &j = *static_cast<const AttentionJob *>(ctx);
+    std::vector<float> scores(j.S);
+    const int64_t rows = j.B * j.H, per = (rows + nth - 1) / nth;
+    for (int64_t row = tid * per; row < std::min(rows, (tid + 1) * per); ++row) {
+        const int64_t b = row / j.H, h = row % j.H;
+        const bool *keep = nullptr;
+        const float *bias = nullptr;
+        int64_t mask_step = 0;
+        if (j.mask.defined()) {
+            mask_step = j.mask.stride(3);
+            const int64_t offset = b * j.mask.stride(0) + h * j.mask.stride(1);
+            if (j.mask.scalar_type() == at::kBool)
+                keep = j.mask.const_data_ptr<bool>() + offset;
+            else
+                bias = j.mask.const_data_ptr<float>() + offset;
+        }
+        attend_row(j.q.const_data_ptr<float>() + b * j.q.stride(0) + h * j.q.stride(1),
+                   j.k.const_data_ptr<float>() + b * j.k.stride(0) + (h / j.group) * j.k.stride(1), j.k.stride(2),
+                   j.v.const_data_ptr<float>() + b * j.v.stride(0) + (h / j.group) * j.v.stride(1), j.v.stride(2),
+                   keep, bias, mask_step, j.S, j.D, j.scale, scores.data(),
+                   j.out.data_ptr<float>() + (b * j.H + h) * j.D);
     }
 }
 
@@ -268,26 +319,12 @@ at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, const at::
         m = mask->expand({B, H, 1, S});
     }
     at::Tensor out = at::empty({B, 1, H, D}, q.options());
-    std::vector<float> scores(S);
-    const int64_t group = H / Hkv;
-    for (int64_t b = 0; b < B; ++b)
-        for (int64_t h = 0; h < H; ++h) {
-            const bool *keep = nullptr;
-            const float *bias = nullptr;
-            int64_t mask_step = 0;
-            if (m.defined()) {
-                mask_step = m.stride(3);
-                const int64_t offset = b * m.stride(0) + h * m.stride(1);
-                if (m.scalar_type() == at::kBool)
-                    keep = m.data_ptr<bool>() + offset;
-                else
-                    bias = m.data_ptr<float>() + offset;
-            }
-            attend_row(qc.data_ptr<float>() + b * qc.stride(0) + h * qc.stride(1),
-                       kc.data_ptr<float>() + b * kc.stride(0) + (h / group) * kc.stride(1), kc.stride(2),
-                       vc.data_ptr<float>() + b * vc.stride(0) + (h / group) * vc.stride(1), vc.stride(2), keep, bias,
-                       mask_step, S, D, (float)scale, scores.data(), out.data_ptr<float>() + (b * H + h) * D);
-        }
+    AttentionJob job{qc, kc, vc, m, out, B, H, H / Hkv, S, D, (float)scale};
+    const int nth = (int)std::min<int64_t>(threads(), B * H);
+    if (nth > 1)  // bitcompile's spinning pool, the one the layers' kernels use
+        bc_run_parallel(attention_task, &job, nth);
+    else
+        attention_task(&job, 0, 1);
     return out;
 }
 }  // namespace

@@ -193,3 +193,15 @@ def test_decode_graphs_are_told_apart_by_their_token_ids():
     assert compiled_decode.is_decode_graph([torch.zeros(3, 1, dtype=torch.long)])
     assert not compiled_decode.is_decode_graph([torch.zeros(1, 128, dtype=torch.long), torch.arange(128), codes])
     assert not compiled_decode.is_decode_graph([codes, torch.randn(1, 1)])  # no token ids at all
+
+
+def test_compile_decoder_refuses_one_point_six_bit_layers_naming_one():
+    config = transformers.LlamaConfig(
+        vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = bitcompile.pack(transformers.LlamaForCausalLM(config).eval(), layout="1.6bit")
+    with pytest.raises(ValueError, match=r"compile_decoder: 7 layers \(first: model\.layers\.0\.self_attn\.q_proj\) are in the 1\.6-bit layout"):
+        compile_decoder(model, inner="aot_eager")
+    assert "forward" not in model.__dict__ and model.config._attn_implementation == "sdpa"

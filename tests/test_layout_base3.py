@@ -180,7 +180,7 @@ def test_pack_layout_choice_outputs_plan_and_memory():
         bitcompile.pack(_mlp(), layout="1bit")
 
 
-def test_gradients_and_compiled_graphs_match_the_2bit_layers():
+def test_gradients_and_compiled_graphs_match_the_2bit_layers(monkeypatch):
     x = torch.randn(3, 577)
     two, base3 = bitcompile.pack(_mlp()), bitcompile.pack(_mlp(), layout="1.6bit")
     grads = []
@@ -190,8 +190,12 @@ def test_gradients_and_compiled_graphs_match_the_2bit_layers():
         grads.append(xg.grad)
     assert torch.equal(grads[0], grads[1])
     compiled = torch.compile(base3, backend="bitcpm", options={"inner": "aot_eager"})
-    with torch.no_grad():
+    import bitcompile.runtime.layers as layers_module
+
+    monkeypatch.setattr(layers_module, "_warned_compiled_base3", False)
+    with torch.no_grad(), pytest.warns(BitcompileWarning, match="repacked to 2 bits on every call") as caught:
         assert torch.equal(compiled(x), two(x))
+    assert sum("repacked to 2 bits" in str(w.message) for w in caught) == 1  # said once, not per layer
 
 
 def test_save_load_round_trip_records_the_layout(tmp_path):

@@ -351,6 +351,14 @@ def compile_decoder(
         raise ValueError(f"compile_decoder: inner must be one of {INNER_COMPILERS}, got {inner!r}")
     if max_cache_len < 1:
         raise ValueError(f"compile_decoder: max_cache_len must be >= 1, got {max_cache_len}")
+    from bitcompile.runtime.layers import PackedTernaryLinear
+
+    base3 = [name for name, m in model.named_modules() if isinstance(m, PackedTernaryLinear) and m.layout != "2bit"]
+    if base3:
+        raise ValueError(
+            f"compile_decoder: {len(base3)} layers (first: {base3[0]}) are in the 1.6-bit layout; the compiled "
+            "decode has 2-bit C++ operators only: pack with layout='2bit' (or layer.to_layout('2bit'))"
+        )
     decoder = CompiledDecoder(
         model, inner=inner, cpp_wrapper=cpp_wrapper, decode_threads=decode_threads, max_cache_len=max_cache_len,
         dynamic=dynamic, skip_guards=skip_guards,

@@ -8,16 +8,20 @@ GEMV); compiled graphs and export see the ``bitcpm::`` ops (:mod:`bitcompile.ops
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
-from bitcompile.config import TernaryConfig
+from bitcompile.config import BitcompileWarning, TernaryConfig
 from bitcompile.targets import get_kernel, resolve_target
 from bitcompile.kernels import packing, packing_base3
 from bitcompile.kernels.groups import ScaleGroups, num_groups
 from bitcompile.kernels.packing import pack_codes, packed_shape, unpack_codes
 from bitcompile.ops import float_gemv, prepared_cpu_call  # (importing it registers torch.ops.bitcpm.*)
 from bitcompile.runtime.conversion import FixedFormatModule
+
+_warned_compiled_base3 = False
 
 __all__ = ["LAYOUTS", "FloatGemvLinear", "PackedTernaryLinear", "PackedWeightInfo", "check_layout"]
 
@@ -242,6 +246,16 @@ class PackedTernaryLinear(FixedFormatModule):
         if self.layout == "2bit":
             return self.packed
         if torch.compiler.is_compiling():
+            global _warned_compiled_base3
+            if not _warned_compiled_base3:
+                _warned_compiled_base3 = True
+                warnings.warn(
+                    "a 1.6-bit PackedTernaryLinear in a compiled graph is repacked to 2 bits on every call "
+                    "(compiled graphs have 2-bit kernels only): same results, slower; for compiled serving "
+                    "pack(layout='2bit') or layer.to_layout('2bit')",
+                    BitcompileWarning,
+                    stacklevel=2,
+                )
             # NOTE: data-dependent checks inside; the compiled graph takes the 2-bit bytes as an
             # input (disable() is applied here, not at import: it loads Dynamo)
             return torch.compiler.disable(_repack_2bit)(self.packed, self.in_features)

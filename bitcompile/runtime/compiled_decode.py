@@ -123,19 +123,6 @@ def _native_backend(
     return backend
 
 
-def _describe(value: Any) -> Any:
-    """What Dynamo specializes a decode graph on, for one argument: a tensor's shape, dtype and
-    device, a cache's tensors (their identity: a re-created cache tensor is a new graph input)."""
-    if isinstance(value, Tensor):
-        return (tuple(value.shape), value.stride(), value.dtype, value.device, value.requires_grad)
-    layers = getattr(value, "layers", None)
-    if layers is not None:  # a transformers Cache
-        return (type(value), id(value), tuple((id(getattr(l, "keys", None)), id(getattr(l, "values", None))) for l in layers))
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return (type(value), id(value))
-
-
 def _allocate(cache: Any, model: nn.Module, batch_size: int) -> None:
     """Allocate a StaticCache's tensors now (``early_initialization``) where the config says their
     shapes. Why: a cache allocated lazily inside the first prefill is a different graph input
@@ -148,10 +135,6 @@ def _allocate(cache: Any, model: nn.Module, batch_size: int) -> None:
     parameter = next(model.parameters(), None)
     dtype = getattr(model, "dtype", None) or (parameter.dtype if parameter is not None else torch.float32)
     cache.early_initialization(batch_size, heads, head_dim, dtype, torch.device("cpu"))
-
-
-def _signature(args: tuple, kwargs: dict) -> tuple:
-    return tuple(_describe(a) for a in args) + tuple((k, _describe(v)) for k, v in sorted(kwargs.items()))
 
 
 class CompiledDecoder:
@@ -173,16 +156,13 @@ class CompiledDecoder:
         decode_threads: int | None,
         max_cache_len: int,
         dynamic: bool | None,
-        skip_guards: bool,
     ):
         self.model, self.max_cache_len, self.cpp_wrapper = model, max_cache_len, cpp_wrapper
-        self.skip_guards = skip_guards
         self.graphs: list[dict[str, int]] = []
         self.native = native.load()
         self._previous_attention, self.attention = (
             decode_attention.install(model) if self.native else (None, "kept the model's attention (no C++ operators)")
         )
-        self._signatures: set[tuple] = set()
         self._eager_forward = model.forward
         backend = _native_backend(inner, cpp_wrapper, decode_threads, self.graphs) if self.native else inner
         eager = self._eager_forward
@@ -204,27 +184,7 @@ class CompiledDecoder:
         """The installed forward: the decode graph for one token per sequence, else prefill."""
         ids = kwargs.get("input_ids", args[0] if args else None)
         one_token = isinstance(ids, Tensor) and ids.dim() == 2 and ids.shape[-1] == 1
-        if not one_token:
-            return self._prefill(*args, **kwargs)
-        if not self.skip_guards:
-            return self._decode(*args, **kwargs)
-        signature = _signature(args, kwargs)
-        if signature not in self._signatures:  # first call of this signature: Dynamo's guards decide
-            out = self._decode(*args, **kwargs)
-            self._signatures.add(signature)
-            return out
-        # NOTE: Dynamo's guards check every parameter and cache tensor on each call (~1 ms a token
-        # on SmolLM2-135M, 30 layers). A call whose signature (argument kinds, shapes, strides, dtypes,
-        # the cache's tensors) ran before reuses what that call ran without evaluating them.
-        try:
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                return self._decode(*args, **kwargs)
-        except RuntimeError as e:  # Dynamo found this call needs a new graph before running anything
-            if "skip_guard_eval_unsafe" not in str(e):
-                raise
-            log.info("decode: a call thought seen needs a new graph; guards run again for it (%s)", e)
-            self._signatures.discard(signature)
-            return self._decode(*args, **kwargs)
+        return (self._decode if one_token else self._prefill)(*args, **kwargs)
 
     def install(self) -> None:
         """``model.forward`` becomes the compiled forward and ``generate()`` uses a static cache."""
@@ -304,7 +264,6 @@ def compile_decoder(
     cpp_wrapper: bool = True,
     decode_threads: int | None = 1,
     dynamic: bool | None = None,
-    skip_guards: bool = True,
 ) -> CompiledDecoder:
     """Compile a packed Hugging Face causal LM's forward for serving and install it on the model.
 
@@ -334,11 +293,6 @@ def compile_decoder(
             1 by default, their work is too small to share; None keeps torch's thread count.
             The ternary layers and the head use torch's thread count either way.
         dynamic: passed to ``torch.compile``.
-        skip_guards: a decode call whose signature (argument shapes and dtypes, the cache's
-            tensors) ran before skips Dynamo's guard evaluation (``skip_guard_eval_unsafe``):
-            ~1 ms less per token on SmolLM2-135M. Pass False if you change the model's modules or
-            parameters' shapes after this call.
-
     Returns:
         The :class:`CompiledDecoder` (its ``model`` is ``model``).
     """
@@ -361,7 +315,7 @@ def compile_decoder(
         )
     decoder = CompiledDecoder(
         model, inner=inner, cpp_wrapper=cpp_wrapper, decode_threads=decode_threads, max_cache_len=max_cache_len,
-        dynamic=dynamic, skip_guards=skip_guards,
+        dynamic=dynamic,
     )
     if not decoder.native and not _warned_python_ops:
         _warned_python_ops = True

@@ -7,7 +7,9 @@ Dynamo traces the model once per shape (prefill length, and one token for decode
 ``bitcpm::`` serving ops in that graph are swapped for their C++ twins
 ``torch.ops.bitcpm_native.*`` (:mod:`bitcompile.kernels.native`), and inductor compiles the
 rest (norms, rotary, attention over the static cache, sampling-free glue) into C++ kernels.
-With ``cpp_wrapper=True`` the per-token host code is C++ as well.
+With ``cpp_wrapper=True`` (the default) the per-token host code is C++ as well. A model on SDPA
+has its one-token attention switched to a C++ operator too
+(:mod:`bitcompile.runtime.decode_attention`; :meth:`CompiledDecoder.uninstall` switches it back).
 
 Both entry points run the compiled forward: ``model.generate(...)`` (transformers' loop, with
 ``cache_implementation="static"`` set on the model's generation config) and
@@ -204,8 +206,8 @@ class CompiledDecoder:
             self._previous_attention = None
 
     def static_cache(self, batch_size: int = 1) -> Any:
-        """The ``StaticCache`` :meth:`greedy` reuses for ``batch_size`` sequences (same tensors every
-        call: no recompilation; a cache takes its batch size from its first use)."""
+        """The ``StaticCache`` :meth:`greedy` reuses for ``batch_size`` sequences, its tensors
+        allocated once (the same graph inputs every call: no recompilation)."""
         if batch_size not in self._caches:
             from transformers import StaticCache
 
@@ -287,12 +289,14 @@ def compile_decoder(
         inner: ``"inductor"`` (serving), or ``"aot_eager"`` (the same graph and C++ operators
             without inductor's code generation: quick to compile, for tests).
         cpp_wrapper: inductor's C++ wrapper: the graph's host code is C++ too (SmolLM2-135M at 1
-            thread: 67 -> ~110 tok/s decode); compiling takes longer (~3-5 min per graph on 2 cores
-            instead of ~1; inductor caches it on disk for the next process). False: the Python wrapper.
+            thread: 67 -> ~110 tok/s decode on its own). Compiling takes longer: ~5-9 min for
+            SmolLM2's prefill and decode graphs on 2 cores the first time instead of ~2, then
+            ~20-30 s from inductor's on-disk cache. False: the Python wrapper.
         decode_threads: OpenMP threads of inductor's own kernels in decode graphs (one token):
             1 by default, their work is too small to share; None keeps torch's thread count.
             The ternary layers and the head use torch's thread count either way.
         dynamic: passed to ``torch.compile``.
+
     Returns:
         The :class:`CompiledDecoder` (its ``model`` is ``model``).
     """

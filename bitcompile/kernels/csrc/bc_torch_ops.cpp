@@ -206,33 +206,23 @@ __attribute__((target_clones("avx512f", "avx2", "default"), optimize("O3"))) voi
     int64_t v_step, const bool *__restrict__ keep, const float *__restrict__ bias, int64_t mask_step, int64_t S,
     int64_t D, float scale, float *__restrict__ scores, float *__restrict__ out) {
     constexpr int L = 16;
-    // Positions in blocks of 4 so that four dot products (and their lane trees) are in flight at once.
-    constexpr int P = 4;
     float best = -INFINITY;
-    for (int64_t s0 = 0; s0 < S; s0 += P) {
-        const int64_t n = S - s0 < P ? S - s0 : P;
-        float lanes[P][L] = {};
-        bool live[P] = {};
-        for (int64_t i = 0; i < n; ++i) live[i] = !keep || keep[(s0 + i) * mask_step];
-        if (!(live[0] | live[1] | live[2] | live[3])) {  // a static cache's unwritten slots: not read at all
-            for (int64_t i = 0; i < n; ++i) scores[s0 + i] = -INFINITY;
+    for (int64_t s = 0; s < S; ++s) {
+        if (keep && !keep[s * mask_step]) {  // a static cache's unwritten slots: not read at all
+            scores[s] = -INFINITY;
             continue;
         }
-        for (int64_t i = 0; i < n; ++i) {
-            const float *ks = k + (s0 + i) * k_step;
-            int64_t d = 0;
-            for (; d + L <= D; d += L)
-                for (int l = 0; l < L; ++l) lanes[i][l] += q[d + l] * ks[d + l];
-            for (; d < D; ++d) lanes[i][d % L] += q[d] * ks[d];
-        }
-        for (int w = L / 2; w > 0; w /= 2)  // trees: an in-order sum of 16 lanes is a 16-add dependency chain
-            for (int i = 0; i < P; ++i)
-                for (int l = 0; l < w; ++l) lanes[i][l] += lanes[i][l + w];
-        for (int64_t i = 0; i < n; ++i) {
-            const float score = live[i] ? lanes[i][0] * scale + (bias ? bias[(s0 + i) * mask_step] : 0.f) : -INFINITY;
-            scores[s0 + i] = score;
-            best = score > best ? score : best;
-        }
+        const float *ks = k + s * k_step;
+        float lanes[L] = {0.f};
+        int64_t d = 0;
+        for (; d + L <= D; d += L)
+            for (int l = 0; l < L; ++l) lanes[l] += q[d + l] * ks[d + l];
+        for (; d < D; ++d) lanes[d % L] += q[d] * ks[d];
+        for (int w = L / 2; w > 0; w /= 2)  // a tree: an in-order sum of 16 lanes is a 16-add dependency chain
+            for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+        const float score = lanes[0] * scale + (bias ? bias[s * mask_step] : 0.f);
+        scores[s] = score;
+        best = score > best ? score : best;
     }
     for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
     if (best == -INFINITY) return;  // every position masked: zeros, as torch's CPU SDPA gives
@@ -246,6 +236,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"), optimize("O3"))) voi
         for (int l = 0; l < w; ++l) sums[l] += sums[l + w];
     const float inv = 1.f / sums[0];
     // four positions per pass over out: one load and store of out per four rows of V, not per row
+    constexpr int P = 4;
     for (s = 0; s + P <= S; s += P) {
         const float p0 = scores[s] * inv, p1 = scores[s + 1] * inv, p2 = scores[s + 2] * inv, p3 = scores[s + 3] * inv;
         if (p0 == 0.f && p1 == 0.f && p2 == 0.f && p3 == 0.f) continue;  // masked (unwritten static-cache slots)

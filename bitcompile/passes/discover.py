@@ -25,7 +25,7 @@ from torch import nn
 from bitcompile.config import TernaryConfig
 from bitcompile.kernels.groups import ScaleGroups, num_groups
 from bitcompile.kernels.packing import packed_shape
-from bitcompile.passes.names import calling_module, placeholder_path
+from bitcompile.passes.names import attribute_value, calling_module, placeholder_path
 from bitcompile.policy import layer_skip_reason
 
 Layout = Literal["out_in", "in_out", "left"]
@@ -143,10 +143,7 @@ def _stored_tensor(node: Any, example_by_placeholder: dict[torch.fx.Node, Any]) 
             return None
         return tensor
     if node.op == "get_attr":
-        obj: Any = node.graph.owning_module
-        for part in str(node.target).split("."):
-            obj = getattr(obj, part, None)
-        return obj
+        return attribute_value(node)
     return None
 
 

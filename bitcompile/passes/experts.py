@@ -40,7 +40,7 @@ from bitcompile.config import TernaryConfig
 from bitcompile.kernels.groups import num_groups
 from bitcompile.kernels.packing import packed_shape
 from bitcompile.passes.discover import LayerDecision
-from bitcompile.passes.names import placeholder_path
+from bitcompile.passes.names import attribute_value, placeholder_path
 from bitcompile.passes.ternary_rewrite import call_like
 from bitcompile.policy import layer_skip_reason
 
@@ -119,10 +119,7 @@ def _stored(node: Any, stored: Mapping[torch.fx.Node, Any]) -> Any:
     if node.op == "placeholder":
         return stored.get(node)
     if node.op == "get_attr":
-        obj: Any = node.graph.owning_module
-        for part in str(node.target).split("."):
-            obj = getattr(obj, part, None)
-        return obj
+        return attribute_value(node)
     return None
 
 

@@ -68,3 +68,11 @@ def calling_module(node: torch.fx.Node, *, within_model: bool = False) -> tuple[
             entries = local
     path, cls = entries[-1]
     return dotted_path(path), cls
+
+
+def attribute_value(node: torch.fx.Node) -> object:
+    """What a ``get_attr`` node names on its graph's owning module (None where a part is missing)."""
+    obj: object = node.graph.owning_module
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+    return obj

@@ -1,7 +1,7 @@
 """The real SmolLM2-135M served by bitcompile (compile_decoder) and by llama.cpp, side by side.
 
     python benchmarks/bench_vs_llamacpp.py [--llama-bench PATH] [--threads 1 2] [--prompt 128]
-        [--decode 128] [--repetitions 3] [--no-cpp-wrapper] [--out benchmarks/results/vs_llamacpp.json]
+        [--decode 128] [--repetitions 3] [--no-cpp-wrapper] [--decode-step aoti|dynamo] [--out benchmarks/results/vs_llamacpp.json]
 
 llama.cpp: ``llama-bench`` from ``--llama-bench``, ``$LLAMA_BENCH``, or the default location
 of ``benchmarks/build_llamacpp.sh`` (run that script to build it: ~6-15 min on 2 cores). Where
@@ -237,20 +237,28 @@ def child(args) -> dict:
             step(token, prompt_len + i, cache)
         return decode_len / (time.perf_counter() - t)
 
+    def dynamo_step(tok, position, c):
+        """The torch.compile decode graph, bypassing the AOTInductor step (same cache)."""
+        return model(tok, cache=c, cache_position=torch.tensor([position]), use_cache=True, logits_to_keep=1).logits
+
     t0 = time.perf_counter()
-    decoder = compile_decoder(model, max_cache_len=prompt_len + decode_len + 8, cpp_wrapper=args.cpp_wrapper)
-    cache = decoder.static_cache()  # allocated now: the prefill graph is compiled once
+    decoder = compile_decoder(
+        model, max_cache_len=prompt_len + decode_len + 8, cpp_wrapper=args.cpp_wrapper, decode_step=args.decode_step
+    )
+    cache = decoder.static_cache()  # allocated now (and the AOTInductor step compiled): one prefill graph
     with torch.no_grad():
         decoder.prefill(prompt, cache)  # compiles the prefill graph
-        decoder.decode_step(token, prompt_len, cache)  # and the decode graph
+        decoder.decode_step(token, prompt_len, cache)  # and the decode step
+        dynamo_step(token, prompt_len, cache)  # the Dynamo decode graph, timed beside the AOTInductor step
         # generate() calls the forward with its own arguments and its own static cache (sized
         # prompt + DECODE): its graphs compile here, with the lengths timed below
         model.generate(prompt, max_new_tokens=decode_len, min_new_tokens=decode_len, do_sample=False)
+        decoder.generate(prompt, max_new_tokens=decode_len, min_new_tokens=decode_len, do_sample=False)
     compile_s = time.perf_counter() - t0
     if args.wait_for_go:  # the parent compiles all thread counts at once, then times one process at a time
         print("READY", flush=True)
         sys.stdin.readline()
-    prefill, decode = [], []
+    prefill, decode, decode_dynamo = [], [], []
     with torch.no_grad():
         for _ in range(reps):
             cache.reset()
@@ -258,6 +266,9 @@ def child(args) -> dict:
             decoder.prefill(prompt, cache)
             prefill.append(prompt_len / (time.perf_counter() - t))
             decode.append(timed_decode(decoder.decode_step, cache))
+            cache.reset()
+            decoder.prefill(prompt, cache)
+            decode_dynamo.append(timed_decode(dynamo_step, cache))
         # transformers' generate() (compiled forward, its own static cache) against the plain
         # greedy loop: both prefill the prompt and make DECODE tokens
         t = time.perf_counter()
@@ -266,6 +277,10 @@ def child(args) -> dict:
         t = time.perf_counter()
         generated = model.generate(prompt, max_new_tokens=decode_len, min_new_tokens=decode_len, do_sample=False)
         generate_s = time.perf_counter() - t
+        # the same generate() on the decoder's cache: its one-token steps run the decode step
+        t = time.perf_counter()
+        routed = decoder.generate(prompt, max_new_tokens=decode_len, min_new_tokens=decode_len, do_sample=False)
+        decoder_generate_s = time.perf_counter() - t
         cache.reset()
         decoder.prefill(prompt, cache)
         profile = decode_profile(decoder, cache, prompt_len)
@@ -286,10 +301,15 @@ def child(args) -> dict:
         "decode_tok_s": decode_best,
         "prefill_all": prefill,
         "decode_all": decode,
+        "decode_path": decoder.decode_path,
+        "decode_dynamo_tok_s": max(decode_dynamo),
+        "decode_dynamo_all": decode_dynamo,
         "eager_packed_decode_tok_s": eager_decode,
         "greedy_loop_s": greedy_s,
         "generate_s": generate_s,
         "generate_same_tokens": bool(torch.equal(greedy_ids, generated)),
+        "decoder_generate_s": decoder_generate_s,
+        "decoder_generate_same_tokens": bool(torch.equal(greedy_ids, routed)),
         "attention": decoder.attention,
         "graphs": decoder.graphs,
         "load_s": round(load_s, 1),
@@ -339,6 +359,8 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--no-cpp-wrapper", dest="cpp_wrapper", action="store_false",
                         help="inductor's Python wrapper (shorter compile, slower decode)")
+    parser.add_argument("--decode-step", choices=("aoti", "dynamo"), default="aoti",
+                        help="what runs a decode step: the AOTInductor library (default) or the torch.compile graph")
     parser.add_argument("--skip-llamacpp", action="store_true")
     parser.add_argument("--skip-bitcompile", action="store_true", help="only the llama.cpp side")
     parser.add_argument("--out", default="benchmarks/results/vs_llamacpp.json")
@@ -359,9 +381,8 @@ def main() -> None:
     for t in [] if args.skip_bitcompile else args.threads:
         cmd = [sys.executable, __file__, "--child", str(t), "--wait-for-go", "--prompt", str(args.prompt),
                "--decode", str(args.decode), "--repetitions", str(args.repetitions)]  # fmt: skip
-        children[t] = subprocess.Popen(
-            cmd + ([] if args.cpp_wrapper else ["--no-cpp-wrapper"]), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
+        cmd += ([] if args.cpp_wrapper else ["--no-cpp-wrapper"]) + ["--decode-step", args.decode_step]
+        children[t] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     ready = {t: _wait_for(proc, "READY") for t, proc in children.items()}
     print("compiled:", ready, flush=True)
     notes.append(f"load average after compiling: {os.getloadavg()}")
@@ -422,12 +443,21 @@ def main() -> None:
                 f"({r['bytes_per_decode_token']['total'] / 1e6:.1f} MB/token at {r['read_bandwidth_GBs']:.1f} GB/s), "
                 f"reached {100 * r['fraction_of_memory_bound']:.0f}%; decode step profile (us): {r['decode_step_profile_us']}"
             )
+            print(
+                f"{t} thr: decode step as {r.get('decode_path')}: {r['decode_tok_s']:.1f} tok/s; the torch.compile "
+                f"(Dynamo) decode graph in the same process: {r.get('decode_dynamo_tok_s', float('nan')):.1f} tok/s"
+            )
             if "generate_s" in r:
                 n = args.prompt + args.decode
                 print(
                     f"{t} thr: prompt {args.prompt} + {args.decode} new tokens end to end: greedy loop {r['greedy_loop_s']:.2f} s, "
                     f"transformers generate() {r['generate_s']:.2f} s ({r['greedy_loop_s'] / r['generate_s']:.2f}x the loop's speed; "
                     f"same tokens: {r['generate_same_tokens']}; {n} positions)"
+                )
+            if "decoder_generate_s" in r:
+                print(
+                    f"{t} thr: CompiledDecoder.generate() (transformers' loop, one-token steps in the decode step) "
+                    f"{r['decoder_generate_s']:.2f} s; same tokens: {r['decoder_generate_same_tokens']}"
                 )
     for note in notes:
         print(note)
@@ -437,6 +467,7 @@ def main() -> None:
         "decode": args.decode,
         "threads": args.threads,
         "cpp_wrapper": args.cpp_wrapper,
+        "decode_step": args.decode_step,
         "rows": {name: {str(t): r for t, r in per.items()} for name, per in rows.items()},
         "ratios": ratios,
         "notes": notes,

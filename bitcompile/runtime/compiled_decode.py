@@ -92,6 +92,7 @@ def swap_native_ops(gm: torch.fx.GraphModule, isa: int) -> dict[str, int]:
 
 
 INNER_COMPILERS = ("inductor", "aot_eager")
+DECODE_STEPS = ("aoti", "dynamo")
 
 
 def is_decode_graph(example_inputs: list) -> bool:
@@ -125,6 +126,19 @@ def _native_backend(
     return backend
 
 
+# the arguments transformers' generate() passes a one-token step that the AOTInductor step
+# computes the same way (a 2-D attention_mask of ones becomes the static causal mask it builds)
+_ROUTABLE = frozenset(
+    {"input_ids", "cache", "attention_mask", "use_cache", "return_dict", "logits_to_keep", "cache_position"}
+)
+
+
+def _plain_position(kwargs: dict, position: int) -> bool:
+    """Whether a step's ``cache_position`` (if given) is the cache's next slot."""
+    given = kwargs.get("cache_position")
+    return given is None or (given.numel() == 1 and int(given) == position)
+
+
 def _allocate(cache: Any, model: nn.Module, batch_size: int) -> None:
     """Allocate a StaticCache's tensors now (``early_initialization``) where the config says their
     shapes. Why: a cache allocated lazily inside the first prefill is a different graph input
@@ -147,6 +161,8 @@ class CompiledDecoder:
         native: whether the layers run as C++ operators (False: the Python ops, warned once).
         graphs: per compiled graph, how many serving ops became C++ operators
             (``kept:<op>`` counts those that kept the Python op).
+        decode_path: ``"aoti"`` or ``"dynamo"``: what runs :meth:`decode_step` on this decoder's
+            static caches; ``decode_path_reason`` says why (e.g. what export could not trace).
     """
 
     def __init__(
@@ -158,8 +174,10 @@ class CompiledDecoder:
         decode_threads: int | None,
         max_cache_len: int,
         dynamic: bool | None,
+        decode_step: str = "dynamo",
     ):
         self.model, self.max_cache_len, self.cpp_wrapper = model, max_cache_len, cpp_wrapper
+        self._decode_threads = decode_threads
         self.graphs: list[dict[str, int]] = []
         self.native = native.load()
         self._previous_attention, self.attention = (
@@ -181,11 +199,30 @@ class CompiledDecoder:
         self._decode = torch.compile(decode_forward, backend=backend, fullgraph=True, dynamic=False)
         self._prefill = torch.compile(prefill_forward, backend=backend, fullgraph=True, dynamic=dynamic)
         self._caches: dict[int, Any] = {}
+        self._aoti_steps: dict[int, Any] = {}
+        self._routed: tuple[Any, Any] | None = None  # (cache, step) while generate() runs
+        if decode_step == "aoti" and not self.native:
+            decode_step, why = "dynamo", "the C++ operators are unavailable, so the decode step stays a Dynamo graph"
+        elif decode_step == "aoti":
+            why = "greedy() and decode_step() on this decoder's static caches run an AOTInductor library"
+        else:
+            why = "decode steps run the Dynamo graph"
+        self.decode_path, self.decode_path_reason = decode_step, why
 
     def _compiled(self, *args: Any, **kwargs: Any) -> Any:
-        """The installed forward: the decode graph for one token per sequence, else prefill."""
+        """The installed forward: the decode graph for one token per sequence, else prefill;
+        inside :meth:`generate`, a plain one-token step on its cache goes to the AOTInductor step."""
         ids = kwargs.get("input_ids", args[0] if args else None)
         one_token = isinstance(ids, Tensor) and ids.dim() == 2 and ids.shape[-1] == 1
+        routed = self._routed
+        if routed is not None and one_token and not args and kwargs.get("cache") is routed[0]:
+            cache, step = routed
+            position = int(cache.layers[0].cumulative_length)
+            plain = set(kwargs) <= _ROUTABLE and kwargs.get("return_dict", True) is not False
+            if plain and _plain_position(kwargs, position):
+                from transformers.modeling_outputs import CausalLMOutputWithPast
+
+                return CausalLMOutputWithPast(logits=step(ids, position), cache=cache)
         return (self._decode if one_token else self._prefill)(*args, **kwargs)
 
     def install(self) -> None:
@@ -214,7 +251,27 @@ class CompiledDecoder:
             cache = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
             _allocate(cache, self.model, batch_size)
             self._caches[batch_size] = cache
+            if self.decode_path == "aoti":
+                self._export_step(cache, batch_size)
         return self._caches[batch_size]
+
+    def _export_step(self, cache: Any, batch_size: int) -> None:
+        """Compile the AOTInductor decode step over ``cache``; a model export cannot trace keeps
+        the Dynamo graph, said once (``decode_path_reason``) in a BitcompileWarning."""
+        from bitcompile.runtime.aoti_decode import export_decode_step
+
+        try:
+            self._aoti_steps[batch_size] = export_decode_step(
+                self.model, cache, batch_size, decode_threads=self._decode_threads
+            )
+        except Exception as e:  # export covers less than Dynamo: an untraceable model still decodes
+            self.decode_path = "dynamo"
+            self.decode_path_reason = f"torch.export could not trace the decode step ({type(e).__name__}: {e})"[:500]
+            warnings.warn(
+                f"compile_decoder: {self.decode_path_reason}; decode steps run the Dynamo graph (slower host code)",
+                BitcompileWarning,
+                stacklevel=3,
+            )
 
     @torch.no_grad()
     def greedy(self, input_ids: Tensor, max_new_tokens: int) -> Tensor:
@@ -246,13 +303,57 @@ class CompiledDecoder:
                 logits = self.decode_step(token, prompt + step, cache)
         return torch.cat(out, dim=1)
 
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, **kwargs: Any) -> Any:
+        """transformers' ``model.generate`` on this decoder's static cache (:meth:`static_cache`,
+        reset first), its one-token steps run by the AOTInductor step where ``decode_path`` is
+        ``"aoti"``. The prefill, and every step with padding (an ``attention_mask`` with zeros),
+        ``position_ids``, ``inputs_embeds`` or outputs beyond logits, run the ``torch.compile``
+        graphs. ``kwargs`` go to ``model.generate`` unchanged (greedy or sampling alike).
+
+        Returns:
+            What ``model.generate`` returns.
+        """
+        if "cache" in kwargs or "past_key_values" in kwargs:
+            raise ValueError("CompiledDecoder.generate: it passes its own static cache; call model.generate for another")
+        batch = input_ids.shape[0]
+        cache = self.static_cache(batch)
+        cache.reset()
+        step = self._aoti_steps.get(batch)
+        mask = kwargs.get("attention_mask")
+        if step is not None and (mask is None or bool(mask.all())):
+            step.refresh()
+            self._routed = (cache, step)
+        # transformers refuses a cache object beside a cache_implementation, and fills an unset
+        # one from the model's generation config (where install() put "static")
+        configs = [c for c in (kwargs.get("generation_config"), self.model.generation_config) if c is not None]
+        saved = [c.cache_implementation for c in configs]
+        for c in configs:
+            c.cache_implementation = None
+        try:
+            return self.model.generate(input_ids, cache=cache, **kwargs)
+        finally:
+            self._routed = None
+            for c, value in zip(configs, saved):
+                c.cache_implementation = value
+
     def prefill(self, input_ids: Tensor, cache: Any) -> Tensor:
-        """Run the prompt into ``cache``; the logits of its last token ``(batch, 1, vocab)``."""
+        """Run the prompt into ``cache``; the logits of its last token ``(batch, 1, vocab)``.
+        On this decoder's own cache it also rebinds the AOTInductor step to any buffer replaced
+        on the model since the last sequence (the step's weights are fixed per sequence)."""
+        step = self._aoti_steps.get(input_ids.shape[0])
+        if step is not None and cache is self._caches.get(input_ids.shape[0]):
+            step.refresh()
         positions = torch.arange(input_ids.shape[1])
         return self.model(input_ids, cache=cache, cache_position=positions, use_cache=True, logits_to_keep=1).logits
 
     def decode_step(self, token: Tensor, position: int, cache: Any) -> Tensor:
-        """One token ``(batch, 1)`` at ``position``; its logits ``(batch, 1, vocab)``."""
+        """One token ``(batch, 1)`` at ``position``; its logits ``(batch, 1, vocab)``. On this
+        decoder's own static cache (:meth:`static_cache`) with ``decode_path == "aoti"`` it is one
+        call into the AOTInductor library; otherwise the Dynamo graph."""
+        step = self._aoti_steps.get(token.shape[0])
+        if step is not None and cache is self._caches.get(token.shape[0]):
+            return step(token, position)
         return self.model(
             token, cache=cache, cache_position=torch.tensor([position]), use_cache=True, logits_to_keep=1
         ).logits
@@ -266,6 +367,7 @@ def compile_decoder(
     cpp_wrapper: bool = True,
     decode_threads: int | None = 1,
     dynamic: bool | None = None,
+    decode_step: str | None = None,
 ) -> CompiledDecoder:
     """Compile a packed Hugging Face causal LM's forward for serving and install it on the model.
 
@@ -296,6 +398,14 @@ def compile_decoder(
             1 by default, their work is too small to share; None keeps torch's thread count.
             The ternary layers and the head use torch's thread count either way.
         dynamic: passed to ``torch.compile``.
+        decode_step: what runs a decode step of :meth:`CompiledDecoder.greedy` and
+            :meth:`CompiledDecoder.decode_step`: ``"aoti"`` (the default with ``inner="inductor"``)
+            compiles it with AOTInductor (:mod:`bitcompile.runtime.aoti_decode`; ~30-40 s per batch
+            size, at the first :meth:`CompiledDecoder.static_cache` of that size), so a token is one
+            C++ call with no Dynamo guards or Python wrapper (SmolLM2-135M at 2 threads: ~185 ->
+            ~300 tok/s); ``"dynamo"`` keeps the ``torch.compile`` graph. ``model.generate`` and
+            ``model(...)`` always run the ``torch.compile`` graphs. ``decode_path`` and
+            ``decode_path_reason`` on the result say which one runs and why.
 
     Returns:
         The :class:`CompiledDecoder` (its ``model`` is ``model``).
@@ -307,6 +417,12 @@ def compile_decoder(
         raise ValueError("compile_decoder: the model is in training mode; call model.eval() first")
     if inner not in INNER_COMPILERS:
         raise ValueError(f"compile_decoder: inner must be one of {INNER_COMPILERS}, got {inner!r}")
+    if decode_step is None:
+        decode_step = "aoti" if inner == "inductor" else "dynamo"
+    if decode_step not in DECODE_STEPS:
+        raise ValueError(f"compile_decoder: decode_step must be one of {DECODE_STEPS}, got {decode_step!r}")
+    if decode_step == "aoti" and inner != "inductor":
+        raise ValueError("compile_decoder: decode_step='aoti' compiles with AOTInductor; it needs inner='inductor'")
     if max_cache_len < 1:
         raise ValueError(f"compile_decoder: max_cache_len must be >= 1, got {max_cache_len}")
     from bitcompile.runtime.layers import PackedTernaryLinear
@@ -319,7 +435,7 @@ def compile_decoder(
         )
     decoder = CompiledDecoder(
         model, inner=inner, cpp_wrapper=cpp_wrapper, decode_threads=decode_threads, max_cache_len=max_cache_len,
-        dynamic=dynamic,
+        dynamic=dynamic, decode_step=decode_step,
     )
     if not decoder.native and not _warned_python_ops:
         _warned_python_ops = True

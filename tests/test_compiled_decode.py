@@ -139,7 +139,10 @@ def test_compiled_decode_gives_the_eager_tokens_with_no_python_per_layer(ops, he
         frames = _bitcompile_frames(lambda: decoder.decode_step(eager[:, 8:9], 8, cache))
     assert logits.shape == (1, 1, 300)
     # only the loop's own entry and the compiled forward's dispatch: no layer, op or kernel code
-    entry = {"compiled_decode.py:decode_step", "compiled_decode.py:_compiled", "compiled_decode.py:decode_forward"}
+    entry = {
+        "compiled_decode.py:decode_step", "compiled_decode.py:forward", "compiled_decode.py:_compiled",
+        "compiled_decode.py:decode_forward",
+    }  # fmt: skip
     assert frames and set(frames) <= entry, frames
 
     with torch.no_grad():  # transformers' generate() runs the installed compiled forward
@@ -204,3 +207,14 @@ def test_compile_decoder_refuses_one_point_six_bit_layers_naming_one():
     with pytest.raises(ValueError, match=r"compile_decoder: 7 layers \(first: model\.layers\.0\.self_attn\.q_proj\) are in the 1\.6-bit layout"):
         compile_decoder(model, inner="aot_eager")
     assert "forward" not in model.__dict__ and model.config._attn_implementation == "sdpa"
+
+
+def test_the_installed_forward_keeps_the_signature_generate_reads():
+    import inspect
+
+    model = _tiny_llama("int8")
+    expected = inspect.signature(model.forward)
+    decoder = compile_decoder(model, max_cache_len=16, inner="aot_eager")
+    # generate() passes logits_to_keep (a one-row head in the prefill) only to a forward that takes it
+    assert inspect.signature(model.forward) == expected and "logits_to_keep" in expected.parameters
+    decoder.uninstall()

@@ -19,8 +19,10 @@ the constants, and :meth:`CompiledDecoder.greedy` calls it before every generati
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -149,5 +151,13 @@ def export_decode_step(
     configs: dict[str, Any] = {"aot_inductor.package_constants_in_so": False}
     if decode_threads is not None:
         configs["cpp.threads"] = decode_threads
-    torch._inductor.aoti_compile_and_package(exported, package_path=path, inductor_configs=configs)
-    return AOTIDecodeStep(step, path, batch_size, counts)
+    try:
+        torch._inductor.aoti_compile_and_package(exported, package_path=path, inductor_configs=configs)
+        compiled = AOTIDecodeStep(step, path, batch_size, counts)
+    except BaseException:
+        if package_dir is None:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+    if package_dir is None:  # ours: removed with the step (the loaded library stays mapped until then)
+        weakref.finalize(compiled, shutil.rmtree, directory, True)
+    return compiled

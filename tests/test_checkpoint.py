@@ -286,3 +286,59 @@ def test_a_group_longer_than_k_is_one_group_without_allocating_n_by_g(tmp_path):
         expected = torch.compile(copy.deepcopy(model), backend="bitcpm", options=options)(x)
         got = torch.compile(copy.deepcopy(model), backend="bitcpm", options={**options, "group_size": 10**9})(x)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+# --- float layers pack() served with the fp32 GEMV come back served the same way ---------------
+
+
+@pytest.mark.skipif(not bitcompile.kernels.cpu.available(), reason="the C kernels are not built")
+def test_float_layers_served_by_the_fp32_gemv_load_served_the_same_way(tmp_path):
+    from bitcompile.runtime.modules import FloatGemvLinear
+
+    packed = bitcompile.pack(_llama(tie=False))  # the head stays fp32: pack serves it with the GEMV
+    assert type(packed.lm_head) is FloatGemvLinear
+    bitcompile.save_packed(packed, tmp_path / "ckpt")
+    metadata, _ = _read(tmp_path / "ckpt" / "model.safetensors")
+    assert json.loads(metadata["float_gemv_layers"]) == ["lm_head"]
+    loaded = bitcompile.load_packed(tmp_path / "ckpt", _llama(tie=False, seed=1))
+    assert type(loaded.lm_head) is FloatGemvLinear
+    ids = torch.randint(0, 40, (1, 1))
+    with torch.no_grad():  # one token: the GEMV on both sides, so the same sums bit for bit
+        assert torch.equal(loaded(ids), packed(ids))
+
+
+def test_float_gemv_layers_in_the_metadata_are_checked_before_the_model_changes(tmp_path):
+    packed = bitcompile.pack(_llama(tie=False))
+    bitcompile.save_packed(packed, tmp_path / "ok")
+    metadata, tensors = _read(tmp_path / "ok" / "model.safetensors")
+    cases = {
+        '{"lm_head": 1}': r"'float_gemv_layers' must be an array of layer names",
+        "[not json": r"'float_gemv_layers' is not valid JSON",
+        '["lm_head", "lm_head"]': r"lists a layer twice",
+        '["lm_head..x"]': r"is not a dotted module path",
+        '["nowhere"]': r"float layer 'nowhere' \(fp32 GEMV when saved\) does not exist in the model",
+        '["norm"]': r"float layer 'norm' \(fp32 GEMV when saved\) is a RMSNorm in the model, expected nn.Linear",
+    }
+    layer = next(name for name, m in packed.named_modules() if isinstance(m, PackedTernaryLinear))
+    cases[json.dumps([layer])] = rf"float layer '{layer}' is listed as a packed or int8 layer too"
+    for value, message in cases.items():
+        _write(tmp_path / "bad" / "model.safetensors", {**metadata, "float_gemv_layers": value}, tensors)
+        model = _llama(tie=False, seed=1)
+        snapshot = _snapshot(model)
+        with pytest.raises(CheckpointError, match=message) as info:
+            bitcompile.load_packed(tmp_path / "bad", model)
+        assert "\n" not in str(info.value)
+        _assert_unchanged(model, snapshot)
+
+
+def test_a_float_gemv_layer_this_process_cannot_serve_is_said_once(tmp_path, monkeypatch):
+    from bitcompile.kernels import cpu as cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("the C kernels are not built")
+    packed = bitcompile.pack(_llama(tie=False))
+    bitcompile.save_packed(packed, tmp_path / "ckpt")
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    with pytest.warns(bitcompile.BitcompileWarning, match=r"1 float layers \(first: 'lm_head': bitcompile's C kernels are not built\)"):
+        loaded = bitcompile.load_packed(tmp_path / "ckpt", _llama(tie=False, seed=1))
+    assert type(loaded.lm_head) is nn.Linear

@@ -18,6 +18,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import Tensor, nn
 
+from bitcompile.config import BitcompileWarning
 from bitcompile.kernels import packing_base3
 from bitcompile.runtime.checkpoint_format import (  # FORMAT*, READABLE_VERSIONS: re-exported for BC
     FORMAT,
@@ -33,11 +35,12 @@ from bitcompile.runtime.checkpoint_format import (  # FORMAT*, READABLE_VERSIONS
     READABLE_VERSIONS,
     CheckpointError,
     model_metadata,
+    parse_float_gemv_layers,
     parse_metadata,
 )
 from bitcompile.runtime.experts import install_expert_skeletons
 from bitcompile.runtime.int8_head import Int8Embedding, Int8Linear
-from bitcompile.runtime.layers import PackedTernaryLinear
+from bitcompile.runtime.layers import FloatGemvLinear, PackedTernaryLinear, float_gemv_refusal
 from bitcompile.runtime.module_tree import linear_view, replace_submodule
 
 __all__ = [
@@ -318,6 +321,7 @@ def load_packed(directory: str | Path, model_or_factory: nn.Module | Callable[[]
         )
     metadata, tensors = _read(path)
     layers, int8_layers = parse_metadata(path.name, metadata)
+    gemv_names = parse_float_gemv_layers(path.name, metadata)
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -332,10 +336,48 @@ def load_packed(directory: str | Path, model_or_factory: nn.Module | Callable[[]
     try:
         replacements = _replacements(target, layers, int8_layers)
         _check_tensors(tensors, target, replacements, "checkpoint")
+        gemv_layers = _float_gemv_layers(target, gemv_names, [*layers, *int8_layers])
     except BaseException:
         restore_experts()
         raise
     for name, layer in replacements.items():
         replace_submodule(target, name, layer)
     target.load_state_dict(tensors, strict=False)
+    _serve_float_gemv_layers(gemv_layers)
     return model
+
+
+def _float_gemv_layers(model: nn.Module, names: list[str], replaced: list[str]) -> dict[str, nn.Module]:
+    """The model's modules the checkpoint lists as fp32-GEMV float layers (checked, not changed)."""
+    modules = dict(model.named_modules())
+    found = {}
+    for name in names:
+        if name in replaced:
+            raise CheckpointError(f"checkpoint float layer {name!r} is listed as a packed or int8 layer too")
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            what = "does not exist in the model" if module is None else f"is a {type(module).__name__} in the model"
+            raise CheckpointError(f"checkpoint float layer {name!r} (fp32 GEMV when saved) {what}, expected nn.Linear")
+        found[name] = module
+    return found
+
+
+def _serve_float_gemv_layers(layers: dict[str, nn.Module]) -> None:
+    """Serve the listed float layers as pack() did: FloatGemvLinear where this process can; the
+    others keep F.linear, said once (their outputs differ in the last bits: another summation order)."""
+    refused = {}
+    for name, module in layers.items():
+        why = float_gemv_refusal(module)
+        if why is None:
+            module.__class__ = FloatGemvLinear
+        else:
+            refused[name] = why
+    if refused:
+        name, why = next(iter(refused.items()))
+        warnings.warn(
+            f"load_packed: {len(refused)} float layers (first: {name!r}: {why}) were served by bitcompile's fp32 "
+            "GEMV when saved and run F.linear here; their outputs differ from the saved model's in the last bits "
+            "(another summation order)",
+            BitcompileWarning,
+            stacklevel=3,
+        )

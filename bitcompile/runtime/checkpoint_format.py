@@ -18,11 +18,11 @@ from torch import nn
 from bitcompile.kernels.groups import ScaleGroups
 from bitcompile.kernels.packing import LAYOUT_NAME, LAYOUT_VERSION
 from bitcompile.runtime.int8_head import Int8Embedding, Int8Linear
-from bitcompile.runtime.layers import LAYOUTS, PackedTernaryLinear
+from bitcompile.runtime.layers import LAYOUTS, FloatGemvLinear, PackedTernaryLinear
 
 __all__ = [
     "FLOAT_DTYPES", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "CheckpointError", "model_metadata",
-    "parse_metadata", "show",
+    "parse_float_gemv_layers", "parse_metadata", "show",
 ]  # fmt: skip
 
 FORMAT = "bitcompile-packed"
@@ -39,6 +39,9 @@ _PACKED_KEYS = ("in_features", "out_features", "bias", "group_size", "activation
 _LAYOUT_KEY = "layout"
 #: the per-layer "layout" value (name vN) of each pack(layout=) choice other than the header's
 _LAYER_LAYOUTS = {f"{name} v{version}": key for key, (name, version) in LAYOUTS.items() if key != "2bit"}
+#: optional, any format version: the fp32 nn.Linear layers pack() served with bitcompile's fp32
+#: GEMV (FloatGemvLinear), so that load_packed serves them the same way (not F.linear's sums)
+_FLOAT_GEMV_KEY = "float_gemv_layers"
 _INT8_KEYS = {
     "embedding": ("kind", "num_embeddings", "embedding_dim", "padding_idx", "original_dtype"),
     "linear": ("kind", "in_features", "out_features", "bias", "original_dtype", "tied_to"),
@@ -100,7 +103,7 @@ def model_metadata(model: nn.Module) -> dict[str, str]:
     int8_layers = _int8_metadata(model)
     # the lowest version that holds everything, so older bitcompile still reads what it can
     version = 3 if any(_LAYOUT_KEY in info for info in layers.values()) else 2 if int8_layers else 1
-    return {
+    metadata = {
         "format": FORMAT,
         "format_version": str(version),
         "layout": LAYOUT_NAME,
@@ -109,6 +112,30 @@ def model_metadata(model: nn.Module) -> dict[str, str]:
         "layers": json.dumps(layers),
         "int8_layers": json.dumps(int8_layers),
     }
+    gemv = sorted(name for name, m in model.named_modules() if isinstance(m, FloatGemvLinear))
+    if gemv:  # older readers ignore the key and serve these layers with F.linear
+        metadata[_FLOAT_GEMV_KEY] = json.dumps(gemv)
+    return metadata
+
+
+def parse_float_gemv_layers(where: str, metadata: Mapping[str, str]) -> list[str]:
+    """The float layers a checkpoint says ``pack`` served with the fp32 GEMV ([] when absent:
+    checkpoints written before the key existed)."""
+    text = metadata.get(_FLOAT_GEMV_KEY)
+    if text is None:
+        return []
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise CheckpointError(f"{where}: metadata {_FLOAT_GEMV_KEY!r} is not valid JSON ({error})") from None
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        raise CheckpointError(f"{where}: metadata {_FLOAT_GEMV_KEY!r} must be an array of layer names, got {show(value)}")
+    for name in value:
+        if not name or any(not part for part in name.split(".")):
+            raise CheckpointError(f"{where}: float layer name {show(name)} in {_FLOAT_GEMV_KEY!r} is not a dotted module path")
+    if len(set(value)) != len(value):
+        raise CheckpointError(f"{where}: metadata {_FLOAT_GEMV_KEY!r} lists a layer twice")
+    return value
 
 
 def _json_type(value: Any) -> str:

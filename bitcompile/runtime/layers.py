@@ -322,6 +322,23 @@ def _repack_2bit(packed: Tensor, in_features: int) -> Tensor:
     return pack_codes(packing_base3.unpack_codes(packed, in_features))
 
 
+def float_gemv_refusal(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be served as a :class:`FloatGemvLinear` (None: it can): a plain
+    fp32 CPU ``nn.Linear`` with rows contiguous in memory, and the C kernels built."""
+    from bitcompile.kernels import cpu as cpu_kernels
+
+    if type(module) not in (nn.Linear, FloatGemvLinear):
+        return f"it is a {type(module).__name__}, not a plain nn.Linear"
+    weight = module.weight
+    if weight.dtype != torch.float32 or not weight.is_cpu:
+        return f"its weight is {str(weight.dtype).removeprefix('torch.')} on {weight.device}, not fp32 on the CPU"
+    if weight.stride(-1) != 1:
+        return "its weight rows are not contiguous"
+    if not cpu_kernels.available():
+        return "bitcompile's C kernels are not built"
+    return None
+
+
 class FloatGemvLinear(nn.Linear):
     """An ``nn.Linear`` that :func:`pack` keeps in fp32 (the tied ``lm_head`` above all),
     served by bitcompile's multi-threaded fp32 GEMV when a no-grad CPU call has at most

@@ -30,7 +30,7 @@ from bitcompile.runtime.follow_compiler import follow_compiler
 from bitcompile.runtime.gguf_checkpoint import is_gguf_path, load_gguf_model
 from bitcompile.runtime.hf_folder import ModelLoadError, load_hf_folder
 from bitcompile.runtime.int8_head import Int8Embedding, Int8Linear
-from bitcompile.runtime.layers import FloatGemvLinear, PackedTernaryLinear, check_layout
+from bitcompile.runtime.layers import FloatGemvLinear, PackedTernaryLinear, check_layout, float_gemv_refusal
 from bitcompile.runtime.module_tree import linear_view, parameter_names, replace_submodule
 from bitcompile.runtime.prequantized import detect_ternary
 
@@ -369,12 +369,6 @@ def _serve_float_layers(model: nn.Module, plan: list[PackDecision], config: Tern
     modules = dict(model.named_modules())
     for decision in plan:
         module = modules.get(decision.name)  # None for a row of MoE expert weights (not a module)
-        if (
-            not decision.packed
-            and type(module) is nn.Linear
-            and module.weight.dtype == torch.float32
-            and module.weight.is_cpu
-            and module.weight.stride(-1) == 1
-        ):
+        if not decision.packed and type(module) is nn.Linear and float_gemv_refusal(module) is None:
             module.__class__ = FloatGemvLinear
             decision.reason += "; kept fp32, served by bitcompile's fp32 GEMV for decode"

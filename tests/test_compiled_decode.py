@@ -53,7 +53,9 @@ def _reference(x, codes, scales, group, bias):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [-1, 0, 64])
 @pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m,n,k", [(1, 48, 576), (5, 40, 200)])
+# m = 24 and 70 (48 and 140 tokens) take the op's int8-tile path (at::_int_mm) for per-row and
+# per-tensor scales; n = 1100 spans two decoded tiles
+@pytest.mark.parametrize("m,n,k", [(1, 48, 576), (5, 40, 200), (24, 1100, 576), (70, 40, 200)])
 def test_native_ternary_op_matches_the_python_op_bit_for_bit(ops, dtype, group, bias_dtype, m, n, k):
     torch.manual_seed(m * 7 + k)
     codes = torch.randint(-1, 2, (n, k), dtype=torch.int8)

@@ -14,8 +14,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -29,12 +31,14 @@ int bc_linear_i8(const bc_gemm_args *base, const void *x, int64_t ldx, int x_kin
 void bc_prep_i8(const bc_prep_args *a, int isa, int nthreads);
 void bc_dense_i8(const bc_dense_args *a, int isa, int nthreads);
 void bc_dense_f32(const bc_dense_args *a, int isa, int nthreads);
+void bc_ew(const bc_ew_args *a, int isa, int nthreads);
 }
 
 namespace {
 
 constexpr int64_t kDenseMaxM = 8;         // kernels/cpu/serving.py DENSE_MAX_M
 constexpr int64_t kInt8DenseMaxK = 65000;  // (x + 128) * w sums stay within int32
+constexpr int64_t kOneDnnMinTokens = 48;   // see onednn_min_tokens
 
 int64_t padded_k(int64_t k) { return (k + BC_PAD_K - 1) / BC_PAD_K * BC_PAD_K; }
 
@@ -56,6 +60,59 @@ std::vector<int64_t> out_shape(const at::Tensor &x, int64_t n) {
     auto shape = x.sizes().vec();
     shape.back() = n;
     return shape;
+}
+
+// NOTE: from this many tokens on (per-row / per-tensor scales) a layer decodes its 2-bit weights
+// into int8 tiles and runs ATen's int8 GEMM (at::_int_mm: oneDNN, with AMX where the CPU has
+// it) instead of the packed kernel: the decode (one pass writing K bytes per weight row) is
+// then amortized. SmolLM2-135M's 7 layers of a block (K = 576 / 1536), us, packed kernel vs
+// this path: 1 thread M = 32 913 / 865, M = 64 1795 / 970, M = 128 3585 / 1458; 2 threads
+// M = 32 553 / 607, M = 64 1027 / 893, M = 128 1939 / 1233. kernels/cpu/gemm.py does the same
+// from Python for M >= 1024 (where Python's per-tile overhead is amortized too).
+int64_t onednn_min_tokens() {
+    static const int64_t v = [] {
+        const char *e = std::getenv("BITCOMPILE_ONEDNN_MIN_TOKENS");  // for the benchmark's sweep
+        return e && *e ? std::max<int64_t>(1, std::atoll(e)) : int64_t{kOneDnnMinTokens};
+    }();
+    return v;
+}
+
+// Rows of weights decoded per tile: one int8 buffer reused, so a big layer never holds all of
+// its int8 weights at once (kernels/cpu/gemm.py DECODE_TILE_ROWS).
+constexpr int64_t kDecodeTileRows = 1024;
+
+// y (m, n) = the per-row / per-tensor W1.58A8 product through int8 tiles x at::_int_mm, scaled
+// in the packed kernel's order of roundings ((acc * sw[n]) * sx[m] (+ bias[n])): bit-identical.
+void ternary_linear_onednn(const at::Tensor &xc, const at::Tensor &packed, const at::Tensor &scales,
+                           const std::optional<at::Tensor> &bias, int64_t k, int64_t m, int64_t n, int isa,
+                           at::Tensor &y) {
+    at::Tensor xq = at::empty({m, k}, xc.options().dtype(at::kChar));
+    at::Tensor sx = at::empty({m}, xc.options().dtype(at::kFloat));
+    bc_prep_args p;
+    std::memset(&p, 0, sizeof p);
+    p.M = (int)m, p.K = (int)k, p.Kp = (int)k, p.x = xc.data_ptr(), p.ldx = k;
+    p.x_kind = xc.scalar_type() == at::kFloat ? 0 : 1;
+    p.xq = xq.data_ptr<int8_t>(), p.sx = sx.data_ptr<float>(), p.unit_chunks = 1;
+    bc_prep_i8(&p, isa, threads());
+    at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    const int64_t rows = std::min(n, kDecodeTileRows);
+    at::Tensor tile = at::empty({rows, k}, xq.options());
+    for (int64_t n0 = 0; n0 < n; n0 += rows) {
+        const int64_t n1 = std::min(n, n0 + rows);
+        bc_ew_args u;
+        std::memset(&u, 0, sizeof u);
+        u.op = BC_EW_UNPACK, u.M = (int)(n1 - n0), u.N = (int)k, u.x = packed.data_ptr<uint8_t>() + n0 * packed.size(1);
+        u.ldx = packed.size(1), u.out = tile.data_ptr(), u.ldo = k, u.scalar = 1.f;
+        bc_ew(&u, isa, threads());
+        at::Tensor acc = at::_int_mm(xq, tile.narrow(0, 0, n1 - n0).t());
+        bc_ew_args e;
+        std::memset(&e, 0, sizeof e);
+        e.op = BC_EW_SCALE, e.M = (int)m, e.N = (int)(n1 - n0), e.x = acc.data_ptr(), e.ldx = acc.stride(0);
+        e.x_kind = BC_EW_I32, e.col = scales.data_ptr<float>() + n0, e.row = sx.data_ptr<float>(), e.scalar = 1.f;
+        e.bias = bias32.defined() ? bias32.data_ptr<float>() + n0 : nullptr;
+        e.out = (char *)y.data_ptr() + n0 * y.element_size(), e.ldo = n, e.out_bf16 = y.scalar_type() == at::kBFloat16;
+        bc_ew(&e, isa, threads());
+    }
 }
 
 // y = x @ (codes * scales)^T (+ bias), W1.58A8: per-token int8 activations, one C call.
@@ -86,6 +143,11 @@ at::Tensor ternary_linear_packed(const at::Tensor &x, const at::Tensor &packed, 
     at::Tensor y = at::empty(out_shape(x, n), x.options());
     const int64_t m = x.numel() / in_features;
     if (m == 0 || n == 0) return y;
+    // NOTE: K = 1 is excluded: torch 2.13's CPU _int_mm returns garbage there (kernels/cpu/passes.py)
+    if (m >= onednn_min_tokens() && g == 1 && in_features > 1) {
+        ternary_linear_onednn(xc, packed, scales, bias, in_features, m, n, (int)isa, y);
+        return y;
+    }
     int unit_chunks = 1;
     const int run_isa = bc_plan_i8((int)isa, (int)group_size, (int)kp, &unit_chunks);
     bc_gemm_args a;

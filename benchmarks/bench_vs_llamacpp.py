@@ -13,8 +13,10 @@ becomes ternary, TQ2_0 needs rows that are multiples of 256), with ``-p PROMPT -
 bitcompile: the same checkpoint, ``pack(head="int8")`` (no training: the speed does not depend
 on the values), then ``compile_decoder``. Prefill = the prompt through the compiled forward into
 a static cache (tokens/s); decode = DECODE single-token steps after it (tokens/s), as
-llama-bench counts them. The eager packed model (one C call per layer from Python) runs in the
-same process as a baseline. Each thread count runs in its own process (inductor fixes its
+llama-bench counts them, through the AOTInductor decode step (``--decode-step dynamo``: the
+torch.compile graph instead); the torch.compile decode graph is timed beside it in any case. The eager packed model
+(one C call per layer from Python) runs in the same process as a baseline, and end to end the
+plain greedy loop, ``model.generate`` and ``CompiledDecoder.generate`` (same tokens checked). Each thread count runs in its own process (inductor fixes its
 OpenMP team size when it compiles).
 
 Memory-bound limit of decode: bytes a token must read (the packed weights + scales, the int8

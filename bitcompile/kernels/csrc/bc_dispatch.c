@@ -243,17 +243,23 @@ static void ew_range(const range_job *j, int lo, int hi) { j->kernel.ew(j->args,
 static void run_gemm(const bc_gemm_args *a, bc_gemm_fn fn, int nth) {
     /* a few items per thread balance a late or busy core; big M keeps items large because
      * each item streams the activations once */
-    int per_thread = a->M > 64 ? 3 : 8;
+    /* NOTE: one token (decode) is a memory-bound stream of the weights: one contiguous range per
+     * thread keeps each core's hardware prefetch on one long stream. SmolLM2-135M decode at 2
+     * threads (compiled, AOTInductor step): 8 ranges per thread 307-323 tok/s, 1 per thread
+     * 360-372; a single layer of 1536 x 576, 2 threads: 12.7 -> 11.1 us per call. */
+    int per_thread = a->M == 1 ? 1 : a->M > 64 ? 3 : 8;
     int chunk = (a->N + nth * per_thread - 1) / (nth * per_thread);
     range_job j = { gemm_range, a, { .gemm = fn }, a->N, nth > 1 ? (chunk + 3) / 4 * 4 : a->N, 0 };
     run_parallel(range_task, &j, nth);
 }
 
-/* NOTE: in a decode step the other threads have gone to sleep during the framework's
- * single-threaded work between layers, and waking them (futex + IPI in a VM) costs more than
- * a small layer: SmolLM-135M's decode layers (0.1-0.9M products) took 2.15 ms/token on 2
- * threads and 1.45 ms/token on 1. Below ~4M products one thread does the work. */
-#define BC_PARALLEL_MIN_WORK ((int64_t)1 << 22)
+/* NOTE: below this many products one thread does the work: waking the others costs more
+ * than the layer. It was 4M while every eager layer ran ~40 us of Python in between (SmolLM-135M
+ * decode layers, 0.1-0.9M products, took 2.15 ms/token on 2 threads and 1.45 ms on 1). With
+ * whole-range chunks for one token (run_gemm) and the compiled decode step, 256k is measured
+ * best: SmolLM2-135M at 2 threads, compiled 307-323 -> 360-372 tok/s (100k 357-362, 600k
+ * 363-368, 0 350-368), eager packed decode 82 -> 88 tok/s. */
+#define BC_PARALLEL_MIN_WORK ((int64_t)1 << 18)
 
 static int pick_threads(int nthreads, int64_t work, int N) {
     if (nthreads < 1) nthreads = 1;

@@ -8,7 +8,6 @@ One decoder is compiled per module (inductor + AOTInductor: ~30 s on 2 cores).
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from bitcompile.kernels import native
 from bitcompile.kernels.cpu import library
 from bitcompile.runtime import aoti_decode
 from bitcompile.runtime.compiled_decode import compile_decoder
+from tests.python_frames import bitcompile_frames
 
 pytestmark = pytest.mark.skipif(not library.available(), reason="the C kernels are not built")
 
@@ -56,21 +56,6 @@ def compiled():
     decoder.uninstall()
 
 
-def _bitcompile_frames(fn):
-    seen = []
-
-    def profile(frame, event, arg):
-        if event == "call" and "/bitcompile/" in frame.f_code.co_filename.replace("\\", "/"):
-            seen.append(f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_code.co_name}")
-
-    sys.setprofile(profile)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    return seen
-
-
 def test_the_aoti_step_gives_the_eager_tokens_and_logits(compiled):
     model, decoder, prompt, eager_ids, eager_logits = compiled
     assert decoder.decode_path == "aoti", decoder.decode_path_reason
@@ -91,12 +76,19 @@ def test_the_aoti_step_gives_the_eager_tokens_and_logits(compiled):
     torch.testing.assert_close(logits, eager_logits, rtol=1e-3, atol=2e-3)
 
 
-def test_the_aoti_step_writes_the_cache_the_prefill_graph_fills(compiled):
-    model, decoder, prompt, eager_ids, _ = compiled
+def _prefilled(decoder, prompt):
+    """The decoder's own cache, reset and filled with ``prompt`` by the prefill graph."""
     cache = decoder.static_cache()
     cache.reset()
     with torch.no_grad():
         decoder.prefill(prompt, cache)
+    return cache
+
+
+def test_the_aoti_step_writes_the_cache_the_prefill_graph_fills(compiled):
+    model, decoder, prompt, eager_ids, _ = compiled
+    cache = _prefilled(decoder, prompt)
+    with torch.no_grad():
         prompt_keys = cache.layers[1].keys[:, :, :PROMPT].clone()
         decoder.decode_step(eager_ids[:, PROMPT : PROMPT + 1], PROMPT, cache)
         reference = transformers.DynamicCache(config=model.config)
@@ -109,11 +101,9 @@ def test_the_aoti_step_writes_the_cache_the_prefill_graph_fills(compiled):
 
 def test_a_decode_step_runs_no_bitcompile_python_per_layer(compiled):
     _, decoder, prompt, eager_ids, _ = compiled
-    cache = decoder.static_cache()
-    cache.reset()
+    cache = _prefilled(decoder, prompt)
     with torch.no_grad():
-        decoder.prefill(prompt, cache)
-        frames = _bitcompile_frames(lambda: decoder.decode_step(eager_ids[:, PROMPT : PROMPT + 1], PROMPT, cache))
+        frames = bitcompile_frames(lambda: decoder.decode_step(eager_ids[:, PROMPT : PROMPT + 1], PROMPT, cache))
     assert frames and set(frames) <= {"compiled_decode.py:decode_step", "aoti_decode.py:__call__"}, frames
 
 

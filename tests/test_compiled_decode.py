@@ -9,7 +9,6 @@ without inductor's C++ compile time); the benchmark runs inductor.
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 import pytest
@@ -24,6 +23,7 @@ from bitcompile.kernels.packing import pack_codes
 from bitcompile.ops.dense import int8_linear
 from bitcompile.runtime import compiled_decode
 from bitcompile.runtime.compiled_decode import compile_decoder
+from tests.python_frames import bitcompile_frames
 
 pytestmark = pytest.mark.skipif(not library.available(), reason="the C kernels are not built")
 
@@ -105,22 +105,6 @@ def _tiny_llama(head):
     return bitcompile.pack(model, head=head) if head else bitcompile.pack(model)
 
 
-def _bitcompile_frames(fn):
-    """Names of the bitcompile Python functions that run while ``fn()`` runs."""
-    seen = []
-
-    def profile(frame, event, arg):
-        if event == "call" and "/bitcompile/" in frame.f_code.co_filename.replace("\\", "/"):
-            seen.append(f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_code.co_name}")
-
-    sys.setprofile(profile)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    return seen
-
-
 @pytest.mark.parametrize("head", ["int8", None])
 def test_compiled_decode_gives_the_eager_tokens_with_no_python_per_layer(ops, head):
     model = _tiny_llama(head)
@@ -138,7 +122,7 @@ def test_compiled_decode_gives_the_eager_tokens_with_no_python_per_layer(ops, he
     token = eager[:, 7:8]
     with torch.no_grad():
         logits = decoder.decode_step(token, 7, cache)  # warm: the decode graph exists already
-        frames = _bitcompile_frames(lambda: decoder.decode_step(eager[:, 8:9], 8, cache))
+        frames = bitcompile_frames(lambda: decoder.decode_step(eager[:, 8:9], 8, cache))
     assert logits.shape == (1, 1, 300)
     # only the loop's own entry and the compiled forward's dispatch: no layer, op or kernel code
     entry = {

@@ -366,7 +366,9 @@ class CompiledDecoder:
     def decode_step(self, token: Tensor, position: int, cache: Any) -> Tensor:
         """One token ``(batch, 1)`` at ``position``; its logits ``(batch, 1, vocab)``. On this
         decoder's own static cache (:meth:`static_cache`) with ``decode_path == "aoti"`` it is one
-        call into the AOTInductor library; otherwise the Dynamo graph."""
+        call into the AOTInductor library, whose weights are bound at each :meth:`prefill` (a
+        buffer replaced on the model mid-sequence is used from the next prefill on); otherwise
+        the Dynamo graph."""
         step = self._aoti_steps.get(token.shape[0])
         if step is not None and cache is self._caches.get(token.shape[0]):
             return step(token, position)

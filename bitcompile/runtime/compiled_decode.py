@@ -270,17 +270,18 @@ class CompiledDecoder:
         return self._caches[batch_size]
 
     def _export_step(self, cache: Any, batch_size: int) -> None:
-        """Compile the AOTInductor decode step over ``cache``; a model export cannot trace keeps
-        the Dynamo graph, said once (``decode_path_reason``) in a BitcompileWarning."""
+        """Compile the AOTInductor decode step over ``cache``; where that fails (a model export
+        cannot trace, no working C++ compiler) the Dynamo graph stays, said once
+        (``decode_path_reason``) in a BitcompileWarning."""
         from bitcompile.runtime.aoti_decode import export_decode_step
 
         try:
             self._aoti_steps[batch_size] = export_decode_step(
                 self.model, cache, batch_size, decode_threads=self._decode_threads
             )
-        except Exception as e:  # export covers less than Dynamo: an untraceable model still decodes
+        except Exception as e:  # export covers less than Dynamo: such a model still decodes
             self.decode_path = "dynamo"
-            self.decode_path_reason = f"torch.export could not trace the decode step ({type(e).__name__}: {e})"[:500]
+            self.decode_path_reason = f"the AOTInductor decode step could not be built ({type(e).__name__}: {e})"[:500]
             warnings.warn(
                 f"compile_decoder: {self.decode_path_reason}; decode steps run the Dynamo graph (slower host code)",
                 BitcompileWarning,

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 extern "C" {
@@ -77,6 +78,20 @@ int64_t onednn_min_tokens() {
     return v;
 }
 
+// Per-token absmax int8 activations of the m x k fp32/bf16 rows of contiguous xc, in an
+// (m, kp) buffer zero-padded past k, and their fp32 scales (one C pass, bc_prep_i8).
+std::pair<at::Tensor, at::Tensor> quantize_rows(const at::Tensor &xc, int64_t m, int64_t k, int64_t kp, int isa) {
+    at::Tensor xq = at::empty({m, kp}, xc.options().dtype(at::kChar));
+    at::Tensor sx = at::empty({m}, xc.options().dtype(at::kFloat));
+    bc_prep_args p;
+    std::memset(&p, 0, sizeof p);
+    p.M = (int)m, p.K = (int)k, p.Kp = (int)kp, p.x = xc.data_ptr(), p.ldx = k;
+    p.x_kind = xc.scalar_type() == at::kFloat ? 0 : 1;
+    p.xq = xq.data_ptr<int8_t>(), p.sx = sx.data_ptr<float>(), p.unit_chunks = 1;
+    bc_prep_i8(&p, isa, threads());
+    return {xq, sx};
+}
+
 // Rows of weights decoded per tile: one int8 buffer reused, so a big layer never holds all of
 // its int8 weights at once (kernels/cpu/gemm.py DECODE_TILE_ROWS).
 constexpr int64_t kDecodeTileRows = 1024;
@@ -86,14 +101,7 @@ constexpr int64_t kDecodeTileRows = 1024;
 void ternary_linear_onednn(const at::Tensor &xc, const at::Tensor &packed, const at::Tensor &scales,
                            const std::optional<at::Tensor> &bias, int64_t k, int64_t m, int64_t n, int isa,
                            at::Tensor &y) {
-    at::Tensor xq = at::empty({m, k}, xc.options().dtype(at::kChar));
-    at::Tensor sx = at::empty({m}, xc.options().dtype(at::kFloat));
-    bc_prep_args p;
-    std::memset(&p, 0, sizeof p);
-    p.M = (int)m, p.K = (int)k, p.Kp = (int)k, p.x = xc.data_ptr(), p.ldx = k;
-    p.x_kind = xc.scalar_type() == at::kFloat ? 0 : 1;
-    p.xq = xq.data_ptr<int8_t>(), p.sx = sx.data_ptr<float>(), p.unit_chunks = 1;
-    bc_prep_i8(&p, isa, threads());
+    auto [xq, sx] = quantize_rows(xc, m, k, k, isa);
     at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
     const int64_t rows = std::min(n, kDecodeTileRows);
     at::Tensor tile = at::empty({rows, k}, xq.options());
@@ -191,20 +199,13 @@ at::Tensor int8_dense_linear(const at::Tensor &x, const at::Tensor &codes, const
     if (m == 0 || n == 0) return y;
     const int64_t kp = padded_k(k);
     const int run_isa = bc_plan_dense_i8((int)isa);
-    at::Tensor xq = at::empty({m, kp}, x.options().dtype(at::kChar));
-    at::Tensor sx = at::empty({m}, x.options().dtype(at::kFloat));
-    bc_prep_args p;
-    std::memset(&p, 0, sizeof p);
-    p.M = (int)m, p.K = (int)k, p.Kp = (int)kp, p.x = xc.data_ptr(), p.ldx = k;
-    p.x_kind = x.scalar_type() == at::kFloat ? 0 : 1;
-    p.xq = xq.data_ptr<int8_t>(), p.sx = sx.data_ptr<float>(), p.unit_chunks = 1;
-    bc_prep_i8(&p, run_isa, threads());
+    auto [xq, sx] = quantize_rows(xc, m, k, kp, run_isa);
     bc_dense_args a;
     std::memset(&a, 0, sizeof a);
     a.M = (int)m, a.N = (int)n, a.K = (int)k, a.ldw = codes.stride(0);
     a.bias = bias ? bias->data_ptr<float>() : nullptr;
     a.out = y.data_ptr<float>(), a.ldo = n;
-    a.xq = p.xq, a.sx = p.sx, a.Kp = (int)kp, a.wq = codes.data_ptr<int8_t>(), a.sw = scales.data_ptr<float>();
+    a.xq = xq.data_ptr<int8_t>(), a.sx = sx.data_ptr<float>(), a.Kp = (int)kp, a.wq = codes.data_ptr<int8_t>(), a.sw = scales.data_ptr<float>();
     bc_dense_i8(&a, run_isa, threads());
     return y;
 }

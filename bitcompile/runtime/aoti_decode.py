@@ -43,10 +43,17 @@ class _DecodeStep(nn.Module):
         super().__init__()
         self.model = model
         self.cache = cache
-        for i, layer in enumerate(cache.layers):
-            self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
-            self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
-            self.register_buffer(f"cumulative_length_{i}", layer.cumulative_length, persistent=False)
+        for name, tensor in self.cache_tensors().items():
+            self.register_buffer(name, tensor, persistent=False)
+
+    def cache_tensors(self) -> dict[str, Tensor]:
+        """The cache's tensors now, by buffer name (the cache may have replaced one since export)."""
+        tensors = {}
+        for i, layer in enumerate(self.cache.layers):
+            tensors[f"key_cache_{i}"] = layer.keys
+            tensors[f"value_cache_{i}"] = layer.values
+            tensors[f"cumulative_length_{i}"] = layer.cumulative_length
+        return tensors
 
     def forward(self, token: Tensor, position: Tensor) -> Tensor:
         # NOTE: transformers' StaticLayer writes at its own counter, not at cache_position; setting
@@ -76,6 +83,7 @@ class AOTIDecodeStep:
     def _current(self) -> dict[str, Tensor]:
         named = dict(self._step.named_buffers(remove_duplicate=False))
         named.update(self._step.named_parameters(remove_duplicate=False))
+        named.update(self._step.cache_tensors())
         missing = [f for f in self._fqns if f not in named]
         if missing:
             raise RuntimeError(
